@@ -1,0 +1,1 @@
+"""Thin magicgui/Qt widgets; logic lives in :mod:`napari_hemato.core`."""

@@ -1,0 +1,155 @@
+"""The work grid: a slide region resampled to a model's µm/px.
+
+The engine tiles and predicts in the *work grid*. A work pixel ``i`` (pixel
+centres at integers) sits at level-0 coordinate ``roi_y0 + (i + 0.5) * factor - 0.5``
+where ``factor`` is level-0 pixels per work pixel. Pixels are read from the
+pyramid level closest to (and not coarser than) the model's µm/px; when that
+level is within ``tolerance`` of the model's pixel size it is used as is,
+otherwise it is resampled (Gaussian anti-aliasing, then bilinear sampling) at
+exactly the positions above, so any tile of the grid reads the same values as
+the whole grid would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from napari_hemato.core.errors import SlideError
+from napari_hemato.core.tiling import Box
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkGrid:
+    """Where the work grid sits on the slide and how to read it.
+
+    Examples
+    --------
+    >>> g = WorkGrid(level=0, downsample=1.0, factor=2.0, roi=(0, 0, 100, 60),
+    ...              mpp0=0.25, mpp=0.5, mpp_assumed=False)
+    >>> g.shape
+    (50, 30)
+    >>> g.to_level0(np.array([[0.0, 0.0]])).tolist()
+    [[0.5, 0.5]]
+    """
+
+    level: int
+    downsample: float
+    factor: float
+    roi: Box
+    mpp0: float
+    mpp: float
+    mpp_assumed: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        y0, x0, y1, x1 = self.roi
+        return (math.ceil((y1 - y0) / self.factor), math.ceil((x1 - x0) / self.factor))
+
+    def to_level0(self, yx: np.ndarray) -> np.ndarray:
+        """Work-grid coordinates (n, 2) -> level-0 pixel coordinates (n, 2)."""
+        origin = np.array(self.roi[:2], dtype=np.float64)
+        return origin + (np.asarray(yx, np.float64) + 0.5) * self.factor - 0.5
+
+    def _level_axis(self, start: int, stop: int, origin: int) -> np.ndarray:
+        i = np.arange(start, stop, dtype=np.float64)
+        return (origin + (i + 0.5) * self.factor) / self.downsample - 0.5
+
+    def read(self, slide, box: Box, *, fill: int = 255) -> np.ndarray:
+        """RGB uint8 pixels of work-grid ``box`` (may extend past the slide)."""
+        from napari_hemato.core.slide import to_rgb8
+
+        y0, x0, y1, x1 = box
+        ly = self._level_axis(y0, y1, self.roi[0])
+        lx = self._level_axis(x0, x1, self.roi[1])
+        if self.factor == self.downsample and float(ly[0]).is_integer() and float(lx[0]).is_integer():
+            ry, rx = int(ly[0]), int(lx[0])
+            return to_rgb8(slide.read_region(self.level, ry, rx, ry + (y1 - y0), rx + (x1 - x0), fill=fill))
+        a = self.factor / self.downsample
+        sigma = max(0.0, (a - 1.0) / 2.0)
+        margin = int(4 * sigma + 0.5) + 2
+        ry0, rx0 = int(math.floor(ly[0])) - margin, int(math.floor(lx[0])) - margin
+        ry1, rx1 = int(math.ceil(ly[-1])) + margin + 1, int(math.ceil(lx[-1])) + margin + 1
+        region = to_rgb8(slide.read_region(self.level, ry0, rx0, ry1, rx1, fill=fill))
+        region = region.astype(np.float32)
+        if sigma > 0:
+            region = ndi.gaussian_filter(region, sigma=(sigma, sigma, 0), mode="nearest")
+        yy, xx = np.meshgrid(ly - ry0, lx - rx0, indexing="ij")
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        for c in range(3):
+            sampled = ndi.map_coordinates(region[..., c], [yy, xx], order=1, mode="nearest")
+            out[..., c] = np.clip(np.rint(sampled), 0, 255)
+        return out
+
+    def napari_placement(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """``(scale, translate)`` of a work-grid layer over the slide's image layer.
+
+        Units are µm when the slide's pixel size is known, else level-0 pixels
+        (matching how the reader places the image layer).
+        """
+        unit = self.mpp0 if not self.mpp_assumed else 1.0
+        scale = self.factor * unit
+        origin = [(r + 0.5 * self.factor - 0.5) * unit for r in self.roi[:2]]
+        return (scale, scale), (origin[0], origin[1])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["roi"] = list(self.roi)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def for_model(
+        cls, slide, model_mpp: float, *, roi: Box | None = None, tolerance: float = 0.05
+    ) -> WorkGrid:
+        """Choose the level and resampling factor that feed a model at ``model_mpp``.
+
+        A slide without a known pixel size is assumed to be at the model's
+        pixel size (logged; the result records ``mpp_assumed``).
+        """
+        h, w = slide.shape
+        if roi is None:
+            roi = (0, 0, h, w)
+        roi = _check_roi(roi, (h, w), slide.path)
+        if slide.mpp is None:
+            log.warning("%s: pixel size unknown; assuming the model's %.3f µm/px", slide.path, model_mpp)
+            return cls(0, 1.0, 1.0, roi, float(model_mpp), float(model_mpp), True)
+        mpp0 = float(slide.mpp)
+        level = slide.best_level(model_mpp, tolerance=tolerance)
+        down = float(slide.downsamples[level])
+        level_mpp = mpp0 * down
+        if abs(level_mpp / model_mpp - 1.0) <= tolerance:
+            factor = down
+            if down != 1.0:  # snap the ROI to the level grid so reads need no interpolation
+                y0, x0, y1, x1 = roi
+                snap = (
+                    int(math.floor(y0 / down) * down),
+                    int(math.floor(x0 / down) * down),
+                    y1,
+                    x1,
+                )
+                if all(float(v / down).is_integer() for v in snap[:2]):
+                    roi = snap
+            mpp = level_mpp
+        else:
+            factor = model_mpp / mpp0
+            mpp = float(model_mpp)
+        return cls(level, down, float(factor), roi, mpp0, float(mpp), False)
+
+
+def _check_roi(roi, shape, path) -> Box:
+    try:
+        y0, x0, y1, x1 = (int(round(float(v))) for v in roi)
+    except (TypeError, ValueError):
+        raise SlideError(f"{path}: region must be four numbers y0,x0,y1,x1 (got {roi!r})") from None
+    y0, x0 = max(y0, 0), max(x0, 0)
+    y1, x1 = min(y1, shape[0]), min(x1, shape[1])
+    if y1 <= y0 or x1 <= x0:
+        raise SlideError(f"{path}: region {tuple(roi)} is empty or outside the image {shape}")
+    return (y0, x0, y1, x1)

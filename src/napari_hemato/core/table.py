@@ -1,0 +1,90 @@
+"""The per-object table: one schema for layer features, CSV exports and training.
+
+Columns (coordinates in level-0 pixels of the input, and in µm):
+
+``id, y, x, y_um, x_um, bbox_y0, bbox_x0, bbox_y1, bbox_x1, area_px, area_um2,
+class, confidence, score, prob_<CLASS>..., model, model_version, provenance,
+reviewed, tile``
+
+``confidence`` is the probability of the chosen class; ``score`` is the
+detection score (mean foreground probability of an instance, heatmap peak of a
+point); ``provenance`` is ``auto`` for model output (``corrected``/``manual``
+after review); ``reviewed`` is False until a person confirms the object.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from napari_hemato.core.geometry import WorkGrid
+from napari_hemato.core.objects import TileOutput
+from napari_hemato.models.spec import ModelSpec
+
+GEOMETRY_COLUMNS = ["id", "y", "x", "y_um", "x_um", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1",
+                    "area_px", "area_um2"]
+TAIL_COLUMNS = ["model", "model_version", "provenance", "reviewed", "tile"]
+
+
+def table_columns(class_names) -> list[str]:
+    """Column order of the object table for a model's classes."""
+    return [*GEOMETRY_COLUMNS, "class", "confidence", "score",
+            *(f"prob_{c}" for c in class_names), *TAIL_COLUMNS]
+
+
+def tile_table(out: TileOutput, grid: WorkGrid, spec: ModelSpec) -> pd.DataFrame:
+    """Convert one tile's raw (work-grid) columns into final table rows."""
+    c = out.columns
+    n = out.n_objects
+    names = list(spec.class_names)
+    yx0 = grid.to_level0(np.column_stack([c["y"], c["x"]])) if n else np.zeros((0, 2))
+    ry, rx = grid.roi[:2]
+    f = grid.factor
+    prob = np.asarray(c["prob"], np.float64)
+    prob = prob[:, None] if prob.ndim == 1 else prob
+    score = np.asarray(c["score"], np.float64)
+    if prob.shape[1] == len(names) and "class_probs" in spec.outputs:
+        best = prob.argmax(axis=1) if n else np.zeros(0, int)
+        confidence = prob[np.arange(n), best] if n else np.zeros(0)
+    else:  # single-class model: the class probability is the detection score
+        prob = np.repeat(score[:, None], len(names), axis=1) if len(names) == 1 else prob
+        best = np.zeros(n, int)
+        confidence = score
+    frame = {
+        "id": np.asarray(c["id"], np.int64),
+        "y": yx0[:, 0],
+        "x": yx0[:, 1],
+        "y_um": yx0[:, 0] * grid.mpp0,
+        "x_um": yx0[:, 1] * grid.mpp0,
+        "bbox_y0": np.floor(ry + c["bbox_y0"] * f).astype(np.int64),
+        "bbox_x0": np.floor(rx + c["bbox_x0"] * f).astype(np.int64),
+        "bbox_y1": np.ceil(ry + c["bbox_y1"] * f).astype(np.int64),
+        "bbox_x1": np.ceil(rx + c["bbox_x1"] * f).astype(np.int64),
+        "area_px": np.asarray(c["area_px"], np.float64) * f * f,
+        "area_um2": np.asarray(c["area_px"], np.float64) * grid.mpp**2,
+        "class": np.asarray(names, dtype=object)[best] if n else np.zeros(0, object),
+        "confidence": confidence,
+        "score": score,
+    }
+    for k, name in enumerate(names):
+        frame[f"prob_{name}"] = prob[:, k] if n else np.zeros(0)
+    frame.update(
+        model=spec.name,
+        model_version=spec.version,
+        provenance="auto",
+        reviewed=False,
+        tile=out.index,
+    )
+    return pd.DataFrame(frame, index=pd.RangeIndex(n))[table_columns(names)]
+
+
+def summarize(table: pd.DataFrame) -> dict:
+    """Counts per class (and percent), for CLI summaries and widgets."""
+    counts = table["class"].value_counts().sort_index() if len(table) else pd.Series(dtype=int)
+    total = int(counts.sum())
+    return {
+        "n_objects": total,
+        "counts": {str(k): int(v) for k, v in counts.items()},
+        "percent": {str(k): round(100.0 * v / total, 1) for k, v in counts.items()} if total else {},
+        "mean_confidence": float(table["confidence"].mean()) if total else None,
+    }

@@ -1,0 +1,1 @@
+"""Core objects <-> napari layer data: npe2 readers, writers and samples."""

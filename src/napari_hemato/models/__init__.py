@@ -1,0 +1,1 @@
+"""Model specs and predictors (onnxruntime backend, fakes for tests)."""

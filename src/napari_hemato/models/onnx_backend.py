@@ -1,0 +1,155 @@
+"""onnxruntime backend: a cached session loader and an ONNX predictor.
+
+onnxruntime is imported inside functions so that importing napari-hemato stays
+cheap. Sessions are cached by (model path, file mtime, providers, threads): a
+widget calling the model on every click never reloads it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from napari_hemato.core.cancel import CancelToken
+from napari_hemato.core.errors import Cancelled, ModelError
+from napari_hemato.models.spec import ModelSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers (CUDA when onnxruntime-gpu is installed)."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def resolve_providers(providers: str | list[str] | None) -> tuple[str, ...]:
+    """Normalise a provider request: None/"cpu" -> CPU, "cuda" -> CUDA then CPU, "auto" -> best."""
+    available = available_providers()
+    if providers is None or providers == "cpu":
+        return ("CPUExecutionProvider",)
+    if providers == "auto":
+        wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return tuple(p for p in wanted if p in available) or ("CPUExecutionProvider",)
+    if providers == "cuda":
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise ModelError(
+            f"execution provider(s) {missing} not available (this onnxruntime offers {available}; "
+            "for CUDA install napari-hemato[gpu])"
+        )
+    return tuple(providers)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_session(path: str, mtime: float, providers: tuple[str, ...], threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads > 0:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=list(providers))
+    except Exception as err:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{path}: cannot load ONNX model ({first})") from None
+
+
+def load_session(path: str | Path, *, providers=None, threads: int | None = None):
+    """A cached ``onnxruntime.InferenceSession`` for ``path``."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: ONNX model file not found")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: ONNX model file is empty")
+    if threads is None:
+        threads = int(os.environ.get("NAPARI_HEMATO_THREADS", "0"))
+    return _cached_session(str(path.resolve()), path.stat().st_mtime, resolve_providers(providers), threads)
+
+
+class OnnxPredictor:
+    """Run a model folder (``model.onnx`` + ``model.json``) with onnxruntime.
+
+    Parameters
+    ----------
+    model : path or ModelSpec
+        Model folder, or an already loaded spec.
+    providers : str or list of str, optional
+        ``"cpu"`` (default), ``"cuda"``, ``"auto"`` or explicit provider names.
+    threads : int, optional
+        Intra-op threads (default: onnxruntime's choice, or ``NAPARI_HEMATO_THREADS``).
+
+    Examples
+    --------
+    >>> predictor = OnnxPredictor("path/to/model_dir")  # doctest: +SKIP
+    >>> out = predictor.predict(np.zeros((1, 256, 256, 3), np.uint8))  # doctest: +SKIP
+    """
+
+    def __init__(self, model, *, providers=None, threads: int | None = None) -> None:
+        self.spec = model if isinstance(model, ModelSpec) else load_spec(model)
+        self.providers = providers
+        self.threads = threads
+        self.session = load_session(self.spec.onnx_path, providers=providers, threads=threads)
+        self._check_signature()
+        self._lock = threading.Lock()
+
+    def _check_signature(self) -> None:
+        where = f"{self.spec.onnx_path}"
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if self.spec.input_name not in inputs:
+            raise ModelError(
+                f"{where}: model has no input {self.spec.input_name!r} (it has {sorted(inputs)})"
+            )
+        shape = inputs[self.spec.input_name].shape
+        if len(shape) not in (4,):
+            raise ModelError(f"{where}: input must be 4-D NCHW, the model's is {shape}")
+        if isinstance(shape[1], int) and shape[1] != 3:
+            raise ModelError(f"{where}: model expects {shape[1]} channels, the spec says RGB (3)")
+        self._fixed_hw = tuple(s if isinstance(s, int) else None for s in shape[2:])
+        names = {o.name for o in self.session.get_outputs()}
+        missing = {role: n for role, n in self.spec.outputs.items() if n not in names}
+        if missing:
+            raise ModelError(f"{where}: spec outputs {missing} not in the model's outputs {sorted(names)}")
+
+    def predict(
+        self, batch: np.ndarray, *, cancel: CancelToken | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run on ``(N, H, W, 3)`` uint8; returns role -> float32 array."""
+        import onnxruntime as ort
+
+        batch = np.asarray(batch)
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ModelError(f"{self.spec.name}: expected (N, H, W, 3) input, got {batch.shape}")
+        for got, fixed in zip(batch.shape[1:3], self._fixed_hw, strict=True):
+            if fixed is not None and got != fixed:
+                raise ModelError(
+                    f"{self.spec.name}: model takes {self._fixed_hw} px inputs, got {batch.shape[1:3]}"
+                )
+        feed = {self.spec.input_name: self.spec.normalize(batch)}
+        names = list(self.spec.outputs.values())
+        options = ort.RunOptions()
+        unregister = cancel.register(lambda: setattr(options, "terminate", True)) if cancel else None
+        try:
+            outputs = self.session.run(names, feed, options)
+        except Exception as err:  # noqa: BLE001 - onnxruntime raises its own Fail types
+            if cancel is not None and cancel.cancelled:
+                raise Cancelled("inference cancelled") from None
+            raise ModelError(f"{self.spec.name}: inference failed ({str(err).splitlines()[0]})") from None
+        finally:
+            if unregister:
+                unregister()
+        return {
+            role: np.asarray(out, dtype=np.float32)
+            for role, out in zip(self.spec.outputs, outputs, strict=True)
+        }

@@ -1,0 +1,212 @@
+"""Model specs: what a model needs (µm/px, tile, halo, normalisation) and returns.
+
+A model is a folder holding ``model.onnx`` and ``model.json``. The spec is the
+single source of truth the engine reads: it derives the halo from the largest
+object the model is meant to find plus the network's receptive field, resamples
+the slide to the model's µm/px, and maps output names to roles.
+
+Example ``model.json``::
+
+    {
+      "name": "hemato-nuclei-he", "version": "0.1.0",
+      "task": "nuclei", "kind": "instances",
+      "mpp": 0.5, "tile": 512, "max_object_um": 24, "receptive_field_px": 32,
+      "size_divisor": 16, "channels": "RGB", "pad_value": 255,
+      "input_name": "image",
+      "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+      "class_names": ["nucleus"],
+      "outputs": {"foreground": "fg", "distance": "dist"},
+      "postprocess": {"threshold": 0.5, "min_distance_um": 2.0, "min_area_um2": 8.0}
+    }
+
+Kinds and output roles (all outputs are NCHW float32, same H, W as the input):
+
+- ``instances``: ``foreground`` (N,1,H,W) probability; optional ``distance``
+  (N,1,H,W) distance-to-boundary map used for watershed seeds; optional
+  ``class_probs`` (N,C,H,W) per-pixel class probabilities averaged per object.
+- ``points``: ``heatmap`` (N,1,H,W) probability of an object centre; optional
+  ``class_probs`` (N,C,H,W) read at each peak.
+- ``classifier``: fixed-size cell crops in, ``probs`` (N,C) out; optional ``cam``
+  (N,C,h,w) class activation maps. Cropping rules live in ``preprocess``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_hemato.core.errors import ModelError
+
+KINDS = ("instances", "points", "classifier")
+TASKS = ("nuclei", "smear", "mitosis", "wbc")
+_ROLES = {
+    "instances": ({"foreground"}, {"distance", "class_probs"}),
+    "points": ({"heatmap"}, {"class_probs", "atypical"}),
+    "classifier": ({"probs"}, {"cam", "logits"}),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the engine needs to know about a model.
+
+    Parameters
+    ----------
+    name, version : str
+        Identify the model; both are written into every result table row.
+    task : str
+        One of ``nuclei``, ``smear``, ``mitosis``, ``wbc``.
+    kind : str
+        ``instances``, ``points`` or ``classifier`` (see module docstring).
+    mpp : float or None
+        Input pixel size in µm/px (None for crop classifiers).
+    tile : int
+        Default tile core size in model pixels.
+    max_object_um : float
+        Largest object diameter the model is meant to find, in µm.
+    receptive_field_px : int
+        Half-width of the network's receptive field in model pixels.
+    """
+
+    name: str
+    version: str
+    task: str
+    kind: str
+    class_names: tuple[str, ...]
+    outputs: dict[str, str]
+    mpp: float | None = None
+    tile: int = 512
+    max_object_um: float = 20.0
+    receptive_field_px: int = 16
+    size_divisor: int = 1
+    input_size: int | None = None
+    channels: str = "RGB"
+    pad_value: int = 255
+    input_name: str = "image"
+    normalization: dict[str, Any] = field(default_factory=dict)
+    postprocess: dict[str, Any] = field(default_factory=dict)
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    onnx: str = "model.onnx"
+    extra: dict[str, Any] = field(default_factory=dict)
+    folder: Path | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        where = f"model {self.name!r}"
+        if self.kind not in KINDS:
+            raise ModelError(f"{where}: kind {self.kind!r} is not one of {KINDS}")
+        if self.task not in TASKS:
+            raise ModelError(f"{where}: task {self.task!r} is not one of {TASKS}")
+        if self.channels not in ("RGB",):
+            raise ModelError(f"{where}: channels {self.channels!r} unsupported (only 'RGB')")
+        required, optional = _ROLES[self.kind]
+        missing = required - set(self.outputs)
+        unknown = set(self.outputs) - required - optional
+        if missing:
+            raise ModelError(f"{where}: outputs lack role(s) {sorted(missing)}")
+        if unknown:
+            raise ModelError(f"{where}: unknown output role(s) {sorted(unknown)}")
+        if self.kind != "classifier" and (self.mpp is None or self.mpp <= 0):
+            raise ModelError(f"{where}: a {self.kind} model needs a positive 'mpp'")
+        if self.tile <= 0 or self.size_divisor <= 0:
+            raise ModelError(f"{where}: 'tile' and 'size_divisor' must be positive")
+        if not self.class_names:
+            raise ModelError(f"{where}: 'class_names' is empty")
+        norm = self.normalization
+        for key in ("mean", "std"):
+            if key in norm and len(norm[key]) != 3:
+                raise ModelError(f"{where}: normalization.{key} needs 3 values (RGB)")
+
+    # -- derived quantities -------------------------------------------------
+    @property
+    def halo(self) -> int:
+        """Halo in model pixels: largest object plus receptive field.
+
+        An object owned by a tile has its centroid in the tile's core, so all
+        its pixels lie within one object diameter of the core; their
+        predictions are exact when the receptive field fits in the tile too.
+        """
+        if self.mpp is None:
+            return 0
+        return int(math.ceil(self.max_object_um / self.mpp)) + int(self.receptive_field_px)
+
+    @property
+    def onnx_path(self) -> Path:
+        if self.folder is None:
+            raise ModelError(f"model {self.name!r}: spec was not loaded from a folder")
+        return self.folder / self.onnx
+
+    @property
+    def fingerprint(self) -> str:
+        """Short hash of the spec (and weights file size) identifying a run's model."""
+        payload = {k: v for k, v in self.to_dict().items()}
+        if self.folder is not None and self.onnx_path.exists():
+            payload["_onnx_bytes"] = self.onnx_path.stat().st_size
+        blob = json.dumps(payload, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def normalize(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 NHWC RGB -> float32 NCHW as the network expects."""
+        x = batch.astype(np.float32) * np.float32(self.normalization.get("scale", 1 / 255))
+        if "mean" in self.normalization:
+            x -= np.asarray(self.normalization["mean"], np.float32)
+        if "std" in self.normalization:
+            x /= np.asarray(self.normalization["std"], np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("folder")
+        d["class_names"] = list(self.class_names)
+        return d
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``model.json`` into ``folder`` (created if needed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "model.json"
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def load_spec(folder: str | Path) -> ModelSpec:
+    """Read ``model.json`` from a model folder (or the path of the JSON itself).
+
+    Raises
+    ------
+    ModelError
+        If the folder or spec is missing, is not valid JSON, or is incomplete.
+
+    Examples
+    --------
+    >>> from napari_hemato.models.registry import bundled_model_dir
+    >>> spec = load_spec(bundled_model_dir("nuclei"))  # doctest: +SKIP
+    """
+    path = Path(folder)
+    if path.is_dir():
+        path = path / "model.json"
+    if not path.exists():
+        raise ModelError(f"{path}: model spec not found (expected a folder with model.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path}: model spec is not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: model spec must be a JSON object")
+    known = set(ModelSpec.__dataclass_fields__) - {"folder"}
+    unknown = set(raw) - known
+    if unknown:
+        raise ModelError(f"{path}: unknown spec field(s) {sorted(unknown)}")
+    for key in ("name", "version", "task", "kind", "class_names", "outputs"):
+        if key not in raw:
+            raise ModelError(f"{path}: model spec lacks required field {key!r}")
+    raw["class_names"] = tuple(raw["class_names"])
+    try:
+        return ModelSpec(**raw, folder=path.parent)
+    except TypeError as err:
+        raise ModelError(f"{path}: bad model spec ({err})") from None
