@@ -1,0 +1,72 @@
+"""Python API: analyse an image or slide with a task's model, headless.
+
+Examples
+--------
+>>> import napari_hemato as nh                                  # doctest: +SKIP
+>>> result = nh.analyze("slide.svs", task="nuclei", out="slide.hemato.zarr")
+>>> result.table()["class"].value_counts()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from pathlib import Path
+
+from napari_hemato.core.engine import Progress, RunResult, drain, iter_run
+from napari_hemato.core.errors import ModelError
+from napari_hemato.core.slide import Slide, open_slide
+from napari_hemato.models.onnx_backend import OnnxPredictor
+from napari_hemato.models.registry import resolve_model
+
+TASKS = ("nuclei", "smear", "mitosis")
+
+
+def load_predictor(task: str, model=None, *, providers=None, threads=None) -> OnnxPredictor:
+    """The ONNX predictor for ``task`` (bundled) or a given model folder."""
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    predictor = OnnxPredictor(resolve_model(task, model), providers=providers, threads=threads)
+    if predictor.spec.task != task:
+        raise ModelError(
+            f"{predictor.spec.folder}: model {predictor.spec.name!r} is for task "
+            f"{predictor.spec.task!r}, not {task!r}"
+        )
+    return predictor
+
+
+def iter_analyze(
+    image: str | Path | Slide,
+    *,
+    task: str = "nuclei",
+    model=None,
+    mpp: float | None = None,
+    providers=None,
+    threads: int | None = None,
+    **engine_options,
+) -> Generator[Progress, None, RunResult]:
+    """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result."""
+    slide = image if isinstance(image, Slide) else open_slide(image, mpp=mpp)
+    predictor = load_predictor(task, model, providers=providers, threads=threads)
+    return (yield from iter_run(slide, predictor, **engine_options))
+
+
+def analyze(image, *, task: str = "nuclei", **options) -> RunResult:
+    """Run a task's model over an image or slide, tiled, and return the result.
+
+    Parameters
+    ----------
+    image : path or Slide
+        Any format :func:`napari_hemato.core.slide.open_slide` reads.
+    task : {"nuclei", "smear", "mitosis"}
+        Which bundled model to use (or pass ``model=`` a model folder).
+    **options
+        ``model``, ``mpp`` (override the pixel size), ``providers``, ``threads``,
+        and the engine's options: ``out``, ``roi``, ``tile``, ``batch_size``,
+        ``resume``, ``overwrite``, ``scheduler``, ``cancel``.
+
+    Returns
+    -------
+    RunResult
+        ``.table()`` is the per-object table, ``.labels()`` the instance labels.
+    """
+    return drain(iter_analyze(image, task=task, **options))

@@ -1,0 +1,116 @@
+"""The napari-hemato command line, in process and as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from napari_hemato.cli import main
+
+from .onnx_models import dark_blob_model_dir
+from .synthetic import disk_image, write_tiff
+
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return dark_blob_model_dir(tmp_path_factory.mktemp("m") / "model")
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    return write_tiff(tmp_path_factory.mktemp("s") / "field.tif", disk_image((400, 520), n=50), mpp=0.5)
+
+
+def test_help_for_every_subcommand(capsys):
+    for sub in ([], ["info"], ["analyze"], ["demo"], ["models"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*sub, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: napari-hemato" in capsys.readouterr().out
+
+
+def test_info_real_svs(svs_path, capsys):
+    assert main(["info", str(svs_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["mpp"] == pytest.approx(0.499)
+    assert info["levels"][0]["shape"][:2] == [2967, 2220]
+
+
+def test_analyze_writes_store_table_and_summary(tmp_path, field, model_dir, capsys):
+    out = tmp_path / "r.zarr"
+    code = main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir),
+                 "--out", str(out), "--table", str(tmp_path / "objects.csv"), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_objects"] == 50 and summary["status"] == "complete"
+    table = pd.read_csv(tmp_path / "objects.csv")
+    assert len(table) == 50 and {"id", "y", "x", "class", "prob_nucleus"} <= set(table.columns)
+
+
+def test_analyze_roi_and_human_summary(tmp_path, field, model_dir, capsys):
+    code = main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir),
+                 "--out", str(tmp_path / "r.zarr"), "--roi", "0,0,200,260"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "objects" in text and "nucleus" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["info", "missing.svs"], "missing.svs"),
+        (["analyze", "FIELD", "--task", "nuclei", "--model", "nowhere"], "nowhere"),
+        (["analyze", "FIELD", "--task", "mitosis", "--model", "MODEL"], "is for task 'nuclei'"),
+        (["analyze", "FIELD", "--task", "nuclei", "--model", "MODEL", "--roi", "900,900,990,990"],
+         "outside the image"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(tmp_path, field, model_dir, capsys, argv, message):
+    argv = [str(field) if a == "FIELD" else str(model_dir) if a == "MODEL" else a for a in argv]
+    if argv[0] == "analyze":
+        argv += ["--out", str(tmp_path / "r.zarr")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("napari-hemato: error:")
+
+
+def test_bad_roi_syntax_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["analyze", "x.tif", "--task", "nuclei", "--roi", "1,2,3"])
+    assert exit_.value.code == 2
+    assert "y0,x0,y1,x1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_redoing_tiles(tmp_path, model_dir):
+    """SIGKILL the CLI mid-run; --resume keeps every tile file written before the kill."""
+    big = write_tiff(tmp_path / "big.tif", disk_image((1600, 1600), n=400, seed=5), mpp=0.5)
+    out = tmp_path / "r.zarr"
+    cmd = [sys.executable, "-m", "napari_hemato", "analyze", str(big), "--task", "nuclei",
+           "--model", str(model_dir), "--out", str(out), "--tile", "64", "--batch", "1"]
+    env = {**os.environ, "NAPARI_HEMATO_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tiles = out / "tiles"
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(tiles.glob("*.npz")) if tiles.exists() else []) < 30:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {p.name: p.stat().st_mtime_ns for p in tiles.glob("*.npz")}
+    assert 30 <= len(before) < 625, "the run must be killed mid-way"
+
+    done = subprocess.run([*cmd, "--resume", "--json"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in tiles.glob("*.npz")}
+    assert len(after) == 625
+    assert all(after[name] == mtime for name, mtime in before.items())
+    assert json.loads(done.stdout)["n_objects"] == 400
