@@ -1,0 +1,122 @@
+"""Annotation sets: corrected (or raw) results on the image's own pixel grid.
+
+An :class:`AnnotationSet` is what review edits and what every export format
+writes and reads back: the object table (schema of :mod:`napari_hemato.core.table`)
+plus, for instance tasks, a uint32 label image aligned with level 0 of the
+image (``labels[0, 0]`` is level-0 pixel ``origin``). Results of a run live on
+the model's work grid; :func:`from_result` maps them onto level 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from napari_hemato.core.tiling import Box
+
+
+@dataclass
+class AnnotationSet:
+    """Objects of one image region, in level-0 pixel coordinates.
+
+    Parameters
+    ----------
+    kind : {"instances", "points"}
+    table : DataFrame
+        One row per object; ``id`` matches the label value for instances.
+    class_names : list of str
+        All classes the objects may take (``prob_<name>`` columns).
+    labels : (H, W) uint32 array, optional
+        Instance labels over ``[origin, origin + shape)`` of level 0.
+    origin : (int, int)
+        Level-0 pixel of ``labels[0, 0]``.
+    mpp : float, optional
+        Level-0 µm/px of the image (None when unknown).
+    image_path : str, optional
+        The image these objects were found on.
+    image_shape : (int, int), optional
+        Level-0 (Y, X) of that image.
+    metadata : dict
+        Anything else worth carrying (model, run id, ...).
+    """
+
+    kind: str
+    table: pd.DataFrame
+    class_names: list[str]
+    labels: np.ndarray | None = None
+    origin: tuple[int, int] = (0, 0)
+    mpp: float | None = None
+    image_path: str | None = None
+    image_shape: tuple[int, int] | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("instances", "points"):
+            raise ValueError(f"kind must be 'instances' or 'points', not {self.kind!r}")
+        if self.kind == "instances" and self.labels is not None:
+            if self.labels.ndim != 2:
+                raise ValueError(f"labels must be 2-D, got shape {self.labels.shape}")
+            self.labels = np.asarray(self.labels, np.uint32)
+
+    @property
+    def box(self) -> Box | None:
+        """Level-0 box covered by ``labels``."""
+        if self.labels is None:
+            return None
+        y0, x0 = self.origin
+        return (y0, x0, y0 + self.labels.shape[0], x0 + self.labels.shape[1])
+
+
+def upsample_labels(labels: np.ndarray, factor: float, shape: tuple[int, int],
+                    offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """Nearest-neighbour map of work-grid ``labels`` onto a level-0 grid of ``shape``.
+
+    Level-0 pixel ``p`` (relative to the region's origin) takes the work pixel
+    whose footprint ``[i * factor, (i + 1) * factor)`` contains ``p + 0.5``.
+    """
+    iy = np.clip(((np.arange(shape[0]) + 0.5 + offset[0]) / factor).astype(np.int64), 0, labels.shape[0] - 1)
+    ix = np.clip(((np.arange(shape[1]) + 0.5 + offset[1]) / factor).astype(np.int64), 0, labels.shape[1] - 1)
+    return np.asarray(labels[iy[:, None], ix[None, :]], np.uint32)
+
+
+def from_result(result, *, roi: Box | None = None) -> AnnotationSet:
+    """An engine :class:`~napari_hemato.core.engine.RunResult` as an annotation set.
+
+    Labels are read from the work grid for ``roi`` (level-0 box; default the
+    run's region) and mapped onto level-0 pixels. Keep ``roi`` modest for whole
+    slides: the label image is held in memory.
+    """
+    grid = result.grid
+    roi = tuple(roi or grid.roi)
+    table = result.table()
+    labels = None
+    if result.spec.kind == "points":
+        inside = (table["y"] >= roi[0] - 0.5) & (table["y"] < roi[2] - 0.5)
+        inside &= (table["x"] >= roi[1] - 0.5) & (table["x"] < roi[3] - 0.5)
+        table = table[inside].reset_index(drop=True)
+    else:
+        f = grid.factor
+        ry, rx = grid.roi[:2]
+        wy0, wx0 = int((roi[0] - ry) // f), int((roi[1] - rx) // f)
+        wy1 = min(int(np.ceil((roi[2] - ry) / f)) + 1, grid.shape[0])
+        wx1 = min(int(np.ceil((roi[3] - rx) / f)) + 1, grid.shape[1])
+        work = np.asarray(result.labels()[wy0:wy1, wx0:wx1])
+        shape = (roi[2] - roi[0], roi[3] - roi[1])
+        offset = (roi[0] - ry - wy0 * f, roi[1] - rx - wx0 * f)
+        labels = upsample_labels(work, f, shape, offset)
+        present = np.unique(labels)
+        table = table[table["id"].isin(present)].reset_index(drop=True)
+    cfg = result.store.config
+    return AnnotationSet(
+        kind=result.spec.kind,
+        table=table,
+        class_names=list(result.spec.class_names),
+        labels=labels,
+        origin=(roi[0], roi[1]),
+        mpp=cfg["slide"]["mpp"],
+        image_path=cfg["slide"]["path"],
+        image_shape=tuple(cfg["slide"]["shape"]),
+        metadata={"model": cfg["model"], "result": str(result.path)},
+    )

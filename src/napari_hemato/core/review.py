@@ -1,0 +1,317 @@
+"""Review and correction of objects, Qt-free: the logic behind the review panel.
+
+A :class:`ReviewSession` owns an :class:`~napari_hemato.core.annotations.AnnotationSet`
+(its label image is shared with the napari Labels layer, so painting edits it in
+place) and keeps the object table in step with every correction:
+
+- class changes mark ``provenance = "corrected"`` (the model's original call is
+  kept in ``class_auto``) and can be undone;
+- objects painted with a new id get class ``unassigned`` and provenance
+  ``manual``; deleted objects leave the table; merge and split update both;
+- a queue walks the objects most in need of a human first.
+
+Every mutating method bumps :attr:`revision`, which the autosave watches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage as ndi
+from skimage.segmentation import watershed
+
+from napari_hemato.core.annotations import AnnotationSet
+
+UNASSIGNED = "unassigned"
+#: class given to rejected detections (kept: they are hard negatives for training)
+REJECTED = "rejected"
+
+
+@dataclass
+class _Undo:
+    ids: list[int]
+    rows: pd.DataFrame
+
+
+class ReviewSession:
+    """Corrections on one annotation set.
+
+    Examples
+    --------
+    >>> s = ReviewSession(annotations)                       # doctest: +SKIP
+    >>> s.set_class([12], "EO"); s.mark_reviewed([12]); s.undo()
+    """
+
+    def __init__(self, annotations: AnnotationSet) -> None:
+        self.annotations = annotations
+        table = annotations.table.copy()
+        if "class_auto" not in table:
+            table["class_auto"] = table["class"] if len(table) else pd.Series(dtype=object)
+        table["reviewed"] = table["reviewed"].astype(bool) if len(table) else table["reviewed"]
+        self.table = table.set_index("id", drop=False)
+        self.table.index.name = None
+        self._undo: list[_Undo] = []
+        self.revision = 0
+        self._queue: list[int] = []
+        self._cursor = -1
+        self._max_id = 0
+        self._max_id = self._next_id() - 1  # the largest id in use at the start
+
+    # -- basic access -----------------------------------------------------------
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.annotations.labels
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.annotations.class_names)
+
+    def row(self, obj_id: int) -> pd.Series:
+        return self.table.loc[int(obj_id)]
+
+    def probabilities(self, obj_id: int) -> dict[str, float]:
+        row = self.row(obj_id)
+        return {c: float(row.get(f"prob_{c}", np.nan)) for c in self.class_names}
+
+    def to_annotations(self) -> AnnotationSet:
+        """The corrected set (a copy of the table; the same label image)."""
+        a = self.annotations
+        return AnnotationSet(a.kind, self.table.reset_index(drop=True).copy(), self.class_names,
+                             a.labels, a.origin, a.mpp, a.image_path, a.image_shape, dict(a.metadata))
+
+    def _changed(self) -> None:
+        self.revision += 1
+
+    def _remember(self, ids) -> None:
+        ids = [int(i) for i in ids]
+        self._undo.append(_Undo(ids, self.table.loc[ids].copy()))
+
+    # -- classes ------------------------------------------------------------------
+    def set_class(self, ids, name: str) -> None:
+        """Give ``ids`` the class ``name`` (provenance becomes corrected/manual)."""
+        if name not in self.class_names and name not in (UNASSIGNED, REJECTED):
+            raise ValueError(f"unknown class {name!r}; choose from {self.class_names}")
+        ids = [int(i) for i in np.atleast_1d(ids)]
+        missing = [i for i in ids if i not in self.table.index]
+        if missing:
+            raise KeyError(f"no object(s) with id {missing}")
+        self._remember(ids)
+        self.table.loc[ids, "class"] = name
+        auto = self.table.loc[ids, "provenance"] == "auto"
+        self.table.loc[[i for i, a in zip(ids, auto, strict=True) if a], "provenance"] = "corrected"
+        self.table.loc[ids, "reviewed"] = True
+        self._changed()
+
+    def mark_reviewed(self, ids, reviewed: bool = True) -> None:
+        ids = [int(i) for i in np.atleast_1d(ids)]
+        self._remember(ids)
+        self.table.loc[ids, "reviewed"] = reviewed
+        self._changed()
+
+    def undo(self) -> bool:
+        """Undo the last class/reviewed change; False when there is nothing to undo."""
+        while self._undo:
+            step = self._undo.pop()
+            present = [i for i in step.ids if i in self.table.index]
+            if not present:
+                continue
+            self.table.loc[present, step.rows.columns] = step.rows.loc[present].to_numpy()
+            self._changed()
+            return True
+        return False
+
+    # -- review queue -------------------------------------------------------------
+    def build_queue(self, *, mode: str = "uncertain", only_unreviewed: bool = True) -> list[int]:
+        """Order objects for review: ``uncertain`` (smallest top-2 margin first),
+        ``confidence`` (lowest first) or ``class:<NAME>`` (that class, least confident first)."""
+        t = self.table
+        if only_unreviewed:
+            t = t[~t["reviewed"].astype(bool)]
+        if mode.startswith("class:"):
+            t = t[t["class"] == mode.split(":", 1)[1]]
+            key = t["confidence"].to_numpy(float)
+        elif mode == "confidence":
+            key = t["confidence"].to_numpy(float)
+        elif mode == "uncertain":
+            cols = [f"prob_{c}" for c in self.class_names if f"prob_{c}" in t]
+            probs = np.sort(t[cols].to_numpy(float), axis=1) if cols and len(t) else np.zeros((len(t), 1))
+            key = probs[:, -1] - (probs[:, -2] if probs.shape[1] > 1 else 0.0)
+        else:
+            raise ValueError(f"unknown queue mode {mode!r}")
+        order = np.lexsort((t.index.to_numpy(), np.nan_to_num(key, nan=-1.0)))
+        self._queue = [int(i) for i in t.index.to_numpy()[order]]
+        self._cursor = -1
+        return list(self._queue)
+
+    def next(self) -> int | None:
+        """The next object in the queue (skipping deleted ones), None at the end."""
+        while self._cursor + 1 < len(self._queue):
+            self._cursor += 1
+            if self._queue[self._cursor] in self.table.index:
+                return self._queue[self._cursor]
+        return None
+
+    def previous(self) -> int | None:
+        while self._cursor > 0:
+            self._cursor -= 1
+            if self._queue[self._cursor] in self.table.index:
+                return self._queue[self._cursor]
+        return None
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(reviewed, total) objects."""
+        return int(self.table["reviewed"].astype(bool).sum()), len(self.table)
+
+    # -- geometry edits (instances) ----------------------------------------------
+    def _require_labels(self) -> np.ndarray:
+        if self.labels is None:
+            raise ValueError("this annotation set has no label image to edit")
+        return self.labels
+
+    def _measure(self, ids) -> None:
+        """Recompute centroid, bbox and area of ``ids`` from the label image."""
+        labels = self._require_labels()
+        oy, ox = self.annotations.origin
+        mpp = self.annotations.mpp or np.nan
+        for obj_id in ids:
+            ys, xs = np.nonzero(labels == obj_id)
+            if ys.size == 0:
+                continue
+            values = {
+                "y": ys.mean() + oy, "x": xs.mean() + ox,
+                "bbox_y0": ys.min() + oy, "bbox_x0": xs.min() + ox,
+                "bbox_y1": ys.max() + 1 + oy, "bbox_x1": xs.max() + 1 + ox,
+                "area_px": float(ys.size),
+            }
+            values["y_um"], values["x_um"] = values["y"] * mpp, values["x"] * mpp
+            values["area_um2"] = ys.size * mpp**2
+            for k, v in values.items():
+                self.table.loc[obj_id, k] = v
+
+    def _next_id(self) -> int:
+        """A fresh id, never reusing one of a deleted object."""
+        used = [self._max_id, int(self.table.index.max()) if len(self.table) else 0]
+        if self.labels is not None:
+            used.append(int(self.labels.max()))
+        self._max_id = max(used) + 1
+        return self._max_id
+
+    def _new_row(self, obj_id: int, *, like: int | None = None, provenance="manual") -> None:
+        if like is not None:
+            row = self.table.loc[[like]].copy()
+        else:
+            row = pd.DataFrame({c: [_blank(self.table[c])] for c in self.table.columns})
+            row["class"] = row["class_auto"] = UNASSIGNED
+        row.index = [obj_id]
+        row["id"] = obj_id
+        row["provenance"] = provenance
+        row["reviewed"] = like is None
+        self.table = pd.concat([self.table, row])
+        self._max_id = max(self._max_id, obj_id)
+
+    def sync_with_labels(self) -> tuple[list[int], list[int]]:
+        """After painting: add rows for new ids, drop rows whose pixels are gone.
+
+        Returns ``(added, removed)`` ids.
+        """
+        labels = self._require_labels()
+        present = set(np.unique(labels).tolist()) - {0}
+        known = set(self.table.index.tolist())
+        added, removed = sorted(present - known), sorted(known - present)
+        if removed:
+            self.table = self.table.drop(index=removed)
+        for obj_id in added:
+            self._new_row(obj_id)
+        changed_geometry = added + [i for i in present & known]
+        self._measure(changed_geometry)
+        if added or removed:
+            self._changed()
+        return added, removed
+
+    def delete(self, ids) -> None:
+        ids = [int(i) for i in np.atleast_1d(ids)]
+        if self.labels is not None:
+            self.labels[np.isin(self.labels, ids)] = 0
+        self.table = self.table.drop(index=[i for i in ids if i in self.table.index])
+        self._changed()
+
+    def merge(self, keep: int, other: int) -> None:
+        """Merge ``other`` into ``keep`` (mask and table)."""
+        labels = self._require_labels()
+        labels[labels == other] = keep
+        self.table = self.table.drop(index=[other])
+        if self.table.loc[keep, "provenance"] == "auto":
+            self.table.loc[keep, "provenance"] = "corrected"
+        self._measure([keep])
+        self._changed()
+
+    def split(self, obj_id: int) -> int:
+        """Split an object in two along its narrowest waist; returns the new id."""
+        labels = self._require_labels()
+        mask = labels == obj_id
+        if mask.sum() < 4:
+            raise ValueError(f"object {obj_id} is too small to split")
+        sl = ndi.find_objects(mask.astype(np.uint8))[0]
+        sub = mask[sl]
+        dist = ndi.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1]
+        ys, xs = np.nonzero(sub)
+        coords = np.column_stack([ys, xs]).astype(float)
+        # two seeds: the farthest-apart pair of the object's principal axis ends
+        centred = coords - coords.mean(0)
+        axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+        proj = centred @ axis
+        markers = np.zeros(sub.shape, np.int32)
+        a, b = np.argmin(proj), np.argmax(proj)
+        markers[ys[a], xs[a]], markers[ys[b], xs[b]] = 1, 2
+        parts = watershed(-dist, markers, mask=sub)
+        new_id = self._next_id()
+        region = labels[sl]
+        region[(parts == 2) & sub] = new_id
+        self._new_row(new_id, like=obj_id, provenance="corrected")
+        if self.table.loc[obj_id, "provenance"] == "auto":
+            self.table.loc[obj_id, "provenance"] = "corrected"
+        self._measure([obj_id, new_id])
+        self._changed()
+        return new_id
+
+    # -- points ---------------------------------------------------------------------
+    def add_point(self, y: float, x: float, *, name: str | None = None) -> int:
+        """A manual point at level-0 (y, x); returns its id."""
+        new_id = self._next_id()
+        self._new_row(new_id)
+        mpp = self.annotations.mpp or np.nan
+        for k, v in {"y": y, "x": x, "y_um": y * mpp, "x_um": x * mpp, "area_px": 0.0,
+                     "bbox_y0": int(y), "bbox_x0": int(x), "bbox_y1": int(y) + 1,
+                     "bbox_x1": int(x) + 1}.items():
+            self.table.loc[new_id, k] = v
+        if name is not None:
+            self.table.loc[new_id, "class"] = name
+        self._changed()
+        return new_id
+
+    def accept(self, ids) -> None:
+        """Confirm detections as they are (reviewed, class unchanged)."""
+        self.mark_reviewed(ids, True)
+
+    def reject(self, ids) -> None:
+        """Mark detections as false positives (class ``rejected``, kept for training)."""
+        self.set_class(ids, REJECTED)
+
+    def move_point(self, obj_id: int, y: float, x: float) -> None:
+        mpp = self.annotations.mpp or np.nan
+        self.table.loc[obj_id, ["y", "x", "y_um", "x_um"]] = [y, x, y * mpp, x * mpp]
+        if self.table.loc[obj_id, "provenance"] == "auto":
+            self.table.loc[obj_id, "provenance"] = "corrected"
+        self._changed()
+
+
+def _blank(column: pd.Series):
+    """An empty value of a column's kind (NaN, "" or False)."""
+    if pd.api.types.is_bool_dtype(column):
+        return False
+    if pd.api.types.is_numeric_dtype(column):
+        return np.nan
+    return ""

@@ -1,0 +1,116 @@
+"""Review logic: corrections keep the table and the label image in step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from napari_hemato.core.annotations import AnnotationSet
+from napari_hemato.core.review import REJECTED, UNASSIGNED, ReviewSession
+from napari_hemato.core.summary import differential, hotspot, mitotic_count
+
+CLASSES = ["SNE", "LY", "MO"]
+
+
+def make_session(origin=(100, 200)) -> ReviewSession:
+    labels = np.zeros((60, 80), np.uint32)
+    labels[5:15, 5:15] = 1
+    labels[20:30, 40:70] = 2  # an elongated object to split
+    labels[40:50, 10:20] = 3
+    labels[40:50, 20:30] = 4  # touches 3: merge candidates
+    probs = np.array([[0.9, 0.05, 0.05], [0.4, 0.35, 0.25], [0.2, 0.7, 0.1], [0.5, 0.1, 0.4]])
+    rows = []
+    for i, p in enumerate(probs, start=1):
+        ys, xs = np.nonzero(labels == i)
+        rows.append({
+            "id": i, "y": ys.mean() + origin[0], "x": xs.mean() + origin[1],
+            "y_um": 0.0, "x_um": 0.0, "bbox_y0": 0, "bbox_x0": 0, "bbox_y1": 0, "bbox_x1": 0,
+            "area_px": float(ys.size), "area_um2": 0.0, "class": CLASSES[int(np.argmax(p))],
+            "confidence": float(p.max()), "score": 0.9,
+            **{f"prob_{c}": float(v) for c, v in zip(CLASSES, p, strict=True)},
+            "model": "m", "model_version": "1", "provenance": "auto", "reviewed": False, "tile": 0,
+        })
+    ann = AnnotationSet("instances", pd.DataFrame(rows), CLASSES, labels, origin=origin, mpp=0.5)
+    return ReviewSession(ann)
+
+
+def test_class_change_marks_corrected_and_undo_restores():
+    s = make_session()
+    s.set_class([2], "MO")
+    row = s.row(2)
+    assert (row["class"], row["class_auto"], row["provenance"], row["reviewed"]) == ("MO", "SNE", "corrected", True)
+    assert s.revision == 1
+    assert s.undo()
+    row = s.row(2)
+    assert (row["class"], row["provenance"], row["reviewed"]) == ("SNE", "auto", False)
+    assert not s.undo()
+    with pytest.raises(ValueError, match="unknown class"):
+        s.set_class([1], "XX")
+
+
+def test_queue_walks_least_certain_first_and_skips_reviewed():
+    s = make_session()
+    assert s.build_queue(mode="uncertain") == [2, 4, 3, 1]  # margins .05, .1, .5, .85
+    assert s.next() == 2 and s.next() == 4 and s.previous() == 2
+    s.mark_reviewed([4])
+    assert s.build_queue() == [2, 3, 1]
+    assert s.build_queue(mode="class:SNE") == [2, 1]
+    assert s.progress == (1, 4)
+
+
+def test_painting_a_new_object_and_erasing_one_syncs_the_table():
+    s = make_session()
+    s.labels[52:58, 60:70] = 9  # painted with a new id
+    s.labels[s.labels == 1] = 0  # erased
+    added, removed = s.sync_with_labels()
+    assert added == [9] and removed == [1]
+    row = s.row(9)
+    assert (row["class"], row["provenance"]) == (UNASSIGNED, "manual")
+    assert row["y"] == pytest.approx(54.5 + 100) and row["area_px"] == 60
+    assert row["bbox_y0"] == 152 and row["bbox_x1"] == 270
+    assert 1 not in s.table.index
+
+
+def test_merge_split_delete_keep_labels_and_table_consistent():
+    s = make_session()
+    s.merge(3, 4)
+    assert 4 not in s.table.index and (s.labels == 4).sum() == 0
+    assert s.row(3)["area_px"] == 200 and s.row(3)["provenance"] == "corrected"
+    new = s.split(2)
+    assert new == 5
+    a, b = (s.labels == 2).sum(), (s.labels == 5).sum()
+    assert a + b == 300 and min(a, b) > 100  # split across the long axis
+    assert s.row(5)["class"] == s.row(2)["class"]
+    s.delete([1])
+    assert 1 not in s.table.index and (s.labels == 1).sum() == 0
+    ids = set(np.unique(s.labels)) - {0}
+    assert ids == set(s.table.index)
+
+
+def test_points_add_move_accept_reject_and_counts():
+    table = pd.DataFrame({"id": [1, 2, 3], "y": [100.0, 120.0, 5000.0], "x": [100.0, 110.0, 5000.0],
+                          "class": ["mitosis"] * 3, "confidence": [0.9, 0.6, 0.7],
+                          "prob_mitosis": [0.9, 0.6, 0.7], "provenance": ["auto"] * 3,
+                          "reviewed": [False] * 3})
+    s = ReviewSession(AnnotationSet("points", table, ["mitosis"], mpp=0.25))
+    new = s.add_point(130.0, 90.0, name="mitosis")
+    s.move_point(1, 101.0, 99.0)
+    s.accept([2])
+    s.reject([3])
+    t = s.to_annotations().table
+    assert t.set_index("id").loc[new, "provenance"] == "manual"
+    assert t.set_index("id").loc[1, "provenance"] == "corrected"
+    assert t.set_index("id").loc[3, "class"] == REJECTED
+    count = mitotic_count(t, area_mm2=2.0)
+    assert count["mitoses"] == 3 and count["per_2_mm2"] == 3.0
+    spot = hotspot(t, mpp=0.25)
+    assert spot["count"] == 3 and spot["id"] in (1, 2, new)
+
+
+def test_differential_counts_only_white_cells():
+    t = pd.DataFrame({"class": ["SNE"] * 60 + ["LY"] * 30 + ["MO"] * 10 + ["RBC"] * 500 + ["Platelets"] * 20,
+                      "cell_type": ["WBC"] * 100 + ["RBC"] * 500 + ["Platelets"] * 20})
+    d = differential(t)
+    assert d["wbc_total"] == 100 and d["target_reached"]
+    assert d["percent"]["SNE"] == 60.0 and d["rbc"] == 500 and d["platelets"] == 20
