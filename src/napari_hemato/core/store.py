@@ -30,6 +30,7 @@ import zarr
 
 from napari_hemato.core.errors import StoreError
 from napari_hemato.core.objects import TileOutput
+from napari_hemato.core.table import read_table_csv
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class ResultStore:
         path = self.path / "objects.csv"
         if not path.exists():
             raise StoreError(f"{self.path}: no object table yet (status: {self.status})")
-        return pd.read_csv(path, keep_default_na=False, na_values=[""])
+        return read_table_csv(path)
 
 
 def _is_store(path: Path) -> bool:

@@ -14,12 +14,16 @@ after review); ``reviewed`` is False until a person confirms the object.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
 from napari_hemato.core.geometry import WorkGrid
 from napari_hemato.core.objects import TileOutput
-from napari_hemato.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from napari_hemato.models.spec import ModelSpec
 
 GEOMETRY_COLUMNS = ["id", "y", "x", "y_um", "x_um", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1",
                     "area_px", "area_um2"]
@@ -88,3 +92,19 @@ def summarize(table: pd.DataFrame) -> dict:
         "percent": {str(k): round(100.0 * v / total, 1) for k, v in counts.items()} if total else {},
         "mean_confidence": float(table["confidence"].mean()) if total else None,
     }
+
+
+STRING_COLUMNS = ("class", "class_auto", "cell_type", "model", "model_version", "provenance")
+
+
+def read_table_csv(path) -> pd.DataFrame:
+    """Read an object table CSV with its string and boolean columns intact."""
+    head = pd.read_csv(path, nrows=0).columns
+    table = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS if c in head},
+                        keep_default_na=False, na_values=[""])
+    for c in STRING_COLUMNS:
+        if c in table:
+            table[c] = table[c].fillna("").astype(object)
+    if "reviewed" in table:
+        table["reviewed"] = table["reviewed"].astype(str).str.lower().isin(["true", "1"])
+    return table
