@@ -84,14 +84,18 @@ class RunResult:
         return self.store.labels
 
 
-def run(slide, predictor, **kwargs) -> RunResult:
-    """Run :func:`iter_run` to the end and return its result."""
-    gen = iter_run(slide, predictor, **kwargs)
+def drain(gen: Generator[Progress, None, RunResult]) -> RunResult:
+    """Exhaust a progress generator and return its result."""
     while True:
         try:
             next(gen)
         except StopIteration as stop:
             return stop.value
+
+
+def run(slide, predictor, **kwargs) -> RunResult:
+    """Run :func:`iter_run` to the end and return its result."""
+    return drain(iter_run(slide, predictor, **kwargs))
 
 
 def iter_run(

@@ -10,13 +10,16 @@ over the tile's outer box (owned objects only) and a column table.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from napari_hemato.core.postprocess import postprocess_instances, postprocess_points
 from napari_hemato.core.tiling import Box, Tile, TilePlan, intersect
-from napari_hemato.models.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from napari_hemato.models.spec import ModelSpec
 
 #: raw table columns every tile writes (work-grid pixel coordinates, ROI-relative)
 BASE_COLUMNS = ("id", "y", "x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "area_px", "score")

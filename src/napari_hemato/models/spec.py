@@ -47,7 +47,7 @@ KINDS = ("instances", "points", "classifier")
 TASKS = ("nuclei", "smear", "mitosis", "wbc")
 _ROLES = {
     "instances": ({"foreground"}, {"distance", "class_probs"}),
-    "points": ({"heatmap"}, {"class_probs", "atypical"}),
+    "points": ({"heatmap"}, {"class_probs"}),
     "classifier": ({"probs"}, {"cam", "logits"}),
 }
 
