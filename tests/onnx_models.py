@@ -41,6 +41,12 @@ def build_dark_blob_onnx(path: Path, *, radius: int = 2, channels: int = 3,
                                                   np.int64), "pads"))
     outs = []
     for name in outputs:
+        if name == "probs":  # two classes: A = the foreground probability, B = its complement
+            nodes.append(helper.make_node("Sub", ["one", "prob"], ["notprob"]))
+            nodes.append(helper.make_node("Concat", ["prob", "notprob"], [name], axis=1))
+            inits.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
+            outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 2, "H", "W"]))
+            continue
         nodes.append(helper.make_node("Identity", ["prob"], [name]))
         outs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 1, "H", "W"]))
     graph = helper.make_graph(

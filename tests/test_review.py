@@ -114,3 +114,16 @@ def test_differential_counts_only_white_cells():
     d = differential(t)
     assert d["wbc_total"] == 100 and d["target_reached"]
     assert d["percent"]["SNE"] == 60.0 and d["rbc"] == 500 and d["platelets"] == 20
+
+
+def test_sync_points_follows_add_move_delete():
+    table = pd.DataFrame({"id": [1, 2, 3], "y": [10.0, 20.0, 30.0], "x": [10.0, 20.0, 30.0],
+                          "class": ["mitosis"] * 3, "confidence": [0.9, 0.8, 0.7],
+                          "provenance": ["auto"] * 3, "reviewed": [False] * 3})
+    s = ReviewSession(AnnotationSet("points", table, ["mitosis"], mpp=0.25))
+    ids = np.array([1, 3, -1])
+    yx = np.array([[10.0, 10.0], [31.0, 30.0], [50.0, 60.0]])
+    added, removed, moved = s.sync_points(yx, ids)
+    assert removed == [2] and moved == [3] and added == [4] and ids[2] == 4
+    assert s.row(4)["provenance"] == "manual" and s.row(3)["provenance"] == "corrected"
+    assert s.row(3)["y"] == 31.0 and s.row(4)["x"] == 60.0

@@ -292,6 +292,34 @@ class ReviewSession:
         self._changed()
         return new_id
 
+    def sync_points(self, yx: np.ndarray, ids: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+        """Follow a points layer: ``yx`` level-0 coordinates, ``ids`` (-1 = a new point).
+
+        New points get fresh ids (class ``unassigned``, provenance ``manual``),
+        moved ones become ``corrected``, missing ones leave the table. Returns
+        ``(added, removed, moved)`` ids; ``ids`` is updated in place.
+        """
+        yx = np.asarray(yx, float).reshape(-1, 2)
+        ids = np.asarray(ids)
+        known = set(self.table.index.tolist())
+        removed = sorted(known - {int(i) for i in ids if i >= 0})
+        if removed:
+            self.table = self.table.drop(index=removed)
+        added, moved, seen = [], [], set()
+        for k, obj_id in enumerate(ids):
+            y, x = yx[k]
+            # napari copies the selected point's features into a new point: a repeated id is new
+            if obj_id < 0 or obj_id not in self.table.index or obj_id in seen:
+                ids[k] = self.add_point(y, x)
+                added.append(int(ids[k]))
+            elif not np.allclose(self.table.loc[obj_id, ["y", "x"]].to_numpy(float), (y, x)):
+                self.move_point(int(obj_id), y, x)
+                moved.append(int(obj_id))
+            seen.add(int(ids[k]))
+        if removed:
+            self._changed()
+        return added, removed, moved
+
     def accept(self, ids) -> None:
         """Confirm detections as they are (reviewed, class unchanged)."""
         self.mark_reviewed(ids, True)

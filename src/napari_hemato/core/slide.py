@@ -368,3 +368,30 @@ def to_rgb8(region: np.ndarray) -> np.ndarray:
     if scaled.dtype == np.uint8:
         return np.ascontiguousarray(scaled)
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def slide_from_array(array, *, mpp: float | None = None, name: str = "<array>") -> Slide:
+    """Wrap an in-memory (Y, X) or (Y, X, C) array (numpy or dask) as a one-level slide.
+
+    Used for napari image layers that do not come from a file.
+
+    Examples
+    --------
+    >>> slide = slide_from_array(np.zeros((64, 64, 3), np.uint8), mpp=0.5)
+    >>> slide.shape, slide.mpp_source
+    ((64, 64), 'user')
+    """
+    arr = array
+    if arr.ndim == 2:
+        view = backends.PlaneView(arr, 0, 1, None)
+    elif arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+        view = backends.PlaneView(arr, 0, 1, 2)
+    else:
+        raise SlideError(f"cannot use {name}: need (Y, X) or (Y, X, C) with C in 1, 3, 4; got {arr.shape}")
+    if np.dtype(arr.dtype).name not in _DTYPES:
+        raise SlideError(f"cannot use {name}: unsupported pixel type {arr.dtype}")
+    if 0 in arr.shape:
+        raise SlideError(f"cannot use {name}: zero-sized image {arr.shape}")
+    level = view.to_dask(name=f"hemato-array-{tokenize(name, id(arr))}")
+    return Slide(Path(name), [level], None if mpp is None else float(mpp),
+                 "user" if mpp else "none", "array", [view], [])

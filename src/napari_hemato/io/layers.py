@@ -60,11 +60,12 @@ def annotation_layer_data(ann: AnnotationSet, *, name: str, run_id: str | None =
     """A napari LayerDataTuple (Labels for instances, Points for points)."""
     scale, translate = _placement(ann)
     meta = layer_metadata(ann, role=ann.kind, run_id=run_id)
+    units = {"units": ("um", "um")} if ann.mpp else {}
     if ann.kind == "instances":
         kwargs = {
             "name": name, "scale": scale, "translate": translate, "opacity": 0.55,
             "features": features_of(ann.table), "metadata": meta,
-            "colormap": labels_colormap(ann.table),
+            "colormap": labels_colormap(ann.table), **units,
         }
         return (ann.labels, kwargs, "labels")
     unit = ann.mpp if ann.mpp else 1.0
@@ -76,6 +77,7 @@ def annotation_layer_data(ann: AnnotationSet, *, name: str, run_id: str | None =
         "size": POINT_DIAMETER_UM / unit if ann.mpp else 24.0,
         "symbol": "ring", "border_width": 0.15, "border_width_is_relative": True,
         "face_color": colors if colors else "magenta", "border_color": colors if colors else "magenta",
+        **units,
     }
     return (data, kwargs, "points")
 

@@ -59,7 +59,7 @@ def napari_get_reader(path: str | Sequence[str]) -> Callable[..., list[LayerData
 
 
 def read_slide(path: str | Sequence[str]) -> list[LayerData]:
-    """Open ``path`` as one image layer: ``[(data, kwargs, "image")]``.
+    """Open ``path`` as an image layer, plus any corrections autosaved beside it.
 
     Raises :class:`~napari_hemato.core.errors.SlideError` when the file is
     claimed but cannot be opened; napari shows the message.
@@ -70,9 +70,11 @@ def read_slide(path: str | Sequence[str]) -> list[LayerData]:
     >>> kwargs["scale"], kwargs["rgb"]  # doctest: +SKIP
     ((0.499, 0.499), True)
     """
+    from napari_hemato.io.viewer import restore_saved_layers
+
     if isinstance(path, list | tuple):
         path = path[0]
-    return [slide_to_layer_data(open_slide(path))]
+    return [slide_to_layer_data(open_slide(path)), *restore_saved_layers(path)]
 
 
 def slide_to_layer_data(slide: Slide) -> LayerData:

@@ -1,0 +1,253 @@
+"""Analyse dock widget: pick image, task, model, pixel size and region; run in a worker.
+
+Thin: it collects parameters and calls :func:`napari_hemato.api.iter_analyze`
+in a napari thread worker. Progress shows in the activity dock; Cancel stops
+within about a second (the ONNX run is terminated); finished tiles stay on disk
+and Resume continues the same run. Finished tiles appear as a preview layer
+while the run goes on; results become new layers (never replacing existing
+ones) and are autosaved next to the image.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import napari
+import zarr
+from magicgui.widgets import (
+    ComboBox,
+    Container,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    SpinBox,
+    create_widget,
+)
+from napari.utils import progress as napari_progress
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from napari_hemato.core.cancel import CancelToken
+from napari_hemato.core.errors import HematoError
+from napari_hemato.io.layers import KEY
+from napari_hemato.io.viewer import (
+    layer_mpp,
+    result_layer_data,
+    run_store_path,
+    shape_rois,
+    slide_for_layer,
+    view_roi,
+)
+
+log = logging.getLogger(__name__)
+REGIONS = ("whole image", "current view", "drawn shapes")
+
+
+class AnalyzeWidget(Container):
+    """Run a task's model over an image layer (multiscale slides included)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__(labels=True)
+        self._viewer = viewer
+        self.image = create_widget(annotation=napari.layers.Image, label="image")
+        self.task = ComboBox(choices=["smear", "nuclei", "mitosis"], value="nuclei", label="task")
+        self.model = LineEdit(value="", label="model folder",
+                              tooltip="empty: the bundled model of the task")
+        self.mpp = FloatSpinBox(value=0.0, min=0.0, max=100.0, step=0.001, label="µm/px",
+                                tooltip="pixel size of level 0; 0 = unknown (the model's is assumed)")
+        self.region = ComboBox(choices=REGIONS, value=REGIONS[0], label="region")
+        self.shapes = create_widget(annotation=napari.layers.Shapes, label="shapes",
+                                    options={"nullable": True})
+        self.tile = SpinBox(value=0, min=0, max=8192, step=64, label="tile px",
+                            tooltip="tile core in model pixels; 0 = the model's default")
+        self.run_button = PushButton(text="Run")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.resume_button = PushButton(text="Resume", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, label="tiles")
+        self.status = Label(value="")
+        self.extend([self.image, self.task, self.model, self.mpp, self.region, self.shapes,
+                     self.tile, self.run_button, self.cancel_button, self.resume_button,
+                     self.progress, self.status])
+        self.image.changed.connect(self._on_image)
+        self.run_button.changed.connect(lambda: self.start())
+        self.cancel_button.changed.connect(self.cancel)
+        self.resume_button.changed.connect(lambda: self.start(resume=True))
+        viewer.layers.events.inserted.connect(self._refresh_choices)
+        viewer.layers.events.removed.connect(self._refresh_choices)
+        self.worker = None
+        self._token: CancelToken | None = None
+        self._pbar = None
+        self._preview = None
+        self._last: dict | None = None
+        self.results: list = []
+        self._on_image()
+
+    # -- parameters -----------------------------------------------------------
+    def _refresh_choices(self, event=None) -> None:
+        self.image.reset_choices()
+        self.shapes.reset_choices()
+
+    def _on_image(self, *_) -> None:
+        layer = self.image.value
+        if layer is not None:
+            self.mpp.value = layer_mpp(layer) or 0.0
+
+    def _rois(self, layer) -> list:
+        mode = self.region.value
+        if mode == "current view":
+            roi = view_roi(layer)
+            if roi is None:
+                show_warning("napari-hemato: the view is not drawn yet; analysing the whole image")
+            return [roi]
+        if mode == "drawn shapes":
+            shapes = self.shapes.value
+            if shapes is None or not len(shapes.data):
+                raise HematoError("draw one or more shapes (rectangles or polygons) first")
+            return shape_rois(shapes, layer)
+        return [None]
+
+    # -- running ----------------------------------------------------------------
+    def start(self, *, resume: bool = False) -> None:
+        """Start (or resume) a run in a worker thread."""
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            return
+        layer = self.image.value
+        if layer is None:
+            show_error("napari-hemato: open an image first")
+            return
+        try:
+            if resume and self._last:
+                params = self._last
+            else:
+                slide = slide_for_layer(layer, mpp=self.mpp.value or None)
+                params = {
+                    "layer": layer, "slide": slide, "task": self.task.value,
+                    "model": self.model.value.strip() or None, "tile": self.tile.value or None,
+                    "rois": self._rois(layer),
+                }
+                params["outs"] = [run_store_path(layer.metadata.get(KEY, {}).get("path"), params["task"])
+                                  for _ in params["rois"]]
+        except HematoError as err:
+            show_error(f"napari-hemato: {err}")
+            return
+        self._last = params
+        self._token = CancelToken()
+        self.worker = create_worker(self._job, params, resume, self._token)
+        self.worker.yielded.connect(self._on_progress)
+        self.worker.returned.connect(self._on_done)
+        self.worker.errored.connect(self._on_error)
+        self.worker.finished.connect(self._on_finished)
+        self.run_button.enabled = self.resume_button.enabled = False
+        self.cancel_button.enabled = True
+        self.status.value = "starting…"
+        self.worker.start()
+
+    @staticmethod
+    def _job(params: dict, resume: bool, token: CancelToken):
+        from napari_hemato.api import iter_analyze
+
+        results = []
+        for k, (roi, out) in enumerate(zip(params["rois"], params["outs"], strict=True)):
+            gen = iter_analyze(params["slide"], task=params["task"], model=params["model"],
+                               out=out, roi=roi, tile=params["tile"],
+                               resume=resume and Path(out).exists(), cancel=token)
+            while True:
+                try:
+                    event = next(gen)
+                except StopIteration as stop:
+                    results.append(stop.value)
+                    break
+                yield (k, len(params["rois"]), out, event)
+            if token.cancelled:
+                break
+        return results
+
+    def cancel(self) -> None:
+        """Stop the run within about a second; finished tiles are kept."""
+        if self._token is not None:
+            self._token.cancel()  # the engine returns a 'cancelled' result at once
+        self.status.value = "cancelling…"
+
+    def _on_progress(self, item) -> None:
+        k, n_rois, out, event = item
+        if self._pbar is None:
+            self._pbar = napari_progress(total=event.total * n_rois, desc=f"napari-hemato {self._last['task']}")
+        self._pbar.n = k * event.total + event.done
+        self._pbar.refresh()
+        self.progress.max = event.total
+        self.progress.value = event.done
+        self.status.value = f"region {k + 1}/{n_rois}: {event.done}/{event.total} tiles, {event.n_objects} objects"
+        self._show_preview(out)
+
+    def _show_preview(self, out: Path) -> None:
+        labels_path = Path(out) / "labels" / "0"
+        if not labels_path.exists():
+            return
+        if self._preview is None or self._preview not in self._viewer.layers:
+            import json
+
+            attrs = json.loads((Path(out) / "labels" / "zarr.json").read_text())["attributes"]
+            transforms = attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+            self._preview = self._viewer.add_labels(
+                zarr.open_array(str(labels_path), mode="r"), name=f"{self._last['task']} (running)",
+                scale=transforms[0]["scale"], translate=transforms[1]["translation"], opacity=0.4,
+                units=("um", "um") if attrs["multiscales"][0]["axes"][0]["unit"] == "micrometer" else None,
+                metadata={KEY: {"role": "preview", "result": str(out)}},
+            )
+        else:
+            self._preview.refresh()
+
+    def _on_done(self, results) -> None:
+        self.results = results
+        params = self._last
+        for k, result in enumerate(results):
+            if result.status != "complete":
+                self.status.value = f"cancelled after {result.n_done}/{len(result.plan)} tiles: Resume continues"
+                self.resume_button.enabled = True
+                show_info(f"napari-hemato: run cancelled; {result.n_done} tiles kept in {result.path}")
+                return
+            suffix = f" region {k + 1}" if len(results) > 1 else ""
+            name = f"{params['layer'].name} {params['task']}{suffix}"
+            for data, kwargs, kind in result_layer_data(result, name=name):
+                layer = self._viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
+                layer.metadata[KEY]["sidecar_name"] = layer.name
+                self._autosave(layer)
+        self._remove_preview()
+        n = sum(r.n_objects for r in results)
+        self.status.value = f"done: {n} objects"
+        self._last = None
+
+    def _autosave(self, layer) -> None:
+        from napari_hemato.core.sidecar import save_annotations, sidecar_dir
+        from napari_hemato.io.layers import annotations_from_layer
+
+        ann = annotations_from_layer(layer)
+        if ann.labels is None and ann.kind == "instances" or not ann.image_path:
+            return
+        if not Path(ann.image_path).exists():
+            return
+        save_annotations(ann, sidecar_dir(ann.image_path, create=True) / layer.name)
+
+    def _remove_preview(self) -> None:
+        if self._preview is not None and self._preview in self._viewer.layers:
+            self._viewer.layers.remove(self._preview)
+        self._preview = None
+
+    def _on_error(self, err: Exception) -> None:
+        show_error(f"napari-hemato: {err}")
+        self.status.value = f"error: {err}"
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._token = None
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        if self._last is not None:
+            self.resume_button.enabled = True

@@ -1,0 +1,413 @@
+"""Review dock widget: inspect, correct and confirm every object; live summaries.
+
+Click an object (or walk the queue with Alt-N / Alt-P) to see its class, the
+probability of every class and, for white cells, where the classifier looked.
+Alt-1 … Alt-9, Alt-0, Alt-Minus set the 1st … 11th class; Alt-R marks reviewed;
+Alt-Z undoes the last class change. Painting, erasing or filling with napari's
+tools keeps the table in step; merge, split and delete act on the selection.
+Every change is autosaved next to the image within a second.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import napari
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_hemato._widgets.prob_bars import ProbabilityBars
+from napari_hemato.core.review import ReviewSession
+from napari_hemato.core.sidecar import save_annotations, sidecar_dir
+from napari_hemato.core.summary import differential, hotspot, mitotic_count
+from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
+
+log = logging.getLogger(__name__)
+CLASS_KEYS = [f"Alt-{k}" for k in "1234567890"] + ["Alt-Minus"]
+
+
+def _is_ours(layer) -> bool:
+    meta = layer.metadata.get(KEY, {})
+    return meta.get("role") in ("instances", "points")
+
+
+class ReviewWidget(QWidget):
+    """Per-object review of a napari-hemato Labels or Points layer."""
+
+    def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self.sessions: dict[int, ReviewSession] = {}
+        self.layer = None
+        self.selected: int | None = None
+        self._saved_revision: dict[int, int] = {}
+        self._build()
+        self._autosave_timer = QTimer(self)
+        self._autosave_timer.setSingleShot(True)
+        self._autosave_timer.setInterval(800)
+        self._autosave_timer.timeout.connect(self.autosave)
+        viewer.layers.events.inserted.connect(self._refresh_layers)
+        viewer.layers.events.removed.connect(self._refresh_layers)
+        self._bind_keys()
+        self._refresh_layers()
+
+    # -- layout -------------------------------------------------------------------
+    def _build(self) -> None:
+        root = QVBoxLayout(self)
+        self.layer_box = QComboBox()
+        self.layer_box.currentIndexChanged.connect(self._on_layer_choice)
+        root.addWidget(self.layer_box)
+        self.info = QLabel("click an object")
+        self.info.setWordWrap(True)
+        root.addWidget(self.info)
+        self.bars = ProbabilityBars()
+        root.addWidget(self.bars)
+        self.cam = QLabel()
+        root.addWidget(self.cam)
+        row = QHBoxLayout()
+        self.class_box = QComboBox()
+        self.set_class_button = QPushButton("Set class")
+        self.set_class_button.clicked.connect(lambda: self.set_class(self.class_box.currentText()))
+        self.reviewed_button = QPushButton("Reviewed (Alt-R)")
+        self.reviewed_button.clicked.connect(self.mark_reviewed)
+        for w in (self.class_box, self.set_class_button, self.reviewed_button):
+            row.addWidget(w)
+        root.addLayout(row)
+
+        queue = QGroupBox("Review queue")
+        grid = QGridLayout(queue)
+        self.queue_mode = QComboBox()
+        self.queue_mode.currentIndexChanged.connect(lambda _: self.build_queue())
+        self.prev_button, self.next_button = QPushButton("◀ Prev (Alt-P)"), QPushButton("Next (Alt-N) ▶")
+        self.prev_button.clicked.connect(self.previous)
+        self.next_button.clicked.connect(self.next)
+        self.undo_button = QPushButton("Undo class (Alt-Z)")
+        self.undo_button.clicked.connect(self.undo)
+        self.progress_label = QLabel("")
+        grid.addWidget(self.queue_mode, 0, 0, 1, 2)
+        grid.addWidget(self.prev_button, 1, 0)
+        grid.addWidget(self.next_button, 1, 1)
+        grid.addWidget(self.undo_button, 2, 0)
+        grid.addWidget(self.progress_label, 2, 1)
+        root.addWidget(queue)
+
+        edit = QGroupBox("Edit objects")
+        grid = QGridLayout(edit)
+        self.merge_with = QSpinBox()
+        self.merge_with.setRange(0, 2**31 - 1)
+        self.merge_with.setPrefix("with id ")
+        self.merge_button = QPushButton("Merge")
+        self.merge_button.clicked.connect(self.merge)
+        self.split_button = QPushButton("Split")
+        self.split_button.clicked.connect(self.split)
+        self.delete_button = QPushButton("Delete")
+        self.delete_button.clicked.connect(self.delete)
+        self.accept_button, self.reject_button = QPushButton("Accept"), QPushButton("Reject")
+        self.accept_button.clicked.connect(self.accept)
+        self.reject_button.clicked.connect(self.reject)
+        for i, w in enumerate((self.merge_button, self.merge_with, self.split_button,
+                               self.delete_button, self.accept_button, self.reject_button)):
+            grid.addWidget(w, i // 2, i % 2)
+        root.addWidget(edit)
+
+        self.summary = QLabel("")
+        self.summary.setWordWrap(True)
+        root.addWidget(self.summary)
+        self.hotspot_button = QPushButton("Jump to mitotic hotspot")
+        self.hotspot_button.clicked.connect(self.jump_to_hotspot)
+        root.addWidget(self.hotspot_button)
+        root.addStretch()
+
+    def _bind_keys(self) -> None:
+        for k, key in enumerate(CLASS_KEYS):
+            self.viewer.bind_key(key, self._class_key(k), overwrite=True)
+        for key, fn in (("Alt-N", self.next), ("Alt-P", self.previous),
+                        ("Alt-R", self.mark_reviewed), ("Alt-Z", self.undo)):
+            self.viewer.bind_key(key, lambda _v, fn=fn: fn(), overwrite=True)
+
+    def _class_key(self, k: int):
+        def handler(_viewer):
+            if self.session is not None and k < len(self.session.class_names):
+                self.set_class(self.session.class_names[k])
+        return handler
+
+    # -- layers and sessions ----------------------------------------------------
+    def _refresh_layers(self, event=None) -> None:
+        ours = [layer for layer in self.viewer.layers if _is_ours(layer)]
+        current = self.layer
+        self.layer_box.blockSignals(True)
+        self.layer_box.clear()
+        for layer in ours:
+            self.layer_box.addItem(layer.name)
+        self.layer_box.blockSignals(False)
+        if current in ours:
+            self.layer_box.setCurrentIndex(ours.index(current))
+        elif ours:
+            self.bind_layer(ours[-1])
+        else:
+            self.layer = None
+
+    def _on_layer_choice(self, index: int) -> None:
+        ours = [layer for layer in self.viewer.layers if _is_ours(layer)]
+        if 0 <= index < len(ours):
+            self.bind_layer(ours[index])
+
+    @property
+    def session(self) -> ReviewSession | None:
+        return self.sessions.get(id(self.layer)) if self.layer is not None else None
+
+    def bind_layer(self, layer) -> ReviewSession:
+        """Review ``layer`` (a layer made by napari-hemato)."""
+        self.layer = layer
+        if id(layer) not in self.sessions:
+            ann = annotations_from_layer(layer)
+            if ann.metadata.get("lazy"):
+                ann.labels = None  # whole-slide labels stay read-only; classes are editable
+            session = ReviewSession(ann)
+            self.sessions[id(layer)] = session
+            self._saved_revision[id(layer)] = 0
+            layer.mouse_drag_callbacks.append(self._on_click)
+            if ann.kind == "instances" and ann.labels is not None:
+                layer.events.paint.connect(lambda e, layer=layer: self._on_paint(layer))
+            if ann.kind == "points":
+                layer.feature_defaults = {**{c: v for c, v in layer.feature_defaults.items()},
+                                          "id": -1, "index": -1, "class": "unassigned",
+                                          "provenance": "manual", "reviewed": False}
+                layer.events.data.connect(lambda e, layer=layer: self._on_points_data(layer))
+        session = self.sessions[id(layer)]
+        self.class_box.clear()
+        self.class_box.addItems(session.class_names)
+        self.queue_mode.blockSignals(True)
+        self.queue_mode.clear()
+        self.queue_mode.addItems(["uncertain", "confidence"] + [f"class:{c}" for c in session.class_names])
+        self.queue_mode.blockSignals(False)
+        is_points = session.annotations.kind == "points"
+        for w in (self.merge_button, self.merge_with, self.split_button):
+            w.setEnabled(not is_points and session.labels is not None)
+        self.accept_button.setEnabled(is_points)
+        self.reject_button.setEnabled(is_points)
+        self.hotspot_button.setVisible(is_points)
+        self.build_queue()
+        self._update_summary()
+        return session
+
+    # -- selection --------------------------------------------------------------
+    def _on_click(self, layer, event):
+        if event.type != "mouse_press":
+            return
+        value = layer.get_value(event.position, world=True)
+        if layer is not self.layer:
+            self.bind_layer(layer)
+        if self.session.annotations.kind == "points":
+            if value is None:
+                return
+            obj_id = int(layer.features["id"].iloc[int(value)])
+        else:
+            obj_id = int(value[0] if isinstance(value, tuple) else value or 0)
+        if obj_id > 0 and obj_id in self.session.table.index:
+            self.select(obj_id, center=False)
+
+    def select(self, obj_id: int, *, center: bool = True) -> None:
+        """Show object ``obj_id`` (and centre the view on it)."""
+        session = self.session
+        self.selected = int(obj_id)
+        row = session.row(obj_id)
+        mark = "✓ reviewed" if row["reviewed"] else "not reviewed"
+        self.info.setText(f"id {obj_id}: <b>{row['class']}</b> ({row['provenance']}, {mark}) "
+                          f"confidence {float(row['confidence']):.2f}")
+        self.bars.set_probabilities(session.probabilities(obj_id), chosen=row["class"])
+        if row["class"] in session.class_names:
+            self.class_box.setCurrentText(str(row["class"]))
+        self.merge_with.setValue(0)
+        self._show_cam(row)
+        if center:
+            unit = session.annotations.mpp or 1.0
+            camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
+            camera.center = (float(row["y"]) * unit, float(row["x"]) * unit)
+        if session.annotations.kind == "instances" and session.labels is not None:
+            self.layer.selected_label = int(obj_id)
+
+    def _show_cam(self, row) -> None:
+        self.cam.clear()
+        if "prob_SNE" not in row.index or str(row.get("cell_type", "WBC")) != "WBC":
+            return
+        try:
+            from napari_hemato.io.cam import cell_cam
+
+            crop, cam = cell_cam(self.session.annotations, row)
+        except Exception as err:  # noqa: BLE001 - the CAM is an aid; never break review
+            log.info("no CAM for object %s: %s", row["id"], err)
+            return
+        from napari_hemato._widgets.prob_bars import heatmap_pixmap
+
+        self.cam.setPixmap(heatmap_pixmap(crop, cam))
+
+    # -- actions ----------------------------------------------------------------
+    def _after_change(self) -> None:
+        session, layer = self.session, self.layer
+        layer.features = features_of(session.table.reset_index(drop=True))
+        if session.annotations.kind == "instances":
+            layer.colormap = labels_colormap(session.table)
+        else:
+            from napari_hemato.core.colors import class_color_float
+
+            colors = [class_color_float(c) for c in session.table["class"].astype(str)]
+            if colors:
+                layer.face_color = colors
+                layer.border_color = colors
+        if self.selected is not None and self.selected in session.table.index:
+            self.select(self.selected, center=False)
+        self._update_summary()
+        self._autosave_timer.start()
+
+    def set_class(self, name: str) -> None:
+        if self.session is None or self.selected is None:
+            return
+        self.session.set_class([self.selected], name)
+        self._after_change()
+
+    def mark_reviewed(self) -> None:
+        if self.session is not None and self.selected is not None:
+            self.session.mark_reviewed([self.selected])
+            self._after_change()
+
+    def undo(self) -> None:
+        if self.session is not None and self.session.undo():
+            self._after_change()
+
+    def merge(self) -> None:
+        other = self.merge_with.value()
+        if self.selected is None or other not in self.session.table.index or other == self.selected:
+            self.info.setText("select an object, enter the id to merge into it, then Merge")
+            return
+        self.session.merge(self.selected, other)
+        self.layer.refresh()
+        self._after_change()
+
+    def split(self) -> None:
+        if self.selected is not None:
+            self.session.split(self.selected)
+            self.layer.refresh()
+            self._after_change()
+
+    def delete(self) -> None:
+        if self.selected is None:
+            return
+        session = self.session
+        if session.annotations.kind == "points":
+            index = int(np.flatnonzero(self.layer.features["id"].to_numpy() == self.selected)[0])
+            self.layer.selected_data = {index}
+            self.layer.remove_selected()  # the data event syncs the table
+        else:
+            session.delete([self.selected])
+            self.layer.refresh()
+            self._after_change()
+        self.selected = None
+
+    def accept(self) -> None:
+        if self.selected is not None:
+            self.session.accept([self.selected])
+            self._after_change()
+
+    def reject(self) -> None:
+        if self.selected is not None:
+            self.session.reject([self.selected])
+            self._after_change()
+
+    def _on_paint(self, layer) -> None:
+        if layer is not self.layer:
+            self.bind_layer(layer)
+        added, removed = self.session.sync_with_labels()
+        self._after_change()
+
+    def _on_points_data(self, layer) -> None:
+        if layer is not self.layer:
+            self.bind_layer(layer)
+        session = self.session
+        ids = layer.features["id"].to_numpy(np.int64).copy() if len(layer.features) else np.zeros(0, np.int64)
+        yx = np.asarray(layer.data, float).reshape(-1, 2) + np.asarray(session.annotations.origin, float)
+        session.sync_points(yx, ids)
+        table = session.table.loc[[int(i) for i in ids]] if len(ids) else session.table.iloc[:0]
+        session.table = table
+        self._after_change()
+
+    # -- queue ------------------------------------------------------------------
+    def build_queue(self) -> None:
+        if self.session is not None and self.queue_mode.currentText():
+            self.session.build_queue(mode=self.queue_mode.currentText())
+            self._update_progress()
+
+    def next(self) -> None:
+        if self.session is not None and (obj_id := self.session.next()) is not None:
+            self.select(obj_id)
+
+    def previous(self) -> None:
+        if self.session is not None and (obj_id := self.session.previous()) is not None:
+            self.select(obj_id)
+
+    def _update_progress(self) -> None:
+        done, total = self.session.progress
+        self.progress_label.setText(f"reviewed {done} / {total}")
+
+    # -- summaries --------------------------------------------------------------
+    def _update_summary(self) -> None:
+        session = self.session
+        if session is None:
+            return
+        self._update_progress()
+        table = session.table
+        meta = self.layer.metadata.get(KEY, {})
+        if session.annotations.kind == "points":
+            mpp = session.annotations.mpp
+            shape = meta.get("image_shape") or [0, 0]
+            area = shape[0] * shape[1] * (mpp or 0) ** 2 / 1e6
+            c = mitotic_count(table, area_mm2=area)
+            self.summary.setText(f"<b>{c['mitoses']}</b> mitoses in {c['area_mm2']} mm²: "
+                                 f"{c['per_10_hpf']} / 10 HPF, {c['per_2_mm2']} / 2 mm²")
+        elif any(c in session.class_names for c in ("SNE", "LY")) or "cell_type" in table:
+            d = differential(table)
+            lines = [f"WBC differential: {d['wbc_total']} / {d['target']} cells"]
+            lines += [f"{k}: {n} ({d['percent'][k]} %)" for k, n in d["counts"].items() if n]
+            lines.append(f"RBC {d['rbc']}, platelets {d['platelets']}")
+            self.summary.setText("<br>".join(lines))
+        else:
+            counts = table["class"].value_counts()
+            self.summary.setText(", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+    def jump_to_hotspot(self) -> None:
+        session = self.session
+        if session is None or session.annotations.kind != "points" or not session.annotations.mpp:
+            return
+        spot = hotspot(session.table, mpp=session.annotations.mpp)
+        if spot is not None:
+            self.select(spot["id"])
+            self.summary.setText(self.summary.text() + f"<br>hotspot: {spot['count']} in "
+                                 f"{spot['side_um']:.0f} µm square")
+
+    # -- autosave ---------------------------------------------------------------
+    def autosave(self) -> Path | None:
+        """Save every changed session next to its image."""
+        saved = None
+        for layer in list(self.viewer.layers):
+            session = self.sessions.get(id(layer))
+            if session is None or session.revision == self._saved_revision.get(id(layer)):
+                continue
+            image = session.annotations.image_path
+            if not image or not Path(image).exists():
+                continue
+            name = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
+            saved = save_annotations(session.to_annotations(), sidecar_dir(image, create=True) / name)
+            self._saved_revision[id(layer)] = session.revision
+        return saved

@@ -1,0 +1,126 @@
+"""Glue between napari viewers/layers and the core (napari objects, no Qt).
+
+Widgets call these; tests call them with real layers and no rendering.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_hemato.core.annotations import AnnotationSet, from_result
+from napari_hemato.core.sidecar import load_annotations, saved_sets, sidecar_dir
+from napari_hemato.core.slide import Slide, open_slide, slide_from_array
+from napari_hemato.io.layers import KEY, annotation_layer_data
+
+log = logging.getLogger(__name__)
+
+#: above this many level-0 pixels a result stays lazy (class review only)
+MAX_EDITABLE_PIXELS = 64_000_000
+
+
+def layer_mpp(layer) -> float | None:
+    """The µm/px of an image layer: from our reader's metadata, else its scale if in µm."""
+    meta = layer.metadata.get(KEY, {})
+    if meta.get("mpp"):
+        return float(meta["mpp"])
+    units = [str(u) for u in getattr(layer, "units", ())]
+    if units and all(u in ("micrometer", "um", "µm") for u in units[-2:]):
+        sy, sx = (float(s) for s in layer.scale[-2:])
+        if abs(sy - sx) < 1e-9 * max(sy, sx) and sy != 1.0:
+            return sy
+    return None
+
+
+def slide_for_layer(layer, *, mpp: float | None = None) -> Slide:
+    """The slide behind an image layer: reopened from its file, or wrapped in memory."""
+    meta = layer.metadata.get(KEY, {})
+    path = meta.get("path") or (layer.source.path if getattr(layer, "source", None) else None)
+    if path and Path(path).exists():
+        return open_slide(path, mpp=mpp)
+    data = layer.data[0] if layer.multiscale else layer.data
+    return slide_from_array(data, mpp=mpp, name=layer.name)
+
+
+def _to_level0_box(layer, world_corners: np.ndarray) -> tuple[int, int, int, int]:
+    data = np.array([layer.world_to_data(p) for p in world_corners])[:, -2:]
+    y0, x0 = np.floor(data.min(axis=0)).astype(int)
+    y1, x1 = np.ceil(data.max(axis=0)).astype(int)
+    return (int(y0), int(x0), int(y1), int(x1))
+
+
+def view_roi(layer) -> tuple[int, int, int, int] | None:
+    """Level-0 box of the image layer visible in the canvas (None before a draw)."""
+    corners = np.asarray(layer.corner_pixels, float)[:, -2:]
+    if layer.multiscale:
+        corners = corners * np.asarray(layer.downsample_factors[layer.data_level], float)[-2:]
+    y0, x0 = np.floor(corners[0]).astype(int)
+    y1, x1 = np.ceil(corners[1]).astype(int)
+    if y1 <= y0 or x1 <= x0:
+        return None
+    return (int(y0), int(x0), int(y1), int(x1))
+
+
+def shape_rois(shapes_layer, image_layer) -> list[tuple[int, int, int, int]]:
+    """Level-0 bounding boxes of every shape drawn in ``shapes_layer``."""
+    rois = []
+    for vertices in shapes_layer.data:
+        world = np.array([shapes_layer.data_to_world(v) for v in np.asarray(vertices)])[:, -2:]
+        rois.append(_to_level0_box(image_layer, world))
+    return rois
+
+
+def run_store_path(image_path: str | Path | None, task: str) -> Path:
+    """Where a run's result store goes: ``<image>.hemato/runs/<task>-<time>.zarr``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if image_path and Path(image_path).exists():
+        base = sidecar_dir(image_path, create=True) / "runs"
+    else:
+        import tempfile
+
+        base = Path(tempfile.gettempdir()) / "napari-hemato-runs"
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / f"{task}-{stamp}.zarr"
+    k = 1
+    while path.exists():
+        path = base / f"{task}-{stamp}-{k}.zarr"
+        k += 1
+    return path
+
+
+def result_layer_data(result, *, name: str, roi=None) -> list[tuple]:
+    """Layer data for a finished run: editable in memory when small, lazy otherwise."""
+    grid = result.grid
+    y0, x0, y1, x1 = roi or grid.roi
+    if result.spec.kind == "points" or (y1 - y0) * (x1 - x0) <= MAX_EDITABLE_PIXELS:
+        ann = from_result(result, roi=roi)
+        return [annotation_layer_data(ann, name=name, run_id=result.path.stem)]
+    from napari_hemato.io.layers import features_of, labels_colormap, layer_metadata
+
+    table = result.table()
+    ann = AnnotationSet("instances", table, list(result.spec.class_names), None,
+                        origin=(grid.roi[0], grid.roi[1]), mpp=grid.mpp0,
+                        image_path=str(result.store.config["slide"]["path"]),
+                        metadata={"result": str(result.path), "lazy": True})
+    scale, translate = grid.napari_placement()
+    meta = layer_metadata(ann, role="instances", run_id=result.path.stem)
+    kwargs = {"name": name, "scale": scale, "translate": translate, "opacity": 0.55,
+              "features": features_of(table), "metadata": meta,
+              "colormap": labels_colormap(table)}
+    if not grid.mpp_assumed:
+        kwargs["units"] = ("um", "um")
+    return [(result.labels(), kwargs, "labels")]
+
+
+def restore_saved_layers(image_path: str | Path) -> list[tuple]:
+    """Layer data for every annotation set autosaved next to an image."""
+    layers = []
+    for name, folder in saved_sets(image_path).items():
+        try:
+            layers.append(annotation_layer_data(load_annotations(folder), name=name))
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("could not restore %s: %s", folder, err)
+    return layers

@@ -1,0 +1,139 @@
+"""Real napari viewers under Xvfb: analyse -> review -> autosave -> reopen; cancel/resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .onnx_models import dark_blob_model_dir
+from .synthetic import disk_image, write_tiff
+
+pytest.importorskip("onnx")
+pytestmark = pytest.mark.gui
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture
+def field(tmp_path):
+    return write_tiff(tmp_path / "field.tif", disk_image((400, 520), n=40, seed=1), mpp=0.5)
+
+
+@pytest.fixture(scope="module")
+def two_class_model(tmp_path_factory):
+    return dark_blob_model_dir(tmp_path_factory.mktemp("m") / "model", class_names=("A", "B"),
+                               outputs={"foreground": "fg", "class_probs": "probs"})
+
+
+@pytest.fixture(scope="module")
+def points_model(tmp_path_factory):
+    return dark_blob_model_dir(tmp_path_factory.mktemp("p") / "model", task="mitosis", kind="points",
+                               class_names=("mitosis",), outputs={"heatmap": "fg"},
+                               postprocess={"threshold": 0.5, "min_distance_um": 3.0})
+
+
+def run_analysis(qtbot, widget, *, task, model, timeout=60_000):
+    widget.task.value = task
+    widget.model.value = str(model)
+    widget.start()
+    assert widget.worker is not None
+    with qtbot.waitSignal(widget.worker.finished, timeout=timeout):
+        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+
+
+def test_analyse_review_autosave_reopen(make_napari_viewer, qtbot, field, two_class_model, points_model):
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato._widgets.review import ReviewWidget
+
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(field, plugin="napari-hemato")
+    analyze = AnalyzeWidget(viewer)
+    viewer.window.add_dock_widget(analyze, name="Analyse")
+    assert analyze.mpp.value == pytest.approx(0.5)
+    run_analysis(qtbot, analyze, task="nuclei", model=two_class_model)
+    labels = viewer.layers[-1]
+    assert labels._type_string == "labels" and len(labels.features) == 40
+    assert labels.scale[0] == pytest.approx(0.5)
+    assert {"index", "id", "class", "prob_A", "prob_B", "provenance", "reviewed"} <= set(labels.features)
+
+    run_analysis(qtbot, analyze, task="mitosis", model=points_model)
+    points = viewer.layers[-1]
+    assert points._type_string == "points" and len(points.data) == 40
+
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review")
+    session = review.bind_layer(labels)
+    first, second, third = session.build_queue()[:3]
+    review.select(first)
+    review.set_class("B")
+    review.select(second)
+    review.set_class("B")
+    review.select(third)
+    review.delete()
+    assert (labels.data == third).sum() == 0
+    feats = labels.features.set_index("id")
+    assert feats.loc[first, "class"] == "B" and feats.loc[first, "provenance"] == "corrected"
+    assert third not in feats.index and len(feats) == 39
+    review.undo()
+    assert labels.features.set_index("id").loc[second, "class"] == "A"
+    review.select(second)
+    review.set_class("B")
+
+    review.bind_layer(points)
+    points.add([[10.0, 10.0]])
+    pfeats = points.features
+    assert len(pfeats) == 41 and pfeats["provenance"].iloc[-1] == "manual"
+    assert pfeats["id"].iloc[-1] > 0
+
+    DOCS.mkdir(exist_ok=True)
+    viewer.layers.selection.active = labels
+    review.select(first)
+    from skimage.io import imsave
+
+    imsave(DOCS / "review_panel.png", viewer.screenshot(canvas_only=False, flash=False), check_contrast=False)
+    imsave(DOCS / "analysed_sample.png", viewer.screenshot(canvas_only=True, flash=False), check_contrast=False)
+
+    saved = review.autosave()
+    assert saved is not None
+    viewer.layers.clear()
+    reopened = viewer.open(field, plugin="napari-hemato")
+    kinds = sorted(layer._type_string for layer in reopened)
+    assert kinds == ["image", "labels", "points"]
+    restored = next(layer for layer in reopened if layer._type_string == "labels")
+    rf = restored.features.set_index("id")
+    assert rf.loc[first, "class"] == "B" and rf.loc[second, "class"] == "B" and third not in rf.index
+    assert (restored.data == third).sum() == 0
+    restored_points = next(layer for layer in reopened if layer._type_string == "points")
+    assert len(restored_points.data) == 41
+
+
+def test_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, two_class_model):
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+
+    big = write_tiff(tmp_path / "big.tif", disk_image((1500, 1500), n=300, seed=4), mpp=0.5)
+    viewer = make_napari_viewer(show=True)
+    viewer.open(big, plugin="napari-hemato")
+    widget = AnalyzeWidget(viewer)
+    widget.task.value = "nuclei"
+    widget.model.value = str(two_class_model)
+    widget.tile.value = 64
+    widget.start()
+    qtbot.waitUntil(lambda: widget.progress.value >= 8, timeout=30_000)
+    with qtbot.waitSignal(widget.worker.finished, timeout=5_000):  # stops within ~1 s
+        widget.cancel()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=2000)
+    assert widget.resume_button.enabled
+    [result] = widget.results
+    assert result.status == "cancelled" and 0 < result.n_done < len(result.plan)
+    kept = set(result.store.done_tiles())
+    widget.start(resume=True)
+    with qtbot.waitSignal(widget.worker.finished, timeout=120_000):
+        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=2000)
+    [done] = widget.results
+    assert done.status == "complete" and done.path == result.path
+    assert kept <= set(done.store.done_tiles())
+    assert len(viewer.layers[-1].features) == 300
+    assert np.unique(viewer.layers[-1].data).size == 301
