@@ -31,11 +31,14 @@ def field(tmp_path_factory):
 
 
 def test_help_for_every_subcommand(capsys):
-    for sub in ([], ["info"], ["analyze"], ["demo"], ["models"]):
+    for sub in ([], ["info"], ["analyze"], ["demo"], ["models"], ["classify-cells"]):
         with pytest.raises(SystemExit) as exit_:
             main([*sub, "--help"])
         assert exit_.value.code == 0
         assert "usage: napari-hemato" in capsys.readouterr().out
+    for sub in (["train"], ["evaluate"]):
+        assert main([*sub, "--help"]) == 0
+        assert "TASK --help" in capsys.readouterr().out
 
 
 def test_info_real_svs(svs_path, capsys):
@@ -114,3 +117,47 @@ def test_killed_run_resumes_without_redoing_tiles(tmp_path, model_dir):
     assert len(after) == 625
     assert all(after[name] == mtime for name, mtime in before.items())
     assert json.loads(done.stdout)["n_objects"] == 400
+
+
+def test_batch_folder_writes_one_table_and_label_image_per_input(tmp_path, model_dir, capsys):
+    import tifffile
+
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for k in range(3):
+        write_tiff(folder / f"f{k}.tif", disk_image((200, 260), n=10 + k, seed=k), mpp=0.5)
+    (folder / "notes.txt").write_text("not an image")
+    code = main(["analyze", str(folder), "--task", "nuclei", "--model", str(model_dir),
+                 "--out-dir", str(tmp_path / "out"), "--labels", "--json"])
+    assert code == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [s["n_objects"] for s in summaries] == [10, 11, 12]
+    for k in range(3):
+        table = pd.read_csv(tmp_path / "out" / f"f{k}.csv")
+        labels = tifffile.imread(tmp_path / "out" / f"f{k}_labels.tif")
+        assert labels.shape == (200, 260) and labels.dtype == "uint32"
+        assert set(table["id"]) == set(labels[labels > 0].ravel())
+
+
+def test_labels_tiff_is_on_the_input_pixel_grid(tmp_path, model_dir):
+    """Input at 0.25 µm/px, model at 0.5: the TIFF still has the input's shape and places objects right."""
+    import tifffile
+
+    image = disk_image((300, 360), n=12, radius=(8, 14), seed=7)
+    path = write_tiff(tmp_path / "fine.tif", image, mpp=0.25)
+    assert main(["analyze", str(path), "--task", "nuclei", "--model", str(model_dir),
+                 "--out", str(tmp_path / "r.zarr"), "--labels", str(tmp_path / "l.tif"),
+                 "--table", str(tmp_path / "t.csv")]) == 0
+    labels = tifffile.imread(tmp_path / "l.tif")
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert labels.shape == (300, 360)
+    dark = image.mean(axis=-1) < 128
+    agreement = (labels > 0) == dark
+    assert agreement.mean() > 0.97
+    for row in table.itertuples():
+        assert labels[int(round(row.y)), int(round(row.x))] == row.id
+
+
+def test_batch_needs_out_dir(tmp_path, field, model_dir, capsys):
+    assert main(["analyze", str(field), str(field), "--task", "nuclei", "--model", str(model_dir)]) == 2
+    assert "--out-dir" in capsys.readouterr().err

@@ -34,11 +34,27 @@ def load_predictor(task: str, model=None, *, providers=None, threads=None) -> On
     return predictor
 
 
+def load_classifier(classifier=None, *, providers=None, threads=None):
+    """The WBC classifier for the smear task: a folder, ``False`` for none, None for bundled.
+
+    Returns None when no classifier is wanted or none is bundled.
+    """
+    if classifier is False:
+        return None
+    from napari_hemato.models.cell_classifier import CellClassifier
+    from napari_hemato.models.registry import bundled_models
+
+    if classifier is None and "wbc" not in bundled_models():
+        return None
+    return CellClassifier(classifier, providers=providers, threads=threads)
+
+
 def iter_analyze(
     image: str | Path | Slide,
     *,
     task: str = "nuclei",
     model=None,
+    classifier=None,
     mpp: float | None = None,
     providers=None,
     threads: int | None = None,
@@ -47,7 +63,26 @@ def iter_analyze(
     """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result."""
     slide = image if isinstance(image, Slide) else open_slide(image, mpp=mpp)
     predictor = load_predictor(task, model, providers=providers, threads=threads)
-    return (yield from iter_run(slide, predictor, **engine_options))
+    wbc = load_classifier(classifier, providers=providers, threads=threads) if task == "smear" else None
+    result = yield from iter_run(slide, predictor, **engine_options)
+    if wbc is not None and result.status == "complete":
+        add_wbc_subtypes(result, slide, wbc)
+    return result
+
+
+def add_wbc_subtypes(result: RunResult, slide: Slide, classifier) -> None:
+    """Classify the white cells of a finished smear run; rewrites its table."""
+    from napari_hemato.core.cells import classify_wbcs
+
+    table = classify_wbcs(result.table(), slide, classifier)
+    names = list(result.spec.class_names) + list(classifier.spec.class_names)
+    result.store.write_table([table], list(table.columns))
+    cfg = result.store.config
+    result.store.set_status(
+        result.status,
+        model={**cfg["model"], "class_names": names},
+        classifier={"name": classifier.spec.name, "version": classifier.spec.version},
+    )
 
 
 def analyze(image, *, task: str = "nuclei", **options) -> RunResult:
@@ -60,7 +95,8 @@ def analyze(image, *, task: str = "nuclei", **options) -> RunResult:
     task : {"nuclei", "smear", "mitosis"}
         Which bundled model to use (or pass ``model=`` a model folder).
     **options
-        ``model``, ``mpp`` (override the pixel size), ``providers``, ``threads``,
+        ``model``, ``classifier`` (smear: WBC classifier folder, False for none,
+        default bundled), ``mpp`` (override the pixel size), ``providers``, ``threads``,
         and the engine's options: ``out``, ``roi``, ``tile``, ``batch_size``,
         ``resume``, ``overwrite``, ``scheduler``, ``cancel``.
 

@@ -112,7 +112,7 @@ def from_result(result, *, roi: Box | None = None) -> AnnotationSet:
     return AnnotationSet(
         kind=result.spec.kind,
         table=table,
-        class_names=list(result.spec.class_names),
+        class_names=list(cfg["model"].get("class_names", result.spec.class_names)),
         labels=labels,
         origin=(roi[0], roi[1]),
         mpp=cfg["slide"]["mpp"],

@@ -1,0 +1,53 @@
+"""``napari-hemato`` command line.
+
+Subcommands: ``info``, ``analyze``, ``demo``, ``models``, ``classify-cells``,
+``train``, ``evaluate``; each has ``--help``. Errors print one line naming the
+file and the problem and exit with status 2; Ctrl-C stops a run with status
+130, keeping finished tiles for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from napari_hemato import __version__
+from napari_hemato.core.errors import HematoError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from napari_hemato.cli import analyze, models
+
+    parser = argparse.ArgumentParser(
+        prog="napari-hemato",
+        description="Whole-slide deep learning for blood smears and H&E (headless core of the napari plugin).",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-hemato {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    analyze.register(sub)
+    models.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except HematoError as err:
+        sys.stderr.write(f"napari-hemato: error: {err}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("\ncancelled\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""``info``, ``analyze`` and ``demo`` subcommands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from napari_hemato.cli._util import out, positive_float, progress_bar, roi_arg
+from napari_hemato.core.errors import HematoError
+
+IMAGE_SUFFIXES = {".svs", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".ndpi", ".mrxs",
+                  ".scn", ".btf"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="levels, shapes and µm/px of a slide or image")
+    p.add_argument("slide", type=Path)
+    p.add_argument("--mpp", type=positive_float, help="override the pixel size (µm/px)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "analyze", help="run a task's model over images or slides, tiled and resumable",
+        description="Analyse one image/slide (results in --out, --table, --labels) or several "
+                    "images / a folder (one table and label image per input in --out-dir).")
+    p.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE", help="image(s), slide(s) or a folder")
+    p.add_argument("--task", choices=("smear", "nuclei", "mitosis"), required=True)
+    p.add_argument("--out", type=Path, help="result store (.zarr; one input; default IMAGE.hemato.zarr here)")
+    p.add_argument("--out-dir", type=Path, help="folder for per-input results (several inputs or a folder)")
+    p.add_argument("--table", type=Path, help="write the object table to this CSV (one input)")
+    p.add_argument("--labels", nargs="?", const="", metavar="TIF",
+                   help="write instance labels as uint32 TIFF on the input's pixel grid "
+                        "(a path for one input; with --out-dir just --labels)")
+    p.add_argument("--model", type=Path, help="model folder (model.onnx + model.json); default: bundled")
+    p.add_argument("--classifier", type=Path, help="smear: WBC classifier folder (default: bundled)")
+    p.add_argument("--no-classifier", action="store_true", help="smear: skip WBC subtypes")
+    p.add_argument("--mpp", type=positive_float, help="pixel size in µm/px (overrides metadata)")
+    p.add_argument("--roi", type=roi_arg, help="region y0,x0,y1,x1 in level-0 pixels (default: all)")
+    p.add_argument("--tile", type=int, help="tile core size in model pixels (default: the model's)")
+    p.add_argument("--batch", type=int, default=4, help="tiles per inference call (default 4)")
+    p.add_argument("--scheduler", help="dask.distributed scheduler address to run tiles on a cluster")
+    p.add_argument("--resume", action="store_true", help="continue a cancelled run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace existing results")
+    p.add_argument("--providers", default="cpu", help="onnxruntime providers: cpu (default), cuda, auto")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("demo", help="analyse the bundled H&E sample slide (the README's main job)")
+    p.add_argument("--out", type=Path, help="where to keep the result (default: a temporary folder)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_info(args) -> int:
+    from napari_hemato.core.slide import open_slide
+
+    with open_slide(args.slide, mpp=args.mpp) as slide:
+        info = slide.info()
+    if args.json:
+        out(json.dumps(info, indent=2))
+        return 0
+    mpp = f"{info['mpp']:.4g} µm/px ({info['mpp_source']})" if info["mpp"] else "unknown (pass --mpp)"
+    out(f"{info['path']}")
+    out(f"  format    {info['backend']}, {info['dtype']}, {info['channels']} channel(s)")
+    out(f"  pixel     {mpp}")
+    for i, level in enumerate(info["levels"]):
+        h, w = level["shape"][:2]
+        lm = f"{level['mpp']:.4g} µm/px" if level["mpp"] else "-"
+        out(f"  level {i}   {h} × {w} px  downsample {level['downsample']:.4g}  {lm}")
+    return 0
+
+
+def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, classifier=None,
+                 mpp=None, roi=None, tile=None, batch=4, scheduler=None, resume=False,
+                 overwrite=False, providers="cpu", threads=None):
+    """One analysis with a progress bar on stderr; returns the RunResult."""
+    from napari_hemato.api import iter_analyze
+
+    gen = iter_analyze(slide_path, task=task, model=model, classifier=classifier, mpp=mpp,
+                       providers=providers, threads=threads, out=out_store, roi=roi, tile=tile,
+                       batch_size=batch, scheduler=scheduler, resume=resume, overwrite=overwrite)
+    bar = None
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if bar is None:
+                bar = progress_bar(event.total, event.skipped, f"{task} {slide_path.name}")
+            bar.update(event.done - bar.n)
+            bar.set_postfix(objects=event.n_objects, refresh=False)
+    except KeyboardInterrupt:
+        gen.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def summary(result, slide_path: Path) -> dict:
+    from napari_hemato.core.summary import differential
+    from napari_hemato.core.table import summarize
+
+    table = result.table()
+    grid = result.grid
+    megapixels = (grid.roi[2] - grid.roi[0]) * (grid.roi[3] - grid.roi[1]) / 1e6
+    s = {
+        "image": str(slide_path), "task": result.spec.task,
+        "model": f"{result.spec.name} {result.spec.version}", "status": result.status,
+        "result": str(result.path), "tiles": len(result.plan), "seconds": round(result.elapsed, 2),
+        "megapixels": round(megapixels, 2),
+        "megapixels_per_s": round(megapixels / result.elapsed, 3) if result.elapsed else None,
+        "work_mpp": grid.mpp, "mpp_assumed": grid.mpp_assumed, **summarize(table),
+    }
+    if result.spec.task == "smear" and "cell_type" in table:
+        s["differential"] = differential(table)
+    return s
+
+
+def print_summary(s: dict) -> None:
+    out(f"napari-hemato {s['task']}: {s['image']}")
+    out(f"  model     {s['model']}")
+    assumed = " (ASSUMED: the image states no pixel size; pass --mpp)" if s["mpp_assumed"] else ""
+    out(f"  analysed  {s['megapixels']} MP at {s['work_mpp']:.3g} µm/px{assumed}")
+    out(f"  time      {s['seconds']} s over {s['tiles']} tiles ({s['megapixels_per_s']} MP/s)")
+    out(f"  objects   {s['n_objects']}")
+    for name, count in s["counts"].items():
+        out(f"    {name:<12} {count:>7}  {s['percent'][name]:5.1f} %")
+    if "differential" in s:
+        d = s["differential"]
+        out(f"  WBC differential ({d['wbc_total']} cells; a manual differential counts {d['target']}):")
+        for name, n in d["counts"].items():
+            if n:
+                out(f"    {name:<6} {n:>5}  {d['percent'][name]:5.1f} %")
+        out(f"  RBC {d['rbc']}, platelets {d['platelets']}")
+    if s["mean_confidence"] is not None:
+        out(f"  mean confidence {s['mean_confidence']:.3f}")
+    out(f"  result    {s['result']}")
+
+
+def _expand(inputs: list[Path]) -> list[Path]:
+    files = []
+    for path in inputs:
+        if path.is_dir() and not (path / "zarr.json").exists() and not (path / ".zattrs").exists():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(path)
+    return files
+
+
+def cmd_analyze(args) -> int:
+    inputs = _expand(args.inputs)
+    batch = len(inputs) > 1 or args.inputs[0].is_dir()
+    if not inputs:
+        raise HematoError(f"no images found in {', '.join(map(str, args.inputs))}")
+    if batch and not args.out_dir:
+        raise HematoError("several inputs: pass --out-dir for the per-input results")
+    if batch and (args.out or args.table or args.labels):
+        raise HematoError("several inputs: results go to --out-dir (use --labels without a path)")
+    options = dict(task=args.task, model=args.model,
+                   classifier=False if args.no_classifier else args.classifier, mpp=args.mpp,
+                   roi=args.roi, tile=args.tile, batch=args.batch, scheduler=args.scheduler,
+                   resume=args.resume, overwrite=args.overwrite, providers=args.providers,
+                   threads=args.threads)
+    summaries, failed = [], 0
+    for path in inputs:
+        if batch:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            store = args.out_dir / f"{path.name}.hemato.zarr"
+            table = args.out_dir / f"{path.stem}.csv"
+            labels = args.out_dir / f"{path.stem}_labels.tif" if args.labels is not None else None
+        else:
+            store = args.out or Path.cwd() / f"{path.name}.hemato.zarr"
+            table, labels = args.table, (Path(args.labels) if args.labels else None)
+            if args.labels == "":
+                labels = Path.cwd() / f"{path.stem}_labels.tif"
+        try:
+            result = run_analysis(path, out_store=store, **options)
+        except KeyboardInterrupt:
+            sys.stderr.write(f"\ncancelled; finished tiles are kept in {store}: rerun with --resume\n")
+            return 130
+        except HematoError as err:
+            if not batch:
+                raise
+            sys.stderr.write(f"napari-hemato: error: {err}\n")
+            failed += 1
+            continue
+        s = summary(result, path)
+        if table:
+            shutil.copyfile(result.path / "objects.csv", table)
+            s["table"] = str(table)
+        if labels and result.labels() is not None:
+            from napari_hemato.core.labels_tiff import write_labels_tiff
+
+            s["labels"] = str(write_labels_tiff(result, labels, overwrite=args.overwrite or batch))
+        summaries.append(s)
+        if not args.json:
+            print_summary(s)
+    if args.json:
+        out(json.dumps(summaries[0] if not batch else summaries, indent=2))
+    return 2 if failed else 0
+
+
+def cmd_demo(args) -> int:
+    from napari_hemato.samples import sample_path
+
+    slide = sample_path("he_slide")
+    out_dir = args.out or Path(tempfile.mkdtemp(prefix="hemato-demo-"))
+    store = out_dir / "cmu_small_region.hemato.zarr"
+    out(f"Demo: H&E nucleus segmentation on the bundled Aperio slide {slide.name} (CC0)")
+    result = run_analysis(slide, task="nuclei", out_store=store, overwrite=True)
+    print_summary(summary(result, slide))
+    table = result.table()
+    if len(table):
+        q = table["area_um2"].quantile([0.25, 0.5, 0.75])
+        out(f"  nucleus area  median {q[0.5]:.1f} µm², IQR {q[0.25]:.1f}–{q[0.75]:.1f} µm²")
+    out(f"Open in napari:  napari {slide}   (Plugins > napari-hemato > Analyse / Review)")
+    return 0

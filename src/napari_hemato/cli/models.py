@@ -1,0 +1,132 @@
+"""``models``, ``classify-cells``, ``train`` and ``evaluate`` subcommands."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import os
+import tempfile
+from pathlib import Path
+
+from napari_hemato.cli._util import out, progress_bar
+from napari_hemato.core.errors import HematoError
+
+TRAINABLE = ("smear", "wbc", "nuclei", "mitosis")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("models", help="list the bundled models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("classify-cells", help="classify single-cell images into the 11 WBC classes")
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
+                   help="single-cell images (one WBC near the centre, any size) or folders of them")
+    p.add_argument("--out", type=Path, required=True, help="CSV to write")
+    p.add_argument("--model", type=Path, help="classifier folder (default: bundled wbc model)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_classify)
+
+    for name, helptext in (("train", "train a model (needs the [train] extra: torch)"),
+                           ("evaluate", "evaluate a model on held-out data, print JSON")):
+        p = sub.add_parser(name, help=helptext, add_help=False,
+                           description=f"{helptext}; options after TASK go to the task's trainer "
+                                       f"(napari-hemato {name} TASK --help)")
+        p.add_argument("task", choices=TRAINABLE, nargs="?")
+        p.set_defaults(func=cmd_train if name == "train" else cmd_evaluate, passthrough=True,
+                       parser=p)
+
+
+def cmd_models(args) -> int:
+    from napari_hemato.models.registry import bundled_models
+    from napari_hemato.models.spec import load_spec
+
+    models = bundled_models()
+    if not models:
+        out("no bundled models")
+    for task, folder in models.items():
+        spec = load_spec(folder)
+        mpp = f"{spec.mpp} µm/px" if spec.mpp else "size-normalised crops"
+        out(f"{task:<8} {spec.name} {spec.version}  {spec.kind}, {mpp}; "
+            f"classes: {', '.join(spec.class_names)}")
+        out(f"         {folder}")
+    return 0
+
+
+def _dispatch(module: str, args) -> int:
+    if args.task is None:
+        args.parser.print_help()
+        if any(a in ("-h", "--help") for a in args.rest):
+            return 0
+        raise HematoError(f"choose a task: {', '.join(TRAINABLE)}")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        raise HematoError(f"{module} needs the training extra: pip install 'napari-hemato[train]' ({err})") from None
+    return int(mod.main(list(args.rest)) or 0)
+
+
+def cmd_train(args) -> int:
+    return _dispatch(f"napari_hemato.train.{args.task}", args)
+
+
+def cmd_evaluate(args) -> int:
+    return _dispatch(f"napari_hemato.train.evaluate_{args.task}", args)
+
+
+def _cell_images(paths: list[Path]) -> list[Path]:
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+    found = []
+    for path in paths:
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes)
+        else:
+            found.append(path)
+    return found
+
+
+def cmd_classify(args) -> int:
+    import numpy as np
+
+    from napari_hemato.core.slide import open_slide, to_rgb8
+    from napari_hemato.models.cell_classifier import CellClassifier
+
+    if args.out.exists() and not args.overwrite:
+        raise HematoError(f"{args.out}: already exists (pass --overwrite)")
+    images = _cell_images(args.images)
+    if not images:
+        raise HematoError("no cell images given")
+    classifier = CellClassifier(args.model)
+    names = list(classifier.spec.class_names)
+    rows, errors = [], 0
+    bar = progress_bar(len(images), 0, "classify", unit="cell")
+    for start in range(0, len(images), 64):
+        chunk, crops = [], []
+        for path in images[start : start + 64]:
+            try:
+                with open_slide(path) as slide:
+                    crops.append(to_rgb8(np.asarray(slide.levels[0])))
+                chunk.append(path)
+            except HematoError as err:
+                errors += 1
+                bar.write(f"napari-hemato: skipped {err}")
+        if crops:
+            probs, _ = classifier.classify_crops(crops)
+            for path, p in zip(chunk, probs, strict=True):
+                k = int(np.argmax(p))
+                rows.append([str(path), names[k], f"{p[k]:.4f}", *(f"{v:.4f}" for v in p)])
+        bar.update(len(images[start : start + 64]))
+    bar.close()
+    fd, tmp = tempfile.mkstemp(dir=args.out.parent if str(args.out.parent) else ".", suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "class", "confidence", *(f"prob_{n}" for n in names)])
+        writer.writerows(rows)
+    os.replace(tmp, args.out)
+    counts = {}
+    for row in rows:
+        counts[row[1]] = counts.get(row[1], 0) + 1
+    out(f"classified {len(rows)} cell image(s) into {args.out}" + (f"; {errors} unreadable" if errors else ""))
+    for name in names:
+        if counts.get(name):
+            out(f"  {name:<5} {counts[name]:>6}  {100 * counts[name] / len(rows):5.1f} %")
+    return 2 if errors else 0
