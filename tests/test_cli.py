@@ -161,3 +161,20 @@ def test_labels_tiff_is_on_the_input_pixel_grid(tmp_path, model_dir):
 def test_batch_needs_out_dir(tmp_path, field, model_dir, capsys):
     assert main(["analyze", str(field), str(field), "--task", "nuclei", "--model", str(model_dir)]) == 2
     assert "--out-dir" in capsys.readouterr().err
+
+
+def test_export_from_result_store_roundtrips(tmp_path, field, model_dir, capsys):
+    from napari_hemato.core.engine import open_result
+    from napari_hemato.core.export import import_geojson
+
+    store = tmp_path / "r.zarr"
+    assert main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir), "--out", str(store)]) == 0
+    reopened = open_result(store)
+    assert reopened.status == "complete" and reopened.spec.name == "test-dark-blobs"
+    assert main(["export", str(store), "--format", "geojson", "coco", "tiff", "crops",
+                 "--out-dir", str(tmp_path / "ex")]) == 0
+    printed = capsys.readouterr().out
+    assert "geojson" in printed and (tmp_path / "ex" / "r_crops" / "manifest.csv").exists()
+    back = import_geojson(tmp_path / "ex" / "r.geojson")
+    assert sorted(back.table["id"]) == sorted(reopened.table()["id"])
+    assert main(["export", str(store), "--format", "points_csv", "--out-dir", str(tmp_path / "ex")]) == 2

@@ -95,6 +95,37 @@ def test_analyse_review_autosave_reopen(make_napari_viewer, qtbot, field, two_cl
     imsave(DOCS / "review_panel.png", viewer.screenshot(canvas_only=False, flash=False), check_contrast=False)
     imsave(DOCS / "analysed_sample.png", viewer.screenshot(canvas_only=True, flash=False), check_contrast=False)
 
+    # export every format from the widget, then read each back
+    from napari_hemato._widgets.export import ExportWidget
+    from napari_hemato.core import export as ex
+
+    exporter = ExportWidget(viewer)
+    exporter.folder.value = field.parent / "exports"
+    (field.parent / "exports").mkdir()
+    exporter.layer.value = labels
+    for box in exporter.checks.values():
+        box.value = True
+    written = exporter.export()
+    assert set(written) == {"crops", "tiff", "omezarr", "coco", "geojson"}
+    readers = {"tiff": ex.import_tiff, "omezarr": ex.import_omezarr, "coco": ex.import_coco,
+               "geojson": ex.import_geojson}
+    for fmt, read in readers.items():
+        back = read(written[fmt])
+        bt = back.table.set_index("id")
+        assert bt.loc[first, "class"] == "B" and third not in bt.index, fmt
+        assert bt.loc[first, "prob_A"] == pytest.approx(feats.loc[first, "prob_A"]), fmt
+        np.testing.assert_array_equal(back.labels, labels.data, err_msg=fmt)
+    manifest = ex.import_crops(written["crops"]).table
+    assert len(manifest) == 39 and (manifest["class"] == "B").sum() >= 2
+    exporter.layer.value = points
+    for box in exporter.checks.values():
+        box.value = box.enabled
+    pw = exporter.export()
+    assert set(pw) == {"crops", "omezarr", "geojson", "points_csv"}
+    back = ex.import_points_csv(pw["points_csv"]).table
+    assert len(back) == 41 and (back["provenance"] == "manual").sum() == 1
+    assert exporter.export() == {}  # existing files without overwrite: refused, nothing written
+
     saved = review.autosave()
     assert saved is not None
     viewer.layers.clear()

@@ -17,7 +17,7 @@ from napari_hemato.core.errors import HematoError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from napari_hemato.cli import analyze, models
+    from napari_hemato.cli import analyze, export, models
 
     parser = argparse.ArgumentParser(
         prog="napari-hemato",
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     analyze.register(sub)
     models.register(sub)
+    export.register(sub)
     return parser
 
 

@@ -84,6 +84,25 @@ class RunResult:
         return self.store.labels
 
 
+def open_result(path) -> RunResult:
+    """Reopen a finished (or cancelled) run from its result store."""
+    from napari_hemato.models.spec import ModelSpec
+
+    store = ResultStore.open(path)
+    cfg = store.config
+    g = {k: v for k, v in cfg["grid"].items() if k != "shape"}
+    g["roi"] = tuple(g["roi"])
+    grid = WorkGrid(**g)
+    p = cfg["plan"]
+    plan = TilePlan(tuple(p["shape"]), p["tile"], p["halo"], p["input_size"], tuple(p["grid"]))
+    spec_fields = dict(cfg["spec"])
+    spec_fields["class_names"] = tuple(spec_fields["class_names"])
+    spec = ModelSpec(**spec_fields)
+    done = store.done_tiles()
+    n = len(store.table()) if store.status == "complete" else 0
+    return RunResult(store, store.status, spec, grid, plan, len(done), n, 0.0)
+
+
 def drain(gen: Generator[Progress, None, RunResult]) -> RunResult:
     """Exhaust a progress generator and return its result."""
     while True:
@@ -150,6 +169,7 @@ def iter_run(
         "slide": {"path": str(slide.path), "shape": list(slide.shape), "mpp": slide.mpp},
         "model": {"name": spec.name, "version": spec.version, "fingerprint": spec.fingerprint,
                   "task": spec.task, "class_names": list(spec.class_names)},
+        "spec": spec.to_dict(),
         "grid": grid.to_dict(),
         "plan": plan.to_dict(),
         "id_stride": stride,

@@ -88,18 +88,23 @@ def annotations_from_layer(layer) -> AnnotationSet:
     The label image is the layer's own array (not a copy), so a review
     session edits what the viewer shows.
     """
-    meta = layer.metadata.get(KEY)
-    if not meta:
-        raise ValueError(f"layer {layer.name!r} was not made by napari-hemato")
-    table = layer.features.drop(columns=["index"], errors="ignore").copy()
+    return annotations_from_data(layer.data, layer.metadata, layer.features, name=layer.name)
+
+
+def annotations_from_data(data, metadata: dict, features, *, name: str = "layer") -> AnnotationSet:
+    """:func:`annotations_from_layer` from a layer's data, metadata and features."""
+    meta = (metadata or {}).get(KEY)
+    if not meta or meta.get("kind") not in ("instances", "points"):
+        raise ValueError(f"layer {name!r} was not made by napari-hemato (no object table)")
+    table = pd.DataFrame(features).drop(columns=["index"], errors="ignore").copy()
     origin = tuple(meta.get("origin", (0, 0)))
+    labels = None
     if meta["kind"] == "points":
-        if len(layer.data):
-            yx = np.asarray(layer.data, float) + np.asarray(origin, float)
+        if len(data):
+            yx = np.asarray(data, float)[:, -2:] + np.asarray(origin, float)
             table["y"], table["x"] = yx[:, 0], yx[:, 1]
-        labels = None
     else:
-        labels = layer.data
+        labels = data
     extra = {k: v for k, v in meta.items()
              if k not in {"role", "kind", "class_names", "origin", "mpp", "image_path", "image_shape"}}
     return AnnotationSet(
