@@ -1,0 +1,135 @@
+"""uint32 label TIFF plus the object table as a CSV beside it.
+
+``labels.tif`` holds the label image (zlib-compressed, tiled when large) with
+its resolution in µm when the pixel size is known; its ImageDescription is a
+JSON document with the origin, class names, pixel size and table dtypes.
+``labels.csv`` holds the table (one row per label value).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from napari_hemato.core.annotations import AnnotationSet
+from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
+from napari_hemato.core.export.points_csv import (
+    class_names_from,
+    from_header,
+    header,
+    read_table_csv,
+    write_table_csv,
+)
+
+__all__ = ["export_tiff", "import_tiff"]
+
+log = logging.getLogger(__name__)
+
+_TILE = 512
+
+
+def export_tiff(annotations: AnnotationSet, path: str | os.PathLike, *, overwrite: bool = False,
+                base_dir: str | os.PathLike | None = None) -> Path:
+    """Write the label image as a uint32 TIFF and the table as ``path.with_suffix(".csv")``.
+
+    Parameters
+    ----------
+    annotations : AnnotationSet
+        Instances with a label image.
+    path : path
+        The ``.tif`` file to write; the CSV goes beside it.
+    overwrite : bool
+        Replace existing files.
+    base_dir : path, optional
+        Refuse destinations resolving outside this folder.
+
+    Returns
+    -------
+    Path
+        The TIFF written (the table is ``path.with_suffix(".csv")``).
+
+    Examples
+    --------
+    >>> export_tiff(cells, "cells.tif")  # doctest: +SKIP
+    PosixPath('.../cells.tif')
+    """
+    import tifffile
+
+    ann = annotations
+    if ann.kind != "instances" or ann.labels is None:
+        raise ExportError(f"cannot write {path}: a label TIFF needs instances with labels "
+                          "(use export_points_csv for points)")
+    dest = check_destination(path, overwrite=overwrite, base_dir=base_dir)
+    csv = check_destination(dest.with_suffix(".csv"), overwrite=overwrite, base_dir=base_dir)
+    if csv == dest:
+        raise ExportError(f"cannot write {dest}: the label image needs a suffix other than .csv")
+    labels = np.ascontiguousarray(ann.labels, np.uint32)
+    kwargs: dict = {}
+    if ann.mpp:
+        kwargs = dict(resolution=(1e4 / ann.mpp, 1e4 / ann.mpp), resolutionunit="CENTIMETER")
+    if max(labels.shape) > 2 * _TILE:
+        kwargs["tile"] = (_TILE, _TILE)
+    description = json.dumps({"napari_hemato": header(ann)}, ensure_ascii=True)
+    with atomic_outputs([csv, dest], overwrite=overwrite) as (tmp_csv, tmp_tif):
+        write_table_csv(ann.table, tmp_csv)
+        tifffile.imwrite(tmp_tif, labels, photometric="minisblack", compression="zlib",
+                         description=description, metadata=None, software="napari-hemato",
+                         bigtiff=labels.nbytes > 2**31, **kwargs)
+    return dest
+
+
+def import_tiff(path: str | os.PathLike) -> AnnotationSet:
+    """Read a label TIFF (and its CSV table) written by :func:`export_tiff`.
+
+    Foreign label TIFFs work too: without the JSON description the origin is
+    (0, 0) and the pixel size comes from the resolution tags; without a CSV
+    the table holds only the label ids.
+
+    Returns
+    -------
+    AnnotationSet
+
+    Examples
+    --------
+    >>> ann = import_tiff("cells.tif")  # doctest: +SKIP
+    >>> ann.labels.dtype, ann.origin  # doctest: +SKIP
+    (dtype('uint32'), (40, 60))
+    """
+    import tifffile
+
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            labels = page.asarray()
+            description = page.description or ""
+            resolution, unit = page.resolution, int(page.resolutionunit)
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
+        raise ExportError(f"cannot read label TIFF {path}: {exc}") from exc
+    if labels.ndim != 2 or labels.dtype.kind not in "iu":
+        raise ExportError(f"{path}: not a 2-D integer label image ({labels.dtype}, {labels.shape})")
+    try:
+        head = json.loads(description).get("napari_hemato") or {}
+    except (ValueError, AttributeError):
+        head = {}
+    if not head:
+        um = {3: 1e4, 2: 25400.0}.get(unit)
+        mpp = um / resolution[0] if um and resolution[0] > 0 else None
+        head = {"kind": "instances", "origin": [0, 0], "mpp": mpp}
+    csv = path.with_suffix(".csv")
+    if csv.exists():
+        table = read_table_csv(csv, head.get("dtypes"))
+        if head.get("columns"):
+            table = table[head["columns"]]
+    else:
+        log.warning("%s: no table %s beside it; the table holds label ids only", path, csv.name)
+        ids = np.unique(labels)
+        table = pd.DataFrame({"id": ids[ids != 0].astype(np.int64)})
+    if not head.get("class_names"):
+        head["class_names"] = class_names_from(table)
+    return from_header(head, table, labels.astype(np.uint32, copy=False))
