@@ -181,8 +181,8 @@ def resume_check(slide_path: Path, model: Path, out: Path, tile: int | None, n_t
     event = next(gen)
     while event.fraction < 0.5:
         event = next(gen)
-    gen.close()
-    done_at_cancel, total = event.done, event.total
+    gen.close()  # tiles in flight are finished and kept, so count what is on disk
+    done_at_cancel, total = len(list((out / "tiles").glob("*.npz"))), event.total
     first = Counting.tiles_seen
     result = run(slide, predictor, out=out, roi=roi, tile=tile, batch_size=2, resume=True)
     second = Counting.tiles_seen - first

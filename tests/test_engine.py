@@ -115,13 +115,20 @@ def test_cancel_and_resume_redo_no_finished_tile(tmp_path, disk_slide):
     events = [next(gen), next(gen)]
     gen.close()  # what a widget's Cancel or a closed CLI does
     assert events[-1].done == 4 and events[-1].total == 63
-    store_done = sorted(p.stem for p in (out / "tiles").glob("*.npz"))
-    assert len(store_done) == 4
+    done = {int(p.stem) for p in (out / "tiles").glob("*.npz")}
+    assert 4 <= len(done) <= 6  # the batch in flight when closed is finished, not lost
 
-    calls_before = predictor.calls
+    seen = []
+    original = predictor.predict
+
+    def spy(batch, **kw):
+        seen.append(len(batch))
+        return original(batch, **kw)
+
+    predictor.predict = spy
     resumed = run(disk_slide, predictor, out=out, tile=96, batch_size=2, resume=True)
     assert resumed.status == "complete"
-    assert predictor.calls - calls_before == (63 - 4 + 1) // 2  # only the 59 pending tiles
+    assert sum(seen) == 63 - len(done)  # every pending tile once, no finished tile again
     fresh = run(disk_slide, DarkBlobPredictor(), out=tmp_path / "fresh.zarr", tile=96)
     np.testing.assert_array_equal(resumed.labels()[:], fresh.labels()[:])
 
@@ -131,9 +138,15 @@ def test_cancel_token_stops_and_keeps_finished_tiles(tmp_path, disk_slide):
     gen = iter_run(disk_slide, DarkBlobPredictor(), out=tmp_path / "r.zarr", tile=96, cancel=token)
     next(gen)
     token.cancel()
-    with pytest.raises(StopIteration) as stop:
-        next(gen)
-    result = stop.value.value
+    extra = 0
+    while True:
+        try:
+            next(gen)
+            extra += 1
+        except StopIteration as stop:
+            result = stop.value
+            break
+    assert extra <= 1  # at most the batch already in flight
     assert result.status == "cancelled"
     assert 0 < result.n_done < len(result.plan)
     assert result.store.status == "cancelled"

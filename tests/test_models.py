@@ -126,3 +126,12 @@ def test_cancel_before_run_terminates_inference(model_dir):
 def test_load_session_missing_file(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         load_session(tmp_path / "none.onnx")
+
+
+def test_onnx_predictor_pickles_for_dask_workers(model_dir):
+    import pickle
+
+    predictor = OnnxPredictor(model_dir)
+    clone = pickle.loads(pickle.dumps(predictor))
+    batch = np.zeros((1, 32, 32, 3), np.uint8)
+    np.testing.assert_array_equal(clone.predict(batch)["foreground"], predictor.predict(batch)["foreground"])

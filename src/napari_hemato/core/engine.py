@@ -21,8 +21,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +30,14 @@ import pandas as pd
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import Cancelled, ModelError
+from napari_hemato.core.executors import distributed_batches, local_batches
 from napari_hemato.core.geometry import WorkGrid
-from napari_hemato.core.objects import TileOutput, id_stride, tile_objects
-from napari_hemato.core.stitching import assemble_chunk, nms_points, ready_chunks
+from napari_hemato.core.objects import id_stride
+from napari_hemato.core.sink import TileSink
+from napari_hemato.core.stitching import nms_points
 from napari_hemato.core.store import ResultStore
 from napari_hemato.core.table import table_columns, tile_table
-from napari_hemato.core.tiling import Tile, TilePlan, plan_tiles
+from napari_hemato.core.tiling import TilePlan, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -186,157 +187,42 @@ def iter_run(
     else:
         store = ResultStore.create(out, config, overwrite=overwrite)
 
-    done = store.done_tiles()
-    assembled = store.assembled()
-    skipped = len(done)
-    pending = [i for i in range(len(plan)) if i not in done]
+    timings: dict[str, float] = {"read": 0.0, "predict": 0.0, "postprocess": 0.0, "write": 0.0,
+                                 "stitch": 0.0}
+    sink = TileSink(store, plan, spec.kind, timings=timings)
+    skipped = len(sink.done)
+    pending = [i for i in plan.order() if i not in sink.done]
     log.info("%s: %d tiles (%d already done), work grid %s at %.3f µm/px",
              slide.path, len(plan), skipped, grid.shape, grid.mpp)
-    timings = {"read": 0.0, "predict": 0.0, "postprocess": 0.0, "write": 0.0, "stitch": 0.0}
     t0 = time.perf_counter()
     n_objects = 0
-
-    def stitch(indices) -> None:
-        if spec.kind != "instances":
-            return
-        ts = time.perf_counter()
-        for c in sorted({c for i in indices for c in ready_chunks(i, plan, done, assembled)}):
-            store.write_chunk(c, plan[c].core, assemble_chunk(c, plan, store.read_tile))
-            assembled.add(c)
-        timings["stitch"] += time.perf_counter() - ts
-
-    stitch(sorted(done))
+    sink.stitch(sorted(sink.done))  # chunks a cancelled run could not assemble yet
     status = "failed"
     try:
         if scheduler is None:
-            batches = _local_batches(slide, predictor, grid, plan, stride, pending, batch_size, cancel, timings)
+            batches = local_batches(slide, predictor, grid, plan, stride, pending, batch_size,
+                                    cancel, sink, timings)
         else:
-            batches = _distributed_batches(scheduler, slide, predictor, grid, plan, stride, pending,
-                                           batch_size, cancel)
+            batches = distributed_batches(scheduler, slide, predictor, grid, plan, stride,
+                                          pending, batch_size, cancel, sink)
         for outputs in batches:
-            tw = time.perf_counter()
-            for output in outputs:
-                store.write_tile(output)
-                done.add(output.index)
-                n_objects += output.n_objects
-            timings["write"] += time.perf_counter() - tw
-            stitch([o.index for o in outputs])
-            yield Progress(len(done), len(plan), skipped, n_objects, time.perf_counter() - t0,
-                           tuple(o.index for o in outputs))
-            if cancel.cancelled:
-                raise Cancelled("run cancelled")
+            yield Progress(len(sink.done), len(plan), skipped, sink.n_objects,
+                           time.perf_counter() - t0, tuple(o.index for o in outputs))
+        if cancel.cancelled or len(sink.done) < len(plan):
+            raise Cancelled("run cancelled")
         n_objects = _finalize(store, plan, grid, spec, timings)
         status = "complete"
     except Cancelled:
         status = "cancelled"
-        log.info("%s: cancelled after %d of %d tiles; resume to continue", out, len(done), len(plan))
+        log.info("%s: cancelled after %d of %d tiles; resume to continue", out, len(sink.done),
+                 len(plan))
     except (GeneratorExit, KeyboardInterrupt):
         status = "cancelled"
         raise
     finally:
-        store.set_status(status, n_done=len(done))
-    return RunResult(store, status, spec, grid, plan, len(done), n_objects,
+        store.set_status(status, n_done=len(sink.done))
+    return RunResult(store, status, spec, grid, plan, len(sink.done), n_objects,
                      time.perf_counter() - t0, timings)
-
-
-def _read_batch(slide, grid: WorkGrid, tiles: list[Tile], fill: int) -> np.ndarray:
-    return np.stack([grid.read(slide, t.outer, fill=fill) for t in tiles])
-
-
-def process_batch(images, tiles, predictor, grid, plan, stride, cancel=None, timings=None):
-    """Predict a batch of tile images and keep each tile's owned objects."""
-    ts = time.perf_counter()
-    outputs = predictor.predict(images, cancel=cancel)
-    tp = time.perf_counter()
-    result = [
-        tile_objects({role: o[k] for role, o in outputs.items()}, t, plan, predictor.spec,
-                     grid.mpp, stride=stride)
-        for k, t in enumerate(tiles)
-    ]
-    if timings is not None:
-        timings["predict"] += tp - ts
-        timings["postprocess"] += time.perf_counter() - tp
-    return result
-
-
-def _local_batches(slide, predictor, grid, plan, stride, pending, batch_size, cancel, timings
-                   ) -> Iterator[list[TileOutput]]:
-    """Batches in order, reading the next batch in a thread while predicting."""
-    groups = [[plan[i] for i in pending[k : k + batch_size]] for k in range(0, len(pending), batch_size)]
-    fill = predictor.spec.pad_value
-
-    def read(tiles):
-        ts = time.perf_counter()
-        images = _read_batch(slide, grid, tiles, fill)
-        return images, time.perf_counter() - ts
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hemato-read") as pool:
-        future = pool.submit(read, groups[0]) if groups else None
-        for k, tiles in enumerate(groups):
-            if cancel.cancelled:
-                raise Cancelled("run cancelled")
-            images, dt = future.result()
-            timings["read"] += dt
-            future = pool.submit(read, groups[k + 1]) if k + 1 < len(groups) else None
-            yield process_batch(images, tiles, predictor, grid, plan, stride, cancel, timings)
-        if future is not None:
-            future.cancel()
-
-
-def _remote_batch(slide_path, slide_mpp, predictor, grid, plan, stride, indices):
-    """Runs on a dask worker: open the slide (cached per worker) and process tiles."""
-    slide = _worker_slide(str(slide_path), slide_mpp)
-    tiles = [plan[i] for i in indices]
-    images = _read_batch(slide, grid, tiles, predictor.spec.pad_value)
-    return process_batch(images, tiles, predictor, grid, plan, stride)
-
-
-_WORKER_SLIDES: dict[tuple[str, float | None], object] = {}
-
-
-def _worker_slide(path: str, mpp: float | None):
-    from napari_hemato.core.slide import open_slide
-
-    key = (path, mpp)
-    if key not in _WORKER_SLIDES:
-        _WORKER_SLIDES[key] = open_slide(path, mpp=mpp)
-    return _WORKER_SLIDES[key]
-
-
-def _distributed_batches(scheduler, slide, predictor, grid, plan, stride, pending, batch_size,
-                         cancel) -> Iterator[list[TileOutput]]:
-    """Batches on a dask.distributed cluster, a bounded number in flight."""
-    from distributed import Client, as_completed
-
-    own_client = not isinstance(scheduler, Client)
-    client = Client(scheduler) if own_client else scheduler
-    try:
-        groups = [pending[k : k + batch_size] for k in range(0, len(pending), batch_size)]
-        n_workers = max(len(client.scheduler_info().get("workers", {})), 1)
-        limit = 2 * n_workers
-        [remote_predictor] = client.scatter([predictor], broadcast=True)
-        futures = as_completed()
-        submitted = 0
-
-        def submit(group):
-            return client.submit(_remote_batch, slide.path, slide.mpp, remote_predictor, grid, plan,
-                                 stride, group, pure=False)
-
-        while submitted < len(groups) and submitted < limit:
-            futures.add(submit(groups[submitted]))
-            submitted += 1
-        for future in futures:
-            if cancel.cancelled:
-                for f in futures.futures:
-                    f.cancel()
-                raise Cancelled("run cancelled")
-            yield future.result()
-            if submitted < len(groups):
-                futures.add(submit(groups[submitted]))
-                submitted += 1
-    finally:
-        if own_client:
-            client.close()
 
 
 def _finalize(store: ResultStore, plan: TilePlan, grid: WorkGrid, spec, timings) -> int:

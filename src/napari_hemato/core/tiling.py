@@ -86,6 +86,16 @@ class TilePlan:
                 out.append(r * self.grid[1] + c)
         return out
 
+    def order(self, block: int = 8) -> list[int]:
+        """All tile indices in column blocks of ``block`` tiles, rows top to bottom.
+
+        Consecutive tiles stay close, so a chunk's 3×3 neighbourhood is
+        finished soon after its first tile (stitching needs it complete).
+        """
+        rows, cols = self.grid
+        return [r * cols + c for b in range(0, cols, block) for r in range(rows)
+                for c in range(b, min(b + block, cols))]
+
     def to_dict(self) -> dict:
         return {
             "shape": list(self.shape),

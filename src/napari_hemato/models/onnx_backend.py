@@ -8,9 +8,7 @@ widget calling the model on every click never reloads it.
 from __future__ import annotations
 
 import functools
-import logging
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,6 @@ import numpy as np
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import Cancelled, ModelError
 from napari_hemato.models.spec import ModelSpec, load_spec
-
-log = logging.getLogger(__name__)
 
 
 def available_providers() -> list[str]:
@@ -102,7 +98,13 @@ class OnnxPredictor:
         self.threads = threads
         self.session = load_session(self.spec.onnx_path, providers=providers, threads=threads)
         self._check_signature()
-        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        # sessions do not pickle: a dask worker reloads (and caches) its own
+        return {"spec": self.spec, "providers": self.providers, "threads": self.threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["spec"], providers=state["providers"], threads=state["threads"])
 
     def _check_signature(self) -> None:
         where = f"{self.spec.onnx_path}"
