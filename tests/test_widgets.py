@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,6 @@ from .synthetic import disk_image, write_tiff
 
 pytest.importorskip("onnx")
 pytestmark = pytest.mark.gui
-DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 @pytest.fixture
@@ -87,13 +87,15 @@ def test_analyse_review_autosave_reopen(make_napari_viewer, qtbot, field, two_cl
     assert len(pfeats) == 41 and pfeats["provenance"].iloc[-1] == "manual"
     assert pfeats["id"].iloc[-1] > 0
 
-    DOCS.mkdir(exist_ok=True)
-    viewer.layers.selection.active = labels
+    artifacts = Path(os.environ.get("HEMATO_ARTIFACTS", field.parent))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    viewer.layers.selection.active = labels  # the review panel follows the active layer
+    assert review.layer is labels
     review.select(first)
-    from skimage.io import imsave
-
-    imsave(DOCS / "review_panel.png", viewer.screenshot(canvas_only=False, flash=False), check_contrast=False)
-    imsave(DOCS / "analysed_sample.png", viewer.screenshot(canvas_only=True, flash=False), check_contrast=False)
+    assert review.bars.values()["B"] == pytest.approx(feats.loc[first, "prob_B"], abs=1e-3)
+    review.grab().save(str(artifacts / "review_widget_synthetic.png"))
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot.shape[-1] == 4 and shot[..., :3].std() > 5  # something was drawn
 
     # export every format from the widget, then read each back
     from napari_hemato._widgets.export import ExportWidget

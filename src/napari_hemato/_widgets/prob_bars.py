@@ -23,8 +23,10 @@ class ProbabilityBars(QWidget):
     def set_probabilities(self, probs: dict[str, float], chosen: str | None = None) -> None:
         if list(probs) != list(self._rows):
             for label, bar in self._rows.values():
-                label.deleteLater()
-                bar.deleteLater()
+                for w in (label, bar):
+                    self._grid.removeWidget(w)
+                    w.setParent(None)
+                    w.deleteLater()
             self._rows = {}
             for i, name in enumerate(probs):
                 label, bar = QLabel(name), QProgressBar()

@@ -60,6 +60,7 @@ class ReviewWidget(QWidget):
         self._autosave_timer.timeout.connect(self.autosave)
         viewer.layers.events.inserted.connect(self._refresh_layers)
         viewer.layers.events.removed.connect(self._refresh_layers)
+        viewer.layers.selection.events.active.connect(self._on_active)
         self._bind_keys()
         self._refresh_layers()
 
@@ -159,6 +160,11 @@ class ReviewWidget(QWidget):
         else:
             self.layer = None
 
+    def _on_active(self, event=None) -> None:
+        layer = self.viewer.layers.selection.active
+        if layer is not None and _is_ours(layer) and layer is not self.layer:
+            self.bind_layer(layer)
+
     def _on_layer_choice(self, index: int) -> None:
         ours = [layer for layer in self.viewer.layers if _is_ours(layer)]
         if 0 <= index < len(ours):
@@ -187,6 +193,13 @@ class ReviewWidget(QWidget):
                                           "provenance": "manual", "reviewed": False}
                 layer.events.data.connect(lambda e, layer=layer: self._on_points_data(layer))
         session = self.sessions[id(layer)]
+        ours = [lyr for lyr in self.viewer.layers if _is_ours(lyr)]
+        if layer in ours and self.layer_box.currentIndex() != ours.index(layer):
+            self.layer_box.blockSignals(True)
+            self.layer_box.setCurrentIndex(ours.index(layer))
+            self.layer_box.blockSignals(False)
+        self.selected = None
+        self.info.setText("click an object, or Next (Alt-N) to walk the queue")
         self.class_box.clear()
         self.class_box.addItems(session.class_names)
         self.queue_mode.blockSignals(True)
@@ -225,8 +238,9 @@ class ReviewWidget(QWidget):
         self.selected = int(obj_id)
         row = session.row(obj_id)
         mark = "✓ reviewed" if row["reviewed"] else "not reviewed"
-        self.info.setText(f"id {obj_id}: <b>{row['class']}</b> ({row['provenance']}, {mark}) "
-                          f"confidence {float(row['confidence']):.2f}")
+        self.info.setText(f"id {obj_id}: <b>{row['class']}</b> ({row['provenance']}, {mark})<br>"
+                          f"model said {row.get('class_auto', row['class'])} with "
+                          f"{float(row['confidence']):.2f}")
         self.bars.set_probabilities(session.probabilities(obj_id), chosen=row["class"])
         if row["class"] in session.class_names:
             self.class_box.setCurrentText(str(row["class"]))
