@@ -170,3 +170,46 @@ def test_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, two_class_model
     assert kept <= set(done.store.done_tiles())
     assert len(viewer.layers[-1].features) == 300
     assert np.unique(viewer.layers[-1].data).size == 301
+
+
+def test_large_results_stay_lazy_and_class_review_works(make_napari_viewer, qtbot, field,
+                                                        two_class_model, monkeypatch):
+    """Above the editable size the labels stay zarr-backed; classes are still corrected."""
+    import zarr
+
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato._widgets.review import ReviewWidget
+    from napari_hemato.io import viewer as glue
+
+    monkeypatch.setattr(glue, "MAX_EDITABLE_PIXELS", 1000)
+    viewer = make_napari_viewer(show=True)
+    viewer.open(field, plugin="napari-hemato")
+    widget = AnalyzeWidget(viewer)
+    run_analysis(qtbot, widget, task="nuclei", model=two_class_model)
+    labels = viewer.layers[-1]
+    assert isinstance(labels.data, zarr.Array) and not labels.editable
+    assert len(labels.features) == 40
+    review = ReviewWidget(viewer)
+    session = review.bind_layer(labels)
+    assert session.labels is None
+    obj = int(labels.features["id"].iloc[0])
+    review.select(obj)
+    review.set_class("B")
+    assert labels.features.set_index("id").loc[obj, "class"] == "B"
+    assert not review.split_button.isEnabled()
+
+
+def test_current_view_region(make_napari_viewer, qtbot, field):
+    from napari_hemato.io.viewer import view_roi
+
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(field, plugin="napari-hemato")
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.center = (100 * 0.5, 150 * 0.5)
+    camera.zoom = 8.0 / 0.5  # 8 screen px per image px
+    qtbot.wait(200)
+    roi = view_roi(image)
+    assert roi is not None
+    y0, x0, y1, x1 = roi
+    assert y0 <= 100 <= y1 and x0 <= 150 <= x1
+    assert (y1 - y0) * (x1 - x0) < 400 * 520 / 4  # zoomed in: much less than the image

@@ -215,6 +215,8 @@ class AnalyzeWidget(Container):
             for data, kwargs, kind in result_layer_data(result, name=name):
                 layer = self._viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
                 layer.metadata[KEY]["sidecar_name"] = layer.name
+                if layer.metadata[KEY].get("lazy"):
+                    layer.editable = False  # whole-slide labels: classes are reviewed, masks read-only
                 self._autosave(layer)
         self._remove_preview()
         n = sum(r.n_objects for r in results)

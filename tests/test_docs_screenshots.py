@@ -1,0 +1,103 @@
+"""README screenshots from the bundled models on the bundled samples (real viewer, Xvfb).
+
+Writes ``docs/analysed_sample.png``, ``docs/review_panel.png`` and (when the smear
+model is bundled) ``docs/smear_review.png``; the README embeds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_hemato.models.registry import bundled_models
+
+pytestmark = pytest.mark.gui
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def analyse(qtbot, widget, task, roi_shape=None):
+    widget.task.value = task
+    if roi_shape is not None:
+        widget.region.value = "drawn shapes"
+        widget.shapes.value = roi_shape
+    widget.start()
+    with qtbot.waitSignal(widget.worker.finished, timeout=180_000):
+        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+
+
+def save(viewer, name, *, canvas_only=False):
+    from skimage.io import imsave
+
+    DOCS.mkdir(exist_ok=True)
+    shot = viewer.screenshot(canvas_only=canvas_only, flash=False)
+    imsave(DOCS / name, shot, check_contrast=False)
+    return shot
+
+
+@pytest.mark.skipif("nuclei" not in bundled_models(), reason="no bundled nuclei model")
+def test_he_walkthrough_screenshots(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    import shutil
+
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato._widgets.review import ReviewWidget
+    from napari_hemato.samples import sample_path
+
+    slide = tmp_path / "cmu_small_region.svs"  # a copy: autosave writes beside the image
+    shutil.copy(sample_path("he_slide"), slide)
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1400, 900)
+    [image] = viewer.open(slide, plugin="napari-hemato")
+    mpp = image.scale[0]
+    box = np.array([[1500, 850], [1500, 1450], [2050, 1450], [2050, 850]]) * mpp
+    shapes = viewer.add_shapes([box], shape_type="polygon", name="region", scale=(1, 1),
+                               edge_color="yellow", face_color="transparent", edge_width=2)
+    widget = AnalyzeWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget, name="Analyse")
+    analyse(qtbot, widget, "nuclei", shapes)
+    nuclei = viewer.layers[-1]
+    assert len(nuclei.features) > 100
+    viewer.reset_view()
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.center = (1775 * mpp, 1150 * mpp)
+    camera.zoom = 2.2 / mpp
+    shot = save(viewer, "analysed_sample.png")
+    assert shot[..., :3].std() > 10
+
+    viewer.window.remove_dock_widget(dock)
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review and correct")
+    viewer.layers.selection.active = nuclei
+    review.build_queue()
+    review.next()
+    save(viewer, "review_panel.png")
+
+
+@pytest.mark.skipif(not {"smear", "wbc"} <= set(bundled_models()), reason="no bundled smear/WBC models")
+def test_smear_walkthrough_screenshot(make_napari_viewer, qtbot, tmp_path):
+    import shutil
+
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato._widgets.review import ReviewWidget
+    from napari_hemato.samples import sample_path
+
+    field = tmp_path / "smear_field_cbc.jpg"
+    shutil.copy(sample_path("smear_field"), field)
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1400, 900)
+    viewer.open(field, plugin="napari-hemato")
+    widget = AnalyzeWidget(viewer)
+    dock = viewer.window.add_dock_widget(widget, name="Analyse")
+    analyse(qtbot, widget, "smear")
+    cells = viewer.layers[-1]
+    table = cells.features
+    assert (table["cell_type"] == "WBC").sum() >= 1 and (table["cell_type"] == "RBC").sum() > 20
+    viewer.window.remove_dock_widget(dock)
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review and correct")
+    viewer.layers.selection.active = cells
+    wbc = int(table.loc[table["cell_type"] == "WBC", "id"].iloc[0])
+    review.select(wbc)
+    save(viewer, "smear_review.png")
