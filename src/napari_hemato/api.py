@@ -61,12 +61,17 @@ def iter_analyze(
     **engine_options,
 ) -> Generator[Progress, None, RunResult]:
     """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result."""
-    slide = image if isinstance(image, Slide) else open_slide(image, mpp=mpp)
     predictor = load_predictor(task, model, providers=providers, threads=threads)
     wbc = load_classifier(classifier, providers=providers, threads=threads) if task == "smear" else None
-    result = yield from iter_run(slide, predictor, **engine_options)
-    if wbc is not None and result.status == "complete":
-        add_wbc_subtypes(result, slide, wbc)
+    owned = not isinstance(image, Slide)
+    slide = open_slide(image, mpp=mpp) if owned else image
+    try:
+        result = yield from iter_run(slide, predictor, **engine_options)
+        if wbc is not None and result.status == "complete":
+            add_wbc_subtypes(result, slide, wbc)
+    finally:
+        if owned:
+            slide.close()
     return result
 
 

@@ -219,6 +219,7 @@ class AnalyzeWidget(Container):
                     layer.editable = False  # whole-slide labels: classes are reviewed, masks read-only
                 self._autosave(layer)
         self._remove_preview()
+        params["slide"].close()
         n = sum(r.n_objects for r in results)
         self.status.value = f"done: {n} objects"
         self._last = None
