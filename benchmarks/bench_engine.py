@@ -131,7 +131,9 @@ def overhead(slide_path: Path, model: Path, out: Path, tile: int | None, n_tiles
     grid = WorkGrid.for_model(slide, spec.mpp, roi=roi)
     plan = plan_tiles(grid.shape, tile=tile, halo=spec.halo, size_divisor=spec.size_divisor)
     images = [grid.read(slide, t.outer, fill=spec.pad_value) for t in plan]
-    batch = 4
+    from napari_hemato.core.engine import AUTO_BATCH_PIXELS
+
+    batch = max(1, int(AUTO_BATCH_PIXELS // plan.input_size**2))  # what the engine uses
     predictor.predict(np.stack(images[:batch]))  # warm-up
     t0 = time.perf_counter()
     outputs = []

@@ -40,7 +40,7 @@ def register(sub) -> None:
     p.add_argument("--mpp", type=positive_float, help="pixel size in µm/px (overrides metadata)")
     p.add_argument("--roi", type=roi_arg, help="region y0,x0,y1,x1 in level-0 pixels (default: all)")
     p.add_argument("--tile", type=int, help="tile core size in model pixels (default: the model's)")
-    p.add_argument("--batch", type=int, default=4, help="tiles per inference call (default 4)")
+    p.add_argument("--batch", type=int, help="tiles per inference call (default: ~2.5 MP of input)")
     p.add_argument("--scheduler", help="dask.distributed scheduler address to run tiles on a cluster")
     p.add_argument("--resume", action="store_true", help="continue a cancelled run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
@@ -74,7 +74,7 @@ def cmd_info(args) -> int:
 
 
 def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, classifier=None,
-                 mpp=None, roi=None, tile=None, batch=4, scheduler=None, resume=False,
+                 mpp=None, roi=None, tile=None, batch=None, scheduler=None, resume=False,
                  overwrite=False, providers="cpu", threads=None):
     """One analysis with a progress bar on stderr; returns the RunResult."""
     from napari_hemato.api import iter_analyze

@@ -86,7 +86,12 @@ def _overlap(gt: np.ndarray, pred: np.ndarray) -> _Overlap:
     p = pred[both]
     if g.size:
         base = int(pred_ids[-1]) + 1
-        keys, inter = np.unique(g * base + p, return_counts=True)
+        k = g * base + p
+        # raster runs of equal pairs first: sorting the runs is much cheaper than the pixels
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        run_len = np.diff(np.r_[starts, k.size])
+        keys, inv = np.unique(k[starts], return_inverse=True)
+        inter = np.bincount(inv, weights=run_len, minlength=keys.size)
         gi = np.searchsorted(gt_ids, keys // base)
         pj = np.searchsorted(pred_ids, keys % base)
         inter = inter.astype(np.int64)

@@ -53,7 +53,7 @@ def instances_from_maps(
 
     Returns
     -------
-    (H, W) int32 array, 0 = background, objects numbered 1..n in raster order.
+    (H, W) int32 array, 0 = background, objects numbered 1..n (in seed order).
 
     Examples
     --------
@@ -72,24 +72,11 @@ def instances_from_maps(
     seed_mask = mask & (dist > (seed_threshold or 0.0))
     markers = _local_peaks(dist, seed_mask, int(round(min_distance_px)))
     labels = watershed(-dist, markers, mask=mask).astype(np.int32)
-    if min_area_px > 0:
-        areas = np.bincount(labels.ravel())
-        small = np.flatnonzero(areas < min_area_px)
-        small = small[small > 0]
-        if small.size:
-            labels[np.isin(labels, small)] = 0
-    return _relabel_raster(labels)
-
-
-def _relabel_raster(labels: np.ndarray) -> np.ndarray:
-    """Renumber 1..n in order of first appearance (raster order)."""
-    flat = labels.ravel()
-    ids, first = np.unique(flat, return_index=True)
-    keep = ids > 0
-    ids, first = ids[keep], first[keep]
-    order = ids[np.argsort(first)]
-    lut = np.zeros(int(labels.max()) + 1, np.int32)
-    lut[order] = np.arange(1, order.size + 1, dtype=np.int32)
+    areas = np.bincount(labels.ravel())
+    keep = areas >= max(min_area_px, 1)
+    keep[0] = False
+    lut = np.zeros(areas.size, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lut[labels]
 
 
@@ -107,7 +94,7 @@ def points_from_heatmap(
     --------
     >>> h = np.zeros((9, 9)); h[4, 4] = 0.9
     >>> coords, scores = points_from_heatmap(h)
-    >>> coords.tolist(), scores.round(2).tolist()
+    >>> coords.tolist(), [round(float(v), 2) for v in scores]
     ([[4.0, 4.0]], [0.9])
     """
     h = np.asarray(heatmap, dtype=np.float32)

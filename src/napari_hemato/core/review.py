@@ -41,7 +41,7 @@ class ReviewSession:
     Examples
     --------
     >>> s = ReviewSession(annotations)                       # doctest: +SKIP
-    >>> s.set_class([12], "EO"); s.mark_reviewed([12]); s.undo()
+    >>> s.set_class([12], "EO"); s.mark_reviewed([12]); s.undo()  # doctest: +SKIP
     """
 
     def __init__(self, annotations: AnnotationSet) -> None:

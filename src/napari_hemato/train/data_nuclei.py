@@ -1,0 +1,212 @@
+"""Nucleus instance data: loading, resampling to the model's µm/px, targets, split.
+
+Sources (folders of ``X.png`` + ``X_label.tif`` under the data folder):
+
+- ``nuclei_he_miccai``: H&E tiles at 20× (``image01``–``image07``, ≈0.5 µm/px)
+  and 40× (``image08``–``image15``, ≈0.25 µm/px).
+- ``nuclei_dsb2018_brightfield``: stained-tissue brightfield images of unknown
+  pixel size. Each image gets a *nominal* pixel size chosen so that its median
+  nucleus diameter becomes :data:`TARGET_MEDIAN_DIAMETER_PX` at the model's
+  0.5 µm/px (the median of the MICCAI 20× tiles), see :func:`dsb_mpp`.
+
+No torch here: numpy, scipy, scikit-image, tifffile.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage as ndi
+from skimage.io import imread
+from skimage.transform import resize
+
+log = logging.getLogger(__name__)
+
+MODEL_MPP = 0.5
+MICCAI = "nuclei_he_miccai"
+DSB = "nuclei_dsb2018_brightfield"
+SOURCES = (MICCAI, DSB)
+#: median equivalent diameter (px) of MICCAI nuclei at 0.5 µm/px (6.5 µm)
+TARGET_MEDIAN_DIAMETER_PX = 13.0
+#: held-out MICCAI tiles (one 20×, one 40×)
+MICCAI_VALIDATION = ("image04", "image14")
+#: fraction of DSB images held out (chosen by a seeded permutation of sorted ids)
+DSB_VALIDATION_FRACTION = 0.2
+DSB_SPLIT_SEED = 2018
+
+
+@dataclass
+class NucleusImage:
+    """One image with instance labels, resampled to :data:`MODEL_MPP`."""
+
+    key: str  # "<source>/<stem>"
+    image: np.ndarray  # (H, W, 3) uint8 at MODEL_MPP
+    labels: np.ndarray  # (H, W) int32 at MODEL_MPP
+    mpp: float  # pixel size of the original file
+    original_shape: tuple[int, int]
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self.key.split("/", 1)[0]
+
+
+def miccai_mpp(stem: str) -> float:
+    """0.5 µm/px for ``image01``–``image07`` (20×), 0.25 for ``image08``+ (40×)."""
+    m = re.search(r"(\d+)$", stem)
+    if m is None:
+        raise ValueError(f"{stem}: not a MICCAI tile name (imageNN)")
+    return 0.5 if int(m.group(1)) <= 7 else 0.25
+
+
+def median_diameter(labels: np.ndarray) -> float:
+    """Median equivalent-circle diameter (px) of the objects of a label image."""
+    areas = np.bincount(labels.ravel())[1:]
+    areas = areas[areas > 0]
+    if areas.size == 0:
+        return float("nan")
+    return float(np.median(2.0 * np.sqrt(areas / np.pi)))
+
+
+def dsb_mpp(labels: np.ndarray) -> float:
+    """Nominal µm/px of a DSB image from its nucleus sizes (clipped to 0.1–0.75)."""
+    d = median_diameter(labels)
+    if not np.isfinite(d):
+        return MODEL_MPP
+    return float(np.clip(MODEL_MPP * TARGET_MEDIAN_DIAMETER_PX / d, 0.1, 0.75))
+
+
+def read_pair(path_png: Path) -> tuple[np.ndarray, np.ndarray]:
+    """RGB uint8 image and int32 labels of ``X.png`` / ``X_label.tif``."""
+    img = imread(path_png)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    img = np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+    lab = tifffile.imread(path_png.with_name(path_png.stem + "_label.tif")).astype(np.int32)
+    if lab.shape != img.shape[:2]:
+        raise ValueError(f"{path_png}: label shape {lab.shape} != image {img.shape[:2]}")
+    return img, lab
+
+
+def image_mpp(key: str, labels: np.ndarray) -> float:
+    """Pixel size of an image in the data folder (see module docstring)."""
+    source, stem = key.split("/", 1)
+    if source == MICCAI:
+        return miccai_mpp(stem)
+    return dsb_mpp(labels)
+
+
+def to_model_grid(
+    img: np.ndarray, lab: np.ndarray | None, mpp: float, target_mpp: float = MODEL_MPP
+):
+    """Resample an image (linear, anti-aliased) and labels (nearest) to ``target_mpp``."""
+    f = mpp / target_mpp
+    if abs(f - 1) < 1e-3:
+        return img, lab
+    shape = (max(1, round(img.shape[0] * f)), max(1, round(img.shape[1] * f)))
+    im = resize(img, shape, order=1, anti_aliasing=f < 1, preserve_range=True)
+    im = np.clip(np.round(im), 0, 255).astype(np.uint8)
+    lb = None
+    if lab is not None:
+        lb = resize(lab, shape, order=0, anti_aliasing=False, preserve_range=True)
+        lb = lb.astype(np.int32)
+    return im, lb
+
+
+def labels_to_original(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of model-grid labels back to an image's own grid."""
+    if labels.shape == tuple(shape):
+        return labels
+    return resize(labels, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
+
+
+def distance_target(labels: np.ndarray) -> np.ndarray:
+    """Per-object Euclidean distance to the object's border, scaled to max 1.
+
+    Touching objects are separated (each object's distance is computed on its
+    own mask), so the map dips to ~0 between them: its local maxima are one
+    seed per nucleus.
+    """
+    out = np.zeros(labels.shape, np.float32)
+    for i, sl in enumerate(ndi.find_objects(labels), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        m = labels[sl] == i
+        d = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
+        top = d.max()
+        if top > 0:
+            out[sl][m] = (d[m] / top).astype(np.float32)
+    return out
+
+
+def make_targets(labels: np.ndarray) -> dict[str, np.ndarray]:
+    return {"fg": (labels > 0).astype(np.float32), "dist": distance_target(labels)}
+
+
+def list_keys(data_dir: str | Path) -> list[str]:
+    """All ``<source>/<stem>`` keys with an image + label pair, sorted."""
+    data_dir = Path(data_dir)
+    keys = []
+    for source in SOURCES:
+        folder = data_dir / source
+        if not folder.is_dir():
+            continue
+        for png in sorted(folder.glob("*.png")):
+            if (folder / f"{png.stem}_label.tif").exists():
+                keys.append(f"{source}/{png.stem}")
+    if not keys:
+        raise FileNotFoundError(f"{data_dir}: no nucleus image/label pairs in {SOURCES}")
+    return keys
+
+
+def split_keys(keys: list[str]) -> tuple[list[str], list[str]]:
+    """(train, validation) keys, held out by image (see module constants)."""
+    val = [k for k in keys if k.split("/", 1)[0] == MICCAI and k.split("/")[1] in MICCAI_VALIDATION]
+    dsb = sorted(k for k in keys if k.split("/", 1)[0] == DSB)
+    if dsb:
+        rng = np.random.default_rng(DSB_SPLIT_SEED)
+        n_val = max(1, int(round(DSB_VALIDATION_FRACTION * len(dsb))))
+        pick = rng.permutation(len(dsb))[:n_val]
+        val += [dsb[i] for i in sorted(pick)]
+    vs = set(val)
+    return [k for k in keys if k not in vs], sorted(val)
+
+
+def load_image(data_dir: str | Path, key: str, *, targets: bool = True) -> NucleusImage:
+    """Read one image + labels and resample them to :data:`MODEL_MPP`."""
+    source, stem = key.split("/", 1)
+    img, lab = read_pair(Path(data_dir) / source / f"{stem}.png")
+    mpp = image_mpp(key, lab)
+    im, lb = to_model_grid(img, lab, mpp)
+    item = NucleusImage(key, im, lb, mpp, img.shape[:2])
+    if targets:
+        item.targets = make_targets(lb)
+    return item
+
+
+def load_images(data_dir: str | Path, keys: list[str], *, targets: bool = True):
+    return [load_image(data_dir, k, targets=targets) for k in keys]
+
+
+__all__ = [
+    "MODEL_MPP",
+    "NucleusImage",
+    "dsb_mpp",
+    "distance_target",
+    "image_mpp",
+    "labels_to_original",
+    "list_keys",
+    "load_image",
+    "load_images",
+    "make_targets",
+    "median_diameter",
+    "miccai_mpp",
+    "split_keys",
+    "to_model_grid",
+]

@@ -1,0 +1,429 @@
+"""Train the H&E nucleus instance model and export it as ONNX + ``model.json``.
+
+The network (:class:`~napari_hemato.train.nets.SmallUNet`) predicts two maps at
+0.5 µm/px: ``foreground`` (sigmoid probability of nucleus) and ``distance``
+(per-nucleus distance to the border scaled to 1 at the centre). The engine
+turns them into instances with
+:func:`napari_hemato.core.postprocess.postprocess_instances`.
+
+Usage::
+
+    python -m napari_hemato.train.nuclei --data ../shared/data --out MODEL_DIR \\
+        --epochs 40 --seed 0 --threads 1 [--resume] [--max-minutes 70]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from napari_hemato.core.metrics import aggregated_jaccard_index, match_instances
+from napari_hemato.core.postprocess import postprocess_instances
+from napari_hemato.train import data_nuclei as dn
+from napari_hemato.train.common import (
+    ColorAugment,
+    export_onnx,
+    geometric_crop,
+    receptive_field_radius,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from napari_hemato.train.nets import SigmoidOutputs, SmallUNet
+
+log = logging.getLogger("napari_hemato.train.nuclei")
+
+NAME = "hemato-nuclei-he"
+VERSION = "0.1.0"
+NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+OUTPUTS = {"foreground": "foreground", "distance": "distance"}
+DEFAULT_POSTPROCESS = {
+    "threshold": 0.5,
+    "min_distance_um": 2.5,
+    "min_area_um2": 6.0,
+    "seed_threshold": 0.3,
+}
+MAX_OBJECT_UM = 24.0
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) in [0, 255] -> network input (as ``ModelSpec.normalize``)."""
+    mean = torch.tensor(NORMALIZATION["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZATION["std"]).view(1, 3, 1, 1)
+    return (batch / 255.0 - mean) / std
+
+
+class CropSampler:
+    """Random training crops (image, fg, dist) from a list of images."""
+
+    def __init__(self, items, *, crop: int, miccai_fraction: float = 0.6) -> None:
+        self.items = items
+        self.crop = crop
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.source, []).append(i)
+        probs = np.zeros(len(items))
+        for source, idx in groups.items():
+            share = miccai_fraction if source == dn.MICCAI else 1 - miccai_fraction
+            if len(groups) == 1:
+                share = 1.0
+            area = np.array([items[i].image.shape[0] * items[i].image.shape[1] for i in idx], float)
+            probs[idx] = share * area / area.sum()
+        self.probs = probs / probs.sum()
+        self.arrays = [
+            (
+                np.ascontiguousarray(it.image.transpose(2, 0, 1)),
+                it.targets["fg"][None],
+                it.targets["dist"][None],
+            )
+            for it in items
+        ]
+
+    def batch(self, n: int, rng: np.random.Generator):
+        xs, fgs, ds = [], [], []
+        for i in rng.choice(len(self.items), size=n, p=self.probs):
+            x, fg, d = geometric_crop(self.arrays[i], self.crop, rng, pad_values=(255, 0, 0))
+            xs.append(x)
+            fgs.append(fg)
+            ds.append(d)
+        return torch.stack(xs), torch.stack(fgs), torch.stack(ds)
+
+
+def loss_fn(logits: torch.Tensor, fg: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice on the foreground, weighted MSE on the distance map."""
+    fl, dl = logits[:, :1], logits[:, 1:2]
+    bce = F.binary_cross_entropy_with_logits(fl, fg)
+    p = torch.sigmoid(fl)
+    dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
+    w = 1 + 4 * fg
+    mse = (w * (torch.sigmoid(dl) - dist) ** 2).sum() / w.sum()
+    return bce + dice + 5 * mse
+
+
+def pad_to(x: np.ndarray, div: int, value: int = 255) -> np.ndarray:
+    """Pad (H, W, C) at the bottom/right to multiples of ``div``."""
+    h, w = x.shape[:2]
+    ph, pw = (-h) % div, (-w) % div
+    return np.pad(x, ((0, ph), (0, pw), (0, 0)), constant_values=value)
+
+
+@torch.no_grad()
+def predict_maps(model, image: np.ndarray, div: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fg, dist) maps of one uint8 RGB image with a torch model (eval mode)."""
+    h, w = image.shape[:2]
+    x = torch.from_numpy(pad_to(image, div).transpose(2, 0, 1)[None].astype(np.float32))
+    y = torch.sigmoid(model(normalize(x)))[0].numpy()
+    return y[0, :h, :w], y[1, :h, :w]
+
+
+def quick_validation(model, items, div: int, postprocess: dict) -> dict:
+    """Pooled F1@0.5 and mean AJI on the model grid (used during training)."""
+    model.eval()
+    tp = fp = fn = 0
+    ajis = []
+    for it in items:
+        fg, d = predict_maps(model, it.image, div)
+        pred = postprocess_instances(postprocess, dn.MODEL_MPP, fg, d)
+        m = match_instances(it.labels, pred)
+        tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
+        ajis.append(aggregated_jaccard_index(it.labels, pred))
+    f1 = 2 * tp / max(2 * tp + fp + fn, 1)
+    return {"f1": round(f1, 4), "aji_mean": round(float(np.mean(ajis)), 4)}
+
+
+def _ema_update(ema, model, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.dtype.is_floating_point:
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            else:
+                e.copy_(p)
+
+
+def _lr_at(step: int, progress: float, base: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 2 % at progress 1."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, max(progress, 0.0))
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
+    """The ``model.json`` content for a trained network."""
+    return {
+        "name": NAME,
+        "version": VERSION,
+        "task": "nuclei",
+        "kind": "instances",
+        "mpp": dn.MODEL_MPP,
+        "tile": 512,
+        "max_object_um": MAX_OBJECT_UM,
+        "receptive_field_px": receptive_field_radius(net, size=512),
+        "size_divisor": net.size_divisor,
+        "channels": "RGB",
+        "pad_value": 255,
+        "input_name": "image",
+        "normalization": dict(NORMALIZATION),
+        "class_names": ["nucleus"],
+        "outputs": dict(OUTPUTS),
+        "postprocess": dict(postprocess),
+        "onnx": "model.onnx",
+        "extra": extra,
+    }
+
+
+def export_model(net: SmallUNet, out_dir: Path, *, val_items=(), postprocess=None, extra=None):
+    """Write ``model.onnx`` (checked against torch) and ``model.json`` into ``out_dir``."""
+    from napari_hemato.models.spec import load_spec
+
+    out_dir = Path(out_dir)
+    net = copy.deepcopy(net).eval()
+    wrapped = SigmoidOutputs(net).eval()
+    div = net.size_divisor
+    checks = []
+    for it in list(val_items)[:2]:
+        img = pad_to(it.image[: 4 * div, : 6 * div], div)
+        checks.append(normalize(torch.from_numpy(img.transpose(2, 0, 1)[None].astype(np.float32))))
+    example = torch.randn(2, 3, 2 * div, 3 * div, generator=torch.Generator().manual_seed(0))
+    diff = export_onnx(
+        wrapped,
+        out_dir / "model.onnx",
+        input_name="image",
+        output_names=[OUTPUTS["foreground"], OUTPUTS["distance"]],
+        example=example,
+        check_inputs=checks,
+    )
+    extra = dict(extra or {})
+    extra["onnx_max_abs_diff"] = float(f"{diff:.3g}")
+    spec = build_spec(net, postprocess=postprocess or DEFAULT_POSTPROCESS, extra=extra)
+    (out_dir / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+    load_spec(out_dir)  # validates
+    return out_dir
+
+
+def train_nuclei(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    epochs: int = 40,
+    seed: int = 0,
+    threads: int = 1,
+    resume: bool = False,
+    steps_per_epoch: int = 100,
+    batch_size: int = 8,
+    crop: int = 192,
+    lr: float = 3e-3,
+    widths: tuple[int, ...] = (16, 32, 64, 96),
+    head_channels: int = 8,
+    ema_decay: float = 0.998,
+    max_minutes: float | None = None,
+    export: bool = True,
+) -> dict:
+    """Train the nucleus model; checkpoint each epoch; export ONNX + spec.
+
+    Parameters
+    ----------
+    data_dir : path
+        Folder holding ``nuclei_he_miccai/`` and/or ``nuclei_dsb2018_brightfield/``
+        (``X.png`` + ``X_label.tif``).
+    out_dir : path
+        Model folder: ``checkpoint.pt``, ``model.onnx``, ``model.json``, ``history.json``.
+    epochs, steps_per_epoch, batch_size, crop : int
+        Schedule; a cosine learning rate spans ``epochs * steps_per_epoch`` steps.
+    seed : int
+        Seeds python, numpy and torch; the run is reproducible on one thread.
+    threads : int
+        ``torch.set_num_threads``.
+    resume : bool
+        Continue from ``out_dir/checkpoint.pt`` when present.
+    max_minutes : float, optional
+        Time budget: the cosine decay ends at ``max(step / total, elapsed /
+        max_minutes)`` so a slow (shared) machine still anneals, and training
+        stops after the epoch that crosses the budget. Runs that hit the budget
+        are seeded but not bit-for-bit reproducible.
+
+    Returns
+    -------
+    dict
+        ``history`` (per-epoch loss and validation), ``train_keys``,
+        ``val_keys``, ``minutes`` and ``params``.
+
+    Examples
+    --------
+    >>> train_nuclei("../shared/data", "models/nuclei", epochs=40)  # doctest: +SKIP
+    """
+    t_start = time.perf_counter()
+    torch.set_num_threads(int(threads))
+    seed_everything(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = dn.list_keys(data_dir)
+    train_keys, val_keys = dn.split_keys(keys)
+    if not train_keys:
+        raise ValueError(f"{data_dir}: no training images left after the validation split")
+    train_items = dn.load_images(data_dir, train_keys)
+    val_items = dn.load_images(data_dir, val_keys)
+    log.info("data: %d training, %d validation images", len(train_items), len(val_items))
+
+    net = SmallUNet(widths=tuple(widths), head_channels=head_channels)
+    ema = copy.deepcopy(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    color = ColorAugment()
+    sampler = CropSampler(train_items, crop=crop)
+    total = epochs * steps_per_epoch
+    warmup = min(200, max(total // 10, 1))
+    history: list[dict] = []
+    start_epoch = 0
+    elapsed_before = 0.0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        net.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        set_rng_state(rng, ck["rng"])
+        history = ck["history"]
+        start_epoch = ck["epoch"] + 1
+        elapsed_before = ck.get("elapsed_s", 0.0)
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    params = sum(p.numel() for p in net.parameters())
+    log.info("SmallUNet widths=%s head=%d: %d parameters", widths, head_channels, params)
+    div = net.size_divisor
+    t0 = time.perf_counter() - elapsed_before
+    for epoch in range(start_epoch, epochs):
+        net.train()
+        losses = []
+        te = time.perf_counter()
+        for k in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + k
+            progress = (step - warmup) / max(total - warmup, 1)
+            if max_minutes:  # the cosine also ends by the time budget (busy machines)
+                progress = max(progress, (time.perf_counter() - t0) / (60 * max_minutes))
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, progress, lr, warmup)
+            x, fg, dist = sampler.batch(batch_size, rng)
+            x = normalize(color(x, rng))
+            loss = loss_fn(net(x), fg, dist)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _ema_update(ema, net, ema_decay if step > warmup else 0.0)
+            losses.append(loss.detach().item())
+        val = quick_validation(ema, val_items, div, DEFAULT_POSTPROCESS) if val_items else {}
+        row = {
+            "epoch": epoch,
+            "loss": round(float(np.mean(losses)), 4),
+            "lr": round(opt.param_groups[0]["lr"], 6),
+            "epoch_s": round(time.perf_counter() - te, 1),
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        history.append(row)
+        elapsed = time.perf_counter() - t0
+        log.info("epoch %d/%d %s (%.1f min)", epoch + 1, epochs, row, elapsed / 60)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "rng": rng_state(rng),
+                "history": history,
+                "epoch": epoch,
+                "elapsed_s": elapsed,
+                "config": {"widths": list(widths), "head_channels": head_channels, "seed": seed},
+            },
+            ckpt_path,
+        )
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        if max_minutes and elapsed / 60 >= max_minutes and epoch + 1 < epochs:
+            log.warning("time budget reached after epoch %d (%.1f min)", epoch + 1, elapsed / 60)
+            break
+    minutes = (time.perf_counter() - t0) / 60
+    result = {
+        "history": history,
+        "train_keys": train_keys,
+        "val_keys": val_keys,
+        "minutes": round(minutes, 1),
+        "params": params,
+        "model": ema,
+    }
+    if export:
+        extra = {
+            "validation_images": [{"key": it.key, "mpp": round(it.mpp, 5)} for it in val_items],
+            "train_images": len(train_keys),
+            "training": {
+                "epochs": len(history),
+                "steps_per_epoch": steps_per_epoch,
+                "batch_size": batch_size,
+                "crop_px": crop,
+                "seed": seed,
+                "threads": threads,
+                "minutes": round(minutes, 1),
+                "widths": list(widths),
+                "head_channels": head_channels,
+                "parameters": params,
+                "dsb_target_median_diameter_px": dn.TARGET_MEDIAN_DIAMETER_PX,
+            },
+        }
+        export_model(ema, out_dir, val_items=val_items, extra=extra)
+    log.info(
+        "done in %.1f min total (%.1f this session)", minutes, (time.perf_counter() - t_start) / 60
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m napari_hemato.train.nuclei", description=__doc__.split("\n")[0]
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder with nuclei_he_miccai/ and nuclei_dsb2018_brightfield/",
+    )
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--steps-per-epoch", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument(
+        "--no-eval", action="store_true", help="skip post-processing tuning and evaluation"
+    )
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    train_nuclei(
+        args.data,
+        args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        threads=args.threads,
+        resume=args.resume,
+        steps_per_epoch=args.steps_per_epoch,
+        batch_size=args.batch_size,
+        crop=args.crop,
+        max_minutes=args.max_minutes,
+    )
+    if not args.no_eval:
+        from napari_hemato.train.evaluate_nuclei import evaluate_nuclei, tune_postprocess
+
+        tune_postprocess(args.out, args.data, threads=args.threads)
+        metrics = evaluate_nuclei(args.out, args.data)
+        (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

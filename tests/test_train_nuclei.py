@@ -1,0 +1,116 @@
+"""Nucleus model: a tiny training run + export on real crops, and the shipped model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_hemato.models.registry import BUNDLED
+from napari_hemato.models.spec import load_spec
+
+BUNDLED_NUCLEI = BUNDLED / "nuclei"
+
+
+def _tiny_dataset(shared_data: Path, root: Path) -> Path:
+    """Two 96×128 crops of real MICCAI tiles in the data folder layout."""
+    import tifffile
+    from skimage.io import imread, imsave
+
+    src = shared_data / "nuclei_he_miccai"
+    dst = root / "nuclei_he_miccai"
+    dst.mkdir(parents=True)
+    for stem in ("image01", "image04"):  # image04 is held out for validation
+        img = imread(src / f"{stem}.png")[:96, :128, :3]
+        lab = tifffile.imread(src / f"{stem}_label.tif")[:96, :128]
+        imsave(dst / f"{stem}.png", img, check_contrast=False)
+        tifffile.imwrite(dst / f"{stem}_label.tif", lab)
+    return root
+
+
+@pytest.mark.shared_data
+def test_tiny_training_exports_a_valid_model(shared_data, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import onnxruntime as ort
+    from skimage.io import imread
+
+    from napari_hemato.train.evaluate_nuclei import evaluate_nuclei
+    from napari_hemato.train.nets import SigmoidOutputs
+    from napari_hemato.train.nuclei import train_nuclei
+
+    data = _tiny_dataset(shared_data, tmp_path / "data")
+    out = tmp_path / "model"
+    kw = dict(steps_per_epoch=2, batch_size=2, crop=64, widths=(8, 16), head_channels=4, threads=1)
+    t0 = time.perf_counter()
+    result = train_nuclei(data, out, epochs=1, seed=1, **kw)
+    assert time.perf_counter() - t0 < 30
+    assert result["val_keys"] == ["nuclei_he_miccai/image04"]
+    assert (out / "checkpoint.pt").exists()
+
+    spec = load_spec(out)
+    assert spec.task == "nuclei" and spec.kind == "instances" and spec.mpp == 0.5
+    assert spec.size_divisor == 4 and spec.receptive_field_px > 0
+    assert [e["key"] for e in spec.extra["validation_images"]] == ["nuclei_he_miccai/image04"]
+
+    # onnxruntime agrees with torch on a real crop, with a batch of 2 and odd sizes
+    sess = ort.InferenceSession(str(spec.onnx_path), providers=["CPUExecutionProvider"])
+    rgb = imread(data / "nuclei_he_miccai" / "image01.png")
+    batch = np.stack([rgb[:48, :60], rgb[40:88, 60:120]])
+    x = spec.normalize(batch)
+    fg, dist = sess.run([spec.outputs["foreground"], spec.outputs["distance"]], {"image": x})
+    assert fg.shape == dist.shape == (2, 1, 48, 60)
+    with torch.no_grad():
+        ref = SigmoidOutputs(result["model"].eval())(torch.from_numpy(x))
+    assert np.abs(ref[0].numpy() - fg).max() < 1e-4
+    assert np.abs(ref[1].numpy() - dist).max() < 1e-4
+
+    # resume continues from the checkpoint
+    again = train_nuclei(data, out, epochs=2, seed=1, resume=True, export=False, **kw)
+    assert [h["epoch"] for h in again["history"]] == [0, 1]
+
+    metrics = evaluate_nuclei(out, data, threads=1)
+    assert metrics["per_image"][0]["key"] == "nuclei_he_miccai/image04"
+    for key in ("f1", "aji_mean", "map_mean"):
+        assert 0.0 <= metrics["pooled"][key] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def bundled_spec():
+    if not (BUNDLED_NUCLEI / "model.json").exists() or not (BUNDLED_NUCLEI / "model.onnx").exists():
+        pytest.skip("bundled nucleus model not present yet")
+    return load_spec(BUNDLED_NUCLEI)
+
+
+def test_bundled_model_spec(bundled_spec):
+    spec = bundled_spec
+    assert spec.task == "nuclei" and spec.kind == "instances"
+    assert spec.mpp == 0.5 and spec.class_names == ("nucleus",)
+    assert set(spec.outputs) == {"foreground", "distance"}
+    assert spec.extra["validation_images"]
+    assert spec.onnx_path.stat().st_size < 20e6
+    metrics = json.loads((BUNDLED_NUCLEI / "metrics.json").read_text())
+    assert metrics["model"] == spec.name
+
+
+@pytest.mark.shared_data
+def test_bundled_model_finds_nuclei_on_real_he(bundled_spec, shared_data):
+    import onnxruntime as ort
+    from skimage.io import imread
+
+    from napari_hemato.core.postprocess import postprocess_instances
+
+    spec = bundled_spec
+    rgb = imread(shared_data / "slides" / "he_histo_stardist.jpg")[:256, :256, :3]
+    sess = ort.InferenceSession(str(spec.onnx_path), providers=["CPUExecutionProvider"])
+    names = [spec.outputs["foreground"], spec.outputs["distance"]]
+    fg, dist = sess.run(names, {spec.input_name: spec.normalize(rgb[None])})
+    assert fg.shape == dist.shape == (1, 1, 256, 256)
+    for m in (fg, dist):
+        assert m.dtype == np.float32 and 0.0 <= m.min() and m.max() <= 1.0
+    labels = postprocess_instances(spec.postprocess, spec.mpp, fg[0, 0], dist[0, 0])
+    n = int(labels.max())
+    assert 10 < n < 1000, n
