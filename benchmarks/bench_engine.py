@@ -133,7 +133,7 @@ def overhead(slide_path: Path, model: Path, out: Path, tile: int | None, n_tiles
     images = [grid.read(slide, t.outer, fill=spec.pad_value) for t in plan]
     from napari_hemato.core.engine import AUTO_BATCH_PIXELS
 
-    batch = max(1, int(AUTO_BATCH_PIXELS // plan.input_size**2))  # what the engine uses
+    batch = min(8, max(1, int(AUTO_BATCH_PIXELS // plan.input_size**2)))  # what the engine uses
     predictor.predict(np.stack(images[:batch]))  # warm-up
     t0 = time.perf_counter()
     outputs = []

@@ -29,7 +29,11 @@ def analyse(qtbot, widget, task, roi_shape=None):
 
 
 def save(viewer, name, *, canvas_only=False):
+    from qtpy.QtWidgets import QApplication
     from skimage.io import imsave
+
+    for _ in range(5):  # let docks lay out before the grab
+        QApplication.processEvents()
 
     DOCS.mkdir(exist_ok=True)
     shot = viewer.screenshot(canvas_only=canvas_only, flash=False)
@@ -53,7 +57,8 @@ def test_he_walkthrough_screenshots(make_napari_viewer, qtbot, tmp_path, monkeyp
     mpp = image.scale[0]
     box = np.array([[1500, 850], [1500, 1450], [2050, 1450], [2050, 850]]) * mpp
     shapes = viewer.add_shapes([box], shape_type="polygon", name="region", scale=(1, 1),
-                               edge_color="yellow", face_color="transparent", edge_width=2)
+                               units=("um", "um"), edge_color="yellow", face_color="transparent",
+                               edge_width=2)
     widget = AnalyzeWidget(viewer)
     dock = viewer.window.add_dock_widget(widget, name="Analyse")
     analyse(qtbot, widget, "nuclei", shapes)
@@ -70,8 +75,10 @@ def test_he_walkthrough_screenshots(make_napari_viewer, qtbot, tmp_path, monkeyp
     review = ReviewWidget(viewer)
     viewer.window.add_dock_widget(review, name="Review and correct")
     viewer.layers.selection.active = nuclei
+    shapes.visible = False
     review.build_queue()
     review.next()
+    qtbot.wait(300)
     save(viewer, "review_panel.png")
 
 

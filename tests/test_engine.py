@@ -135,7 +135,8 @@ def test_cancel_and_resume_redo_no_finished_tile(tmp_path, disk_slide):
 
 def test_cancel_token_stops_and_keeps_finished_tiles(tmp_path, disk_slide):
     token = CancelToken()
-    gen = iter_run(disk_slide, DarkBlobPredictor(), out=tmp_path / "r.zarr", tile=96, cancel=token)
+    gen = iter_run(disk_slide, DarkBlobPredictor(), out=tmp_path / "r.zarr", tile=96, cancel=token,
+                   batch_size=2)
     next(gen)
     token.cancel()
     extra = 0

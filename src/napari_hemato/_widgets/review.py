@@ -273,7 +273,9 @@ class ReviewWidget(QWidget):
         session, layer = self.session, self.layer
         layer.features = features_of(session.table.reset_index(drop=True))
         if session.annotations.kind == "instances":
-            layer.colormap = labels_colormap(session.table)
+            colormap = labels_colormap(session.table, session.class_names)
+            if colormap is not None:
+                layer.colormap = colormap
         else:
             from napari_hemato.core.colors import class_color_float
 

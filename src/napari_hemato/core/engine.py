@@ -149,7 +149,8 @@ def iter_run(
         Tile core size in model pixels (default: the model's).
     batch_size : int, optional
         Tiles per inference call (default: as many as fit in ~2.5 megapixels of
-        network input, at least 1; larger batches only add memory traffic on CPU).
+        network input, 1 to 8; larger batches only add memory traffic on CPU
+        and make progress and cancelling coarser).
     resume : bool
         Continue a cancelled run in ``out`` (skips finished tiles).
     overwrite : bool
@@ -167,7 +168,7 @@ def iter_run(
     plan = plan_tiles(grid.shape, tile=tile or spec.tile, halo=spec.halo, size_divisor=spec.size_divisor)
     stride = id_stride(len(plan))
     if batch_size is None:
-        batch_size = max(1, int(AUTO_BATCH_PIXELS // plan.input_size**2))
+        batch_size = min(8, max(1, int(AUTO_BATCH_PIXELS // plan.input_size**2)))
     scale, translate = grid.napari_placement()
     config = {
         "kind": spec.kind,

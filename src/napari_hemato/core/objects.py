@@ -91,7 +91,13 @@ def _instances(outputs, tile, plan, spec, mpp, stride) -> TileOutput:
     yy, xx = np.indices(labels.shape, dtype=np.float64)
     cy = np.bincount(flat, yy.ravel(), minlength=n + 1)[1:] / area + oy
     cx = np.bincount(flat, xx.ravel(), minlength=n + 1)[1:] / area + ox
-    owned = plan.owners(cy, cx) == tile.index
+    slices = ndi.find_objects(labels)
+    bbox = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices], np.int64)
+    # larger than the model's largest object: not an object of this kind (e.g. a dark
+    # band of epidermis), and beyond the size the halo guarantees to see whole
+    max_px = float(spec.postprocess.get("max_size_um", spec.max_object_um)) / mpp
+    fits = np.maximum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]) <= max_px
+    owned = (plan.owners(cy, cx) == tile.index) & fits
     if owned.sum() >= stride:
         raise ValueError(f"tile {tile.index} holds {owned.sum()} objects, more than {stride - 1}")
     score = ndi.mean(fg, labels, idx).astype(np.float64)
@@ -101,8 +107,6 @@ def _instances(outputs, tile, plan, spec, mpp, stride) -> TileOutput:
         prob = prob / area[:, None]
     else:
         prob = np.ones((n, 1))
-    slices = ndi.find_objects(labels)
-    bbox = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices], np.int64)
     keep = np.flatnonzero(owned)
     gid = np.zeros(n + 1, np.uint32)
     gid[keep + 1] = tile.index * stride + np.arange(1, keep.size + 1, dtype=np.uint32)

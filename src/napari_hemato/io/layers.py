@@ -27,8 +27,15 @@ def _placement(ann: AnnotationSet) -> tuple[tuple[float, float], tuple[float, fl
     return (unit, unit), (ann.origin[0] * unit, ann.origin[1] * unit)
 
 
-def labels_colormap(table: pd.DataFrame) -> dict:
-    """``{label value: RGBA}`` colouring each object by its class."""
+def labels_colormap(table: pd.DataFrame, class_names=None) -> dict | None:
+    """``{label value: RGBA}`` colouring each object by its class.
+
+    None (napari's per-object colours) when there is only one class, so that
+    touching objects stay distinguishable.
+    """
+    classes = set(table["class"].astype(str))
+    if len(set(class_names or ()) | classes) <= 1:
+        return None
     colors = {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0)}
     for obj_id, name in zip(table["id"].to_numpy(), table["class"].astype(str), strict=True):
         colors[int(obj_id)] = class_color_float(name)
@@ -65,8 +72,11 @@ def annotation_layer_data(ann: AnnotationSet, *, name: str, run_id: str | None =
         kwargs = {
             "name": name, "scale": scale, "translate": translate, "opacity": 0.55,
             "features": features_of(ann.table), "metadata": meta,
-            "colormap": labels_colormap(ann.table), **units,
+            **units,
         }
+        colormap = labels_colormap(ann.table, ann.class_names)
+        if colormap is not None:
+            kwargs["colormap"] = colormap
         return (ann.labels, kwargs, "labels")
     unit = ann.mpp if ann.mpp else 1.0
     data = ann.table[["y", "x"]].to_numpy(float) - np.asarray(ann.origin, float)

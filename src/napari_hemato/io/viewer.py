@@ -108,8 +108,10 @@ def result_layer_data(result, *, name: str, roi=None) -> list[tuple]:
     scale, translate = grid.napari_placement()
     meta = layer_metadata(ann, role="instances", run_id=result.path.stem)
     kwargs = {"name": name, "scale": scale, "translate": translate, "opacity": 0.55,
-              "features": features_of(table), "metadata": meta,
-              "colormap": labels_colormap(table)}
+              "features": features_of(table), "metadata": meta}
+    colormap = labels_colormap(table, result.spec.class_names)
+    if colormap is not None:
+        kwargs["colormap"] = colormap
     if not grid.mpp_assumed:
         kwargs["units"] = ("um", "um")
     return [(result.labels(), kwargs, "labels")]
