@@ -178,3 +178,19 @@ def test_export_from_result_store_roundtrips(tmp_path, field, model_dir, capsys)
     back = import_geojson(tmp_path / "ex" / "r.geojson")
     assert sorted(back.table["id"]) == sorted(reopened.table()["id"])
     assert main(["export", str(store), "--format", "points_csv", "--out-dir", str(tmp_path / "ex")]) == 2
+
+
+def test_classify_cells_writes_the_documented_csv(tmp_path, shared_data, capsys):
+    from napari_hemato.models.registry import bundled_models
+
+    if "wbc" not in bundled_models():
+        pytest.skip("no bundled WBC model")
+    images = [next(iter(sorted((shared_data / "pbc" / c).iterdir()))) for c in ("EO", "LY", "PLT")]
+    out = tmp_path / "cells.csv"
+    assert main(["classify-cells", *map(str, images), "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    names = ["SNE", "BNE", "EO", "BA", "LY", "MO", "MMY", "MY", "PMY", "ERB", "PLT"]
+    assert list(table.columns) == ["path", "class", "confidence", *(f"prob_{n}" for n in names)]
+    assert table[[f"prob_{n}" for n in names]].sum(axis=1).round(2).eq(1.0).all()
+    assert "classified 3 cell image(s)" in capsys.readouterr().out
+    assert main(["classify-cells", str(images[0]), "--out", str(out)]) == 2  # exists: refused

@@ -1,0 +1,323 @@
+"""White-cell training data: listing, split, cell geometry cache, size-normalised samples.
+
+Torch-free (numpy, pandas, Pillow), so :mod:`napari_hemato.train.evaluate_wbc`
+can use it with onnxruntime only. Two layouts are read:
+
+- one subfolder per class of single-cell images (the PBC layout:
+  ``pbc/SNE/SNE_102049.jpg``);
+- ``manifest.csv`` with columns ``path,class[,split][,slide][,diameter_px]``
+  (paths relative to the folder), as written by the plugin's crops export.
+
+Every image is normalised by its own cell's size with the runtime functions of
+:mod:`napari_hemato.models.cell_classifier`, so training and inference see
+the same crops.
+
+Examples
+--------
+>>> df = list_samples("../shared/data/pbc")  # doctest: +SKIP
+>>> df = assign_split(df, val_fraction=0.15, seed=0)  # doctest: +SKIP
+>>> df.groupby("split").size()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from napari_hemato.models.cell_classifier import (
+    CLASS_NAMES,
+    FALLBACK_FRACTION,
+    normalize_cell,
+    segment_center_cell,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.csv"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+VAL_NAMES = {"val", "valid", "validation", "test", "holdout"}
+_ALIASES = {"PLATELET": "PLT", "PLATELETS": "PLT"}
+
+
+def canonical_class(name) -> str | None:
+    """Class name in :data:`CLASS_NAMES` for a folder / manifest label, else None.
+
+    Examples
+    --------
+    >>> canonical_class("sne"), canonical_class("Platelet"), canonical_class("RBC")
+    ('SNE', 'PLT', None)
+    """
+    if name is None or (isinstance(name, float) and math.isnan(name)):
+        return None
+    key = str(name).strip().upper()
+    key = _ALIASES.get(key, key)
+    return key if key in CLASS_NAMES else None
+
+
+def list_samples(data_dir: str | Path) -> pd.DataFrame:
+    """List labelled cell images under ``data_dir`` (class folders or ``manifest.csv``).
+
+    Parameters
+    ----------
+    data_dir : path
+        A folder with ``manifest.csv``, or one subfolder per class.
+
+    Returns
+    -------
+    DataFrame
+        ``path`` (relative to ``data_dir``, POSIX), ``class``, ``label``
+        (index in :data:`CLASS_NAMES`), ``split`` (given split or None),
+        ``slide`` (or None), ``diameter_px`` (given, or from ``area_px``, else
+        NaN), ``crop_side`` (the crop's side in the pixels ``diameter_px`` is
+        measured in, from ``crop_x0/x1``, else NaN); sorted by path.
+
+    Examples
+    --------
+    >>> list_samples("../shared/data/pbc")["class"].value_counts()["PMY"]  # doctest: +SKIP
+    492
+    """
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data folder not found")
+    if (root / MANIFEST).is_file():
+        raw = pd.read_csv(root / MANIFEST)
+        missing = {"path", "class"} - set(raw.columns)
+        if missing:
+            raise ValueError(f"{root / MANIFEST}: missing column(s) {sorted(missing)}")
+        df = pd.DataFrame({"path": raw["path"].astype(str).str.replace("\\", "/", regex=False)})
+        df["class"] = [canonical_class(c) for c in raw["class"]]
+        df["split"] = raw["split"].astype(object).where(raw["split"].notna(), None) if "split" in raw else None
+        df["slide"] = raw["slide"].astype(str).where(raw["slide"].notna(), None) if "slide" in raw else None
+        df["diameter_px"] = pd.to_numeric(raw["diameter_px"], errors="coerce") if "diameter_px" in raw else np.nan
+        if "area_px" in raw:  # the plugin's export: segmented area in level-0 pixels
+            from_area = 2.0 * np.sqrt(pd.to_numeric(raw["area_px"], errors="coerce").clip(lower=1.0) / np.pi)
+            df["diameter_px"] = df["diameter_px"].fillna(from_area)
+        if {"crop_x0", "crop_x1"} <= set(raw.columns):  # diameters are in level-0 pixels
+            df["crop_side"] = pd.to_numeric(raw["crop_x1"], errors="coerce") - pd.to_numeric(raw["crop_x0"], errors="coerce")
+        skipped = df["class"].isna()
+        if skipped.any():
+            log.warning("%s: skipping %d row(s) whose class is not one of %s (%s)", root / MANIFEST,
+                        int(skipped.sum()), ", ".join(CLASS_NAMES),
+                        ", ".join(sorted({str(c) for c in raw.loc[skipped, "class"]})[:8]))
+        df = df[~skipped]
+        absent = [p for p in df["path"] if not (root / p).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{root / MANIFEST}: {len(absent)} listed image(s) missing, e.g. {absent[0]}")
+    else:
+        rows = []
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            cls = canonical_class(sub.name)
+            if cls is None:
+                log.warning("%s: folder %s is not a known class; skipped", root, sub.name)
+                continue
+            for f in sorted(sub.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    rows.append((f"{sub.name}/{f.name}", cls))
+        df = pd.DataFrame(rows, columns=["path", "class"])
+        df["split"], df["slide"], df["diameter_px"] = None, None, np.nan
+    if "crop_side" not in df:
+        df["crop_side"] = np.nan
+    if df.empty:
+        raise ValueError(f"{root}: no labelled cell images found (class folders or {MANIFEST})")
+    df["label"] = [CLASS_NAMES.index(c) for c in df["class"]]
+    df = df.sort_values("path").reset_index(drop=True)
+    return df[["path", "class", "label", "split", "slide", "diameter_px", "crop_side"]]
+
+
+def assign_split(df: pd.DataFrame, *, val_fraction: float = 0.15, seed: int = 0) -> tuple[pd.DataFrame, str]:
+    """Add a ``split`` column (``train`` / ``val``) and describe the rule used.
+
+    Priority: a split given in the manifest (``val``/``valid``/``test`` ->
+    val); else whole slides (seeded shuffle of slide names, slides added to
+    val until ``val_fraction`` of the cells); else per class (seeded shuffle
+    of each class's sorted paths, ``round(val_fraction * n)`` to val).
+
+    Returns
+    -------
+    (DataFrame, str)
+        Copy of ``df`` with ``split``; the rule in words.
+
+    Examples
+    --------
+    >>> d = pd.DataFrame({"path": list("abcdefghij"), "class": ["SNE"] * 10, "split": None, "slide": None})
+    >>> out, rule = assign_split(d, val_fraction=0.2, seed=0)
+    >>> int((out["split"] == "val").sum())
+    2
+    """
+    out = df.copy()
+    given = out["split"].notna() if "split" in out else pd.Series(False, index=out.index)
+    if given.any():
+        out["split"] = ["val" if str(s).strip().lower() in VAL_NAMES else "train" for s in out["split"]]
+        return out, "split column of manifest.csv (val/valid/validation/test -> val)"
+    rng = np.random.default_rng(seed)
+    slides = out["slide"] if "slide" in out else pd.Series(None, index=out.index)
+    if slides.notna().all() and slides.nunique() > 1:
+        names = np.array(sorted(slides.unique()))
+        rng.shuffle(names)
+        counts = slides.value_counts()
+        val, n = set(), 0
+        for s in names:
+            if n >= val_fraction * len(out) or len(val) == len(names) - 1:
+                break
+            val.add(s)
+            n += int(counts[s])
+        out["split"] = ["val" if s in val else "train" for s in slides]
+        return out, f"whole slides, seeded shuffle (seed {seed}) until {val_fraction:.0%} of cells"
+    split = pd.Series("train", index=out.index, dtype=object)
+    for _, group in out.groupby("class", sort=True):
+        idx = np.asarray(group.sort_values("path").index)
+        perm = rng.permutation(len(idx))
+        k = int(round(val_fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        split.loc[idx[perm[:k]]] = "val"
+    out["split"] = split
+    rule = (f"stratified by class: per class (sorted), numpy default_rng({seed}).permutation, "
+            f"first round({val_fraction} * n) to val")
+    return out, rule
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as (H, W, 3) uint8 RGB."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def cell_geometry(image: np.ndarray, diameter_px: float | None = None) -> tuple[float, float, float, bool]:
+    """``(diameter, cy, cx, segmented)`` of the cell in a single-cell image.
+
+    A given ``diameter_px`` wins; the centre is then the image centre.
+    Otherwise :func:`segment_center_cell` is used, with the runtime fallback
+    (``0.45 * min(h, w)`` at the image centre) when it fails.
+
+    Examples
+    --------
+    >>> cell_geometry(np.full((50, 60, 3), 255, np.uint8))
+    (22.5, 24.5, 29.5, False)
+    """
+    h, w = image.shape[:2]
+    if diameter_px is not None and np.isfinite(diameter_px) and diameter_px > 0:
+        return float(diameter_px), (h - 1) / 2, (w - 1) / 2, False
+    found = segment_center_cell(image)
+    if found is None:
+        return FALLBACK_FRACTION * min(h, w), (h - 1) / 2, (w - 1) / 2, False
+    d, (cy, cx) = found
+    return d, cy, cx, True
+
+
+class CellImages:
+    """All images of a sample table in memory, with their cell geometry.
+
+    Parameters
+    ----------
+    df : DataFrame
+        From :func:`list_samples` (+ :func:`assign_split`).
+    root : path
+        Folder the ``path`` column is relative to.
+    cache : path, optional
+        CSV caching the geometry (diameter, centre) by path.
+
+    Examples
+    --------
+    >>> data = CellImages(df, "../shared/data/pbc")  # doctest: +SKIP
+    >>> x = data.sample(0, np.random.default_rng(0), size=128, context=1.5)  # doctest: +SKIP
+    """
+
+    def __init__(self, df: pd.DataFrame, root: str | Path, *, cache: str | Path | None = None) -> None:
+        self.df = df.reset_index(drop=True)
+        self.root = Path(root)
+        self.images = [load_rgb(self.root / p) for p in self.df["path"]]
+        geo = None
+        if cache is not None and Path(cache).is_file():
+            old = pd.read_csv(cache).set_index("path")
+            if set(self.df["path"]) <= set(old.index):
+                geo = old.loc[self.df["path"], ["diameter", "cy", "cx", "segmented"]].to_numpy()
+        if geo is None:
+            diam = self.df["diameter_px"].to_numpy(float).copy()
+            side = self.df["crop_side"].to_numpy(float) if "crop_side" in self.df else np.full(len(diam), np.nan)
+            for k, img in enumerate(self.images):  # level-0 diameters -> pixels of the (resized) crop
+                if np.isfinite(side[k]) and side[k] > 0:
+                    diam[k] *= img.shape[1] / side[k]
+            rows = [cell_geometry(img, d) for img, d in zip(self.images, diam, strict=True)]
+            geo = np.asarray(rows, dtype=float)
+            if cache is not None:
+                pd.DataFrame({"path": self.df["path"], "diameter": geo[:, 0], "cy": geo[:, 1],
+                              "cx": geo[:, 2], "segmented": geo[:, 3].astype(bool)}).to_csv(cache, index=False)
+        self.diameter, self.cy, self.cx = geo[:, 0].astype(float), geo[:, 1].astype(float), geo[:, 2].astype(float)
+        self.segmented = geo[:, 3].astype(bool)
+        self.labels = self.df["label"].to_numpy(int)
+        if (~self.segmented).any():
+            log.info("%d of %d images: no cell segmented, fallback diameter used",
+                     int((~self.segmented).sum()), len(self.df))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def runtime_input(self, i: int, *, size: int, context: float) -> np.ndarray:
+        """The exact input the runtime builds for image ``i`` (crop centre, estimated diameter)."""
+        img = self.images[i]
+        h, w = img.shape[:2]
+        return normalize_cell(img, ((h - 1) / 2, (w - 1) / 2), self.diameter[i], context=context, size=size)[0]
+
+    def sample(
+        self,
+        i: int,
+        rng: np.random.Generator,
+        *,
+        size: int,
+        context: float,
+        context_jitter: float = 1.25,
+        shift: float = 0.06,
+        p_lowres: float = 0.2,
+    ) -> np.ndarray:
+        """A geometrically augmented, size-normalised (size, size, 3) uint8 crop of image ``i``.
+
+        Context factor times ``exp(U(-ln j, ln j))`` (``j = context_jitter``),
+        centre at the segmented centroid or the image centre (half each) plus
+        a gaussian shift of ``shift`` x window side, rot90 / flip, and with
+        probability ``p_lowres`` a down-up resampling (0.45-0.9x) that mimics
+        lower-resolution sources.
+        """
+        from PIL import Image
+
+        img = self.images[i]
+        h, w = img.shape[:2]
+        ctx = context * math.exp(rng.uniform(-math.log(context_jitter), math.log(context_jitter)))
+        if self.segmented[i] and rng.random() < 0.5:
+            cy, cx = self.cy[i], self.cx[i]
+        else:
+            cy, cx = (h - 1) / 2, (w - 1) / 2
+        side = self.diameter[i] * ctx
+        dy, dx = np.clip(rng.normal(0, shift * side, 2), -2.5 * shift * side, 2.5 * shift * side)
+        x, _ = normalize_cell(img, (cy + dy, cx + dx), self.diameter[i], context=ctx, size=size)
+        x = np.rot90(x, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            x = x[:, ::-1]
+        if rng.random() < p_lowres:
+            small = max(8, int(round(size * rng.uniform(0.45, 0.9))))
+            im = Image.fromarray(np.ascontiguousarray(x))
+            im = im.resize((small, small), Image.Resampling.BILINEAR)
+            x = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
+        return np.ascontiguousarray(x)
+
+
+def balanced_weights(labels: np.ndarray, power: float = 0.5) -> np.ndarray:
+    """Per-sample sampling probabilities giving class ``c`` a share ∝ ``n_c ** (1 - power)``.
+
+    ``power=1`` is fully class-balanced, ``0`` the natural frequencies.
+
+    Examples
+    --------
+    >>> balanced_weights(np.array([0, 0, 0, 0, 1]), power=1.0).round(3).tolist()
+    [0.125, 0.125, 0.125, 0.125, 0.5]
+    """
+    labels = np.asarray(labels)
+    counts = np.bincount(labels)
+    w = counts[labels].astype(float) ** -power
+    return w / w.sum()

@@ -1,0 +1,127 @@
+"""Training smoke test for the WBC classifier: a few steps, ONNX export, spec, ORT ≈ torch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("efficientnet_lite_pytorch")
+pytest.importorskip("onnx")
+
+
+def _write_manifest_dataset(folder, size=64, per_class=2, seed=0):
+    """Synthetic single-cell images (one violet disc on a cream background) + manifest.csv."""
+    from PIL import Image
+
+    from napari_hemato.models.cell_classifier import CLASS_NAMES
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    rows = ["path,class,split,slide"]
+    for k, name in enumerate(CLASS_NAMES):
+        (folder / name).mkdir(parents=True)
+        for j in range(per_class):
+            img = np.empty((size, size, 3), np.uint8)
+            img[:] = (250, 226, 202)
+            r = size * (0.15 + 0.015 * k)
+            disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < r**2
+            img[disc] = (90 + 10 * k, 40 + 5 * j, 150)
+            img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+            rel = f"{name}/{name}_{j}.png"
+            Image.fromarray(img).save(folder / rel)
+            rows.append(f"{rel},{name},{'val' if j == 1 else 'train'},slide{j}")
+    (folder / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_list_samples_and_split_manifest(tmp_path):
+    from napari_hemato.train.data_wbc import assign_split, list_samples
+
+    _write_manifest_dataset(tmp_path)
+    df = list_samples(tmp_path)
+    assert len(df) == 22 and df["label"].nunique() == 11
+    out, rule = assign_split(df)
+    assert (out["split"] == "val").sum() == 11
+    assert "manifest" in rule
+
+
+def test_stratified_split_is_seeded(tmp_path):
+    import pandas as pd
+
+    from napari_hemato.train.data_wbc import assign_split
+
+    df = pd.DataFrame({"path": [f"SNE/{i}.jpg" for i in range(40)] + [f"PMY/{i}.jpg" for i in range(20)],
+                       "class": ["SNE"] * 40 + ["PMY"] * 20, "split": None, "slide": None})
+    a, _ = assign_split(df, val_fraction=0.15, seed=3)
+    b, _ = assign_split(df, val_fraction=0.15, seed=3)
+    assert a["split"].tolist() == b["split"].tolist()
+    assert a.groupby("class")["split"].apply(lambda s: int((s == "val").sum())).to_dict() == {"PMY": 3, "SNE": 6}
+
+
+def test_train_export_roundtrip(tmp_path):
+    import onnxruntime as ort
+
+    from napari_hemato.models.spec import load_spec
+    from napari_hemato.train import wbc
+
+    data, out = tmp_path / "data", tmp_path / "model"
+    _write_manifest_dataset(data)
+    code = wbc.main(["--data", str(data), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
+                     "--batch-size", "4", "--input-size", "64", "--no-pretrained", "--threads", "1"])
+    assert code == 0
+    spec = load_spec(out)
+    assert spec.kind == "classifier" and spec.task == "wbc" and spec.input_size == 64
+    assert list(spec.class_names) == ["SNE", "BNE", "EO", "BA", "LY", "MO", "MMY", "MY", "PMY", "ERB", "PLT"]
+    assert spec.outputs == {"probs": "probs", "cam": "cam"}
+    assert len(spec.extra["split"]["validation_files"]) == 11
+    assert json.loads((out / "history.json").read_text())["epochs"][0]["epoch"] == 1
+
+    # onnxruntime ≈ torch, on the checkpoint's weights
+    net = wbc.build_model(size=64, pretrained=False)
+    net.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    x = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        ref_p, ref_c = wbc.ExportNet(net.eval())(wbc.normalize(x))
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got_p, got_c = sess.run(["probs", "cam"], {"image": spec.normalize(x)})
+    assert got_p.shape == (3, 11) and got_c.shape[:2] == (3, 11)
+    np.testing.assert_allclose(got_p, ref_p.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got_p.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got_c, ref_c.numpy(), atol=1e-3)
+
+    # the runtime classifier runs on the exported model
+    from napari_hemato.models.cell_classifier import CellClassifier
+
+    crops = [np.full((50, 70, 3), 250, np.uint8), np.full((64, 64, 3), 200, np.uint8)]
+    probs, cams = CellClassifier(out).classify_crops(crops, [30.0, None])
+    assert probs.shape == (2, 11)
+    assert [c.shape for c in cams] == [(50, 70), (64, 64)]
+
+    # resume continues from the checkpoint without retraining epoch 1
+    code = wbc.main(["--data", str(data), "--out", str(out), "--epochs", "2", "--steps-per-epoch", "1",
+                     "--batch-size", "4", "--input-size", "64", "--no-pretrained", "--resume", "--no-export", "--threads", "1"])
+    assert code == 0
+    hist = json.loads((out / "history.json").read_text())
+    assert [e["epoch"] for e in hist["epochs"]] == [1, 2]
+
+
+def test_manifest_area_gives_crop_diameter(tmp_path):
+    """Exported crops: ``area_px`` is in level-0 pixels; crops may be resized (crop box → scale)."""
+    from PIL import Image
+
+    from napari_hemato.train.data_wbc import CellImages, list_samples
+
+    (tmp_path / "LY").mkdir()
+    Image.fromarray(np.full((60, 60, 3), 240, np.uint8)).save(tmp_path / "LY" / "a.png")
+    area = np.pi * 40.0**2  # diameter 80 level-0 px, crop 120 level-0 px wide resized to 60 px
+    (tmp_path / "manifest.csv").write_text(
+        "path,class,id,slide,split,crop_y0,crop_x0,crop_y1,crop_x1,area_px\n"
+        f"LY/a.png,LY,1,s1,train,0,0,120,120,{area}\n"
+    )
+    df = list_samples(tmp_path)
+    assert df.loc[0, "diameter_px"] == pytest.approx(80.0) and df.loc[0, "crop_side"] == 120
+    data = CellImages(df, tmp_path)
+    assert data.diameter[0] == pytest.approx(40.0)
+    assert (data.cy[0], data.cx[0]) == (29.5, 29.5)
