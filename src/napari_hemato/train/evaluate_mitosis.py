@@ -1,0 +1,297 @@
+"""Evaluate a mitosis model through the real runtime path (onnxruntime only, no torch).
+
+``python -m napari_hemato.train.evaluate_mitosis MODEL_DIR --data ../shared/data``
+
+1. Detection on held-out slides. The crops of the ``test`` slides (listed in the
+   model's ``extra.validation_slides``) are pasted, 8 per canvas at random
+   non-overlapping places, on 1024×1024 canvases at 0.25 µm/px whose background
+   is a patchwork of 256-px windows of *held-out* negative tissue (plus 2
+   crop-sized tissue "decoys" per canvas, pasted the same way; see
+   :func:`napari_hemato.train.data_mitosis.make_mosaics`). Each canvas is written
+   as PNG and analysed with :func:`napari_hemato.api.analyze`; detections are
+   matched one-to-one to the figure centres within 7.5 µm (MIDOG criterion).
+2. Normal vs atypical: accuracy and balanced accuracy of the ``class`` of the
+   matched detections against the majority vote.
+3. False detections per mm² on H&E images with no mitosis labels (not verified
+   mitosis-free): each image analysed whole at its own µm/px, detections
+   counted separately in the part held out from training and the part used
+   for training negatives.
+
+The model is run once with its threshold lowered to 0.05; since peaks and the
+global NMS do not depend on the threshold, keeping the detections with
+``score >= t`` gives exactly the result at threshold ``t``, which yields the
+threshold sweep for free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from napari_hemato.core.metrics import match_points
+from napari_hemato.models.spec import ModelSpec, load_spec
+from napari_hemato.train import data_mitosis as dm
+
+log = logging.getLogger(__name__)
+
+HIT_UM = 7.5
+LOW_THRESHOLD = 0.05
+
+
+def class_scores(pairs) -> dict:
+    """Accuracy and balanced accuracy of (truth, predicted) class index pairs.
+
+    Examples
+    --------
+    >>> class_scores([(0, 0), (0, 0), (0, 1), (1, 1)])["class_balanced_accuracy"]
+    0.8333333333333333
+    """
+    if len(pairs) == 0:
+        return {"class_accuracy": float("nan"), "class_balanced_accuracy": float("nan")}
+    p = np.asarray(pairs)
+    recalls = [float((p[p[:, 0] == c, 1] == c).mean()) for c in np.unique(p[:, 0])]
+    return {"class_accuracy": float((p[:, 0] == p[:, 1]).mean()),
+            "class_balanced_accuracy": float(np.mean(recalls))}
+
+
+def sweep(per_image: list[dict], gts: list[np.ndarray], labels: list[np.ndarray], radius: float,
+          thresholds=None) -> list[dict]:
+    """Detection P/R/F1 and class accuracy per threshold, pooled over images.
+
+    ``per_image`` holds ``coords`` (n, 2), ``scores`` (n,) and ``classes`` (n,)
+    detected at a low threshold; ``gts`` / ``labels`` the truth per image.
+    """
+    thresholds = np.round(np.arange(0.1, 0.951, 0.025), 3) if thresholds is None else thresholds
+    rows = []
+    for t in thresholds:
+        tp = fp = fn = 0
+        pairs = []
+        for det, g, lab in zip(per_image, gts, labels, strict=True):
+            keep = det["scores"] >= t
+            m = match_points(g, det["coords"][keep], radius)
+            tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+            cls = det["classes"][keep]
+            pairs += [(int(lab[i]), int(cls[j])) for i, j in m["pairs"]]
+        row = {"threshold": float(t), "tp": tp, "fp": fp, "fn": fn,
+               "precision": tp / (tp + fp) if tp + fp else 1.0,
+               "recall": tp / (tp + fn) if tp + fn else 1.0,
+               "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0}
+        row.update(class_scores(pairs))
+        rows.append(row)
+    return rows
+
+
+def _low_threshold_copy(spec: ModelSpec, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(spec.onnx_path, folder / spec.onnx)
+    d = spec.to_dict()
+    d["postprocess"] = {**d["postprocess"], "threshold": LOW_THRESHOLD}
+    ModelSpec(**{**d, "class_names": tuple(d["class_names"])}).save(folder)
+    return folder
+
+
+def _analyze(path, model_dir, mpp, out, threads):
+    from napari_hemato.api import analyze
+
+    t0 = time.perf_counter()
+    result = analyze(path, task="mitosis", model=model_dir, mpp=mpp, out=out, threads=threads,
+                     overwrite=True)
+    return result.table(), time.perf_counter() - t0, result
+
+
+def _detections(table, names) -> dict:
+    classes = np.asarray([names.index(c) for c in table["class"]], int)
+    return {"coords": table[["y", "x"]].to_numpy(float).reshape(-1, 2),
+            "scores": table["score"].to_numpy(float), "classes": classes,
+            "p_atypical": table["prob_atypical"].to_numpy(float)}
+
+
+def _auc(truth: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC by the rank-sum formula (ties counted half)."""
+    pos, neg = score[truth == 1], score[truth == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def evaluate_detection(spec, low_dir, data_dir, *, split, workdir, canvas, per_mosaic, seed,
+                       threads) -> dict:
+    """Mosaics of the ``split`` slides' crops, analysed and matched (see module docstring)."""
+    frame = dm.read_crops_table(data_dir)
+    slides = spec.extra.get("validation_slides", {}).get(split)
+    if slides is None:
+        slides = dm.split_slides(frame["slide"], frame["dataset"])[split]
+    frame = frame[frame["slide"].isin(slides)].reset_index(drop=True)
+    crops = dm.load_crops(frame, mpp=dm.CROP_MPP)
+    tissue = [t.image for t in dm.tissue_regions(data_dir, part="val", mpp=dm.CROP_MPP)]
+    mosaics = dm.make_mosaics(crops, tissue, size=canvas, per_mosaic=per_mosaic, decoys=2,
+                              block=256, seed=seed)
+    from skimage.io import imsave
+
+    dets, seconds = [], []
+    for i, m in enumerate(mosaics):
+        path = workdir / f"mosaic_{split}_{i:03d}.png"
+        imsave(path, m.image, check_contrast=False)
+        table, dt, _ = _analyze(path, low_dir, dm.CROP_MPP, workdir / f"m{i}.zarr", threads)
+        dets.append(_detections(table, list(spec.class_names)))
+        seconds.append(dt)
+    radius = HIT_UM / dm.CROP_MPP
+    gts, labels = [m.points for m in mosaics], [m.labels for m in mosaics]
+    rows = sweep(dets, gts, labels, radius)
+    thr = float(spec.postprocess.get("threshold", 0.5))
+    at = sweep(dets, gts, labels, radius, thresholds=[thr])[0]
+    # atypical details on the matched detections at the model's threshold
+    truth, pred, p_at, ds = [], [], [], []
+    name_to_ds = dict(zip(crops.names, crops.datasets, strict=True))
+    per_ds: dict[str, list[int]] = {}
+    for det, m in zip(dets, mosaics, strict=True):
+        keep = det["scores"] >= thr
+        match = match_points(m.points, det["coords"][keep], radius)
+        hit = np.zeros(len(m.points), bool)
+        for i, j in match["pairs"]:
+            hit[i] = True
+            truth.append(int(m.labels[i]))
+            pred.append(int(det["classes"][keep][j]))
+            p_at.append(float(det["p_atypical"][keep][j]))
+            ds.append(name_to_ds[m.crop_names[i]])
+        for i, name in enumerate(m.crop_names):
+            per_ds.setdefault(str(name_to_ds[name]), []).append(int(hit[i]))
+    truth_a, pred_a = np.asarray(truth, int), np.asarray(pred, int)
+    conf = [[int(((truth_a == a) & (pred_a == b)).sum()) for b in (0, 1)] for a in (0, 1)]
+    area_mm2 = len(mosaics) * (canvas * dm.CROP_MPP / 1000) ** 2
+    return {
+        "split": split, "slides": list(slides), "n_slides": len(slides), "n_crops": len(crops),
+        "n_atypical": int(crops.labels.sum()), "n_mosaics": len(mosaics),
+        "canvas_px": canvas, "canvas_mpp": dm.CROP_MPP, "per_mosaic": per_mosaic,
+        "hit_radius_um": HIT_UM, "threshold": thr,
+        "detection": {k: at[k] for k in ("tp", "fp", "fn", "precision", "recall", "f1")},
+        "fp_per_mm2_of_mosaic": at["fp"] / area_mm2,
+        "recall_by_dataset": {k: float(np.mean(v)) for k, v in sorted(per_ds.items())},
+        "atypical": {"n_matched": len(truth), "accuracy": at["class_accuracy"],
+                     "balanced_accuracy": at["class_balanced_accuracy"],
+                     "confusion_rows_truth_cols_pred": conf, "classes": list(spec.class_names),
+                     "auc_prob_atypical": _auc(truth_a, np.asarray(p_at))},
+        "best_threshold_on_this_set": max(rows, key=lambda r: r["f1"]),
+        "sweep": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                  for r in rows],
+        "seconds_per_mosaic": float(np.mean(seconds)) if seconds else float("nan"),
+    }
+
+
+def evaluate_tissue(spec, low_dir, data_dir, *, workdir, threads,
+                    thresholds=(0.5, 0.7, 0.9)) -> dict:
+    """False detections per mm² of tissue on unlabelled H&E images (see module docstring)."""
+    thr = float(spec.postprocess.get("threshold", 0.5))
+    images, pooled = [], {"held_out": [0, 0.0], "trained": [0, 0.0]}
+    for src in dm.TISSUE_SOURCES:
+        path = Path(data_dir) / src.path
+        if not path.is_file():
+            continue
+        img = dm.read_rgb(path)
+        table, dt, result = _analyze(path, low_dir, src.mpp, workdir / f"t_{path.stem}.zarr", threads)
+        yx, score = table[["y", "x"]].to_numpy(float), table["score"].to_numpy(float)
+        mask = dm.tissue_mask(img)
+        row = {"key": src.key, "path": src.path, "mpp": src.mpp, "mpp_source": src.mpp_note,
+               "holdout_rule": src.holdout, "shape": list(img.shape[:2]), "seconds": round(dt, 2),
+               "work_megapixels": round(float(np.prod(result.grid.shape)) / 1e6, 2)}
+        for part in ("val", "train"):
+            box = dm.region_box(img.shape, src.holdout, part)
+            if box is None:
+                continue
+            y0, x0, y1, x1 = box
+            inside = (yx[:, 0] >= y0) & (yx[:, 0] < y1) & (yx[:, 1] >= x0) & (yx[:, 1] < x1)
+            tissue_mm2 = float(mask[y0:y1, x0:x1].sum()) * src.mpp**2 / 1e6
+            n = int((inside & (score >= thr)).sum())
+            name = "held_out" if part == "val" else "trained"
+            row[name] = {"box": list(box), "tissue_mm2": round(tissue_mm2, 4), "n": n,
+                         "per_mm2_tissue": n / tissue_mm2 if tissue_mm2 else float("nan"),
+                         "per_mm2_at": {str(t): int((inside & (score >= t)).sum()) / tissue_mm2
+                                        for t in thresholds} if tissue_mm2 else {}}
+            pooled[name][0] += n
+            pooled[name][1] += tissue_mm2
+        images.append(row)
+    summary = {k: {"n": n, "tissue_mm2": round(a, 4), "per_mm2_tissue": n / a if a else None}
+               for k, (n, a) in pooled.items()}
+    return {"threshold": thr, "note": "unlabelled H&E, not verified mitosis-free", "pooled": summary,
+            "images": images}
+
+
+def evaluate_mitosis(model_dir, data_dir, *, split: str = "test", canvas: int = 1024,
+                     per_mosaic: int = 8, seed: int = 0, threads: int | None = 2,
+                     tissue: bool = True, workdir=None) -> dict:
+    """Held-out detection, atypical classification and tissue false detections.
+
+    Parameters
+    ----------
+    model_dir : path
+        Model folder (``model.onnx`` + ``model.json``).
+    data_dir : path
+        ``../shared/data`` (or a folder with ``crops.csv`` in the AMi-Br layout).
+    split : {"test", "tune"}
+        Which held-out slides to paste into the mosaics.
+
+    Returns
+    -------
+    dict
+        ``detection`` (mosaics, see module docstring), ``tissue`` and ``model``.
+
+    Examples
+    --------
+    >>> m = evaluate_mitosis("models/bundled/mitosis", "../shared/data")  # doctest: +SKIP
+    >>> m["detection"]["detection"]["f1"]  # doctest: +SKIP
+    """
+    spec = load_spec(model_dir)
+    own_tmp = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="hemato-mitosis-eval-") if own_tmp else workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        low = _low_threshold_copy(spec, workdir / "model_low")
+        out = {"model": {"name": spec.name, "version": spec.version, "mpp": spec.mpp,
+                         "threshold": spec.postprocess.get("threshold"), "tile": spec.tile,
+                         "halo": spec.halo, "onnx_mb": round(spec.onnx_path.stat().st_size / 1e6, 2)},
+               "detection": evaluate_detection(spec, low, data_dir, split=split, workdir=workdir,
+                                               canvas=canvas, per_mosaic=per_mosaic, seed=seed,
+                                               threads=threads)}
+        if tissue:
+            out["tissue"] = evaluate_tissue(spec, low, data_dir, workdir=workdir, threads=threads)
+        return out
+    finally:
+        if own_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    """Command line: evaluate a model folder and print the metrics as JSON."""
+    p = argparse.ArgumentParser(prog="napari_hemato.train.evaluate_mitosis")
+    p.add_argument("model", help="model folder")
+    p.add_argument("--data", required=True, help="../shared/data")
+    p.add_argument("--split", default="test", choices=("test", "tune"))
+    p.add_argument("--canvas", type=int, default=1024)
+    p.add_argument("--per-mosaic", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-tissue", action="store_true")
+    p.add_argument("--save", help="also write the JSON to this file")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    metrics = evaluate_mitosis(a.model, a.data, split=a.split, canvas=a.canvas,
+                               per_mosaic=a.per_mosaic, seed=a.seed, threads=a.threads,
+                               tissue=not a.no_tissue)
+    text = json.dumps(metrics, indent=2, default=float) + "\n"
+    if a.save:
+        Path(a.save).write_text(text)
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

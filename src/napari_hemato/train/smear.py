@@ -1,0 +1,552 @@
+"""Train the blood-smear cell instance model (RBC / WBC / Platelets) and export ONNX.
+
+A :class:`~napari_hemato.train.nets.SmallUNet` at 0.16 µm/px (BCCD fields,
+assumed 0.08 µm/px, downsampled ×2) predicts five channels: foreground
+(sigmoid), distance to the cell border scaled to 1 at the centre (sigmoid) and
+three class logits (softmax). Targets are pseudo-masks derived from BCCD boxes
+(:mod:`napari_hemato.train.data_smear`). The engine splits touching cells by a
+watershed seeded at local maxima of the distance map, and classifies each
+object by its mean class probabilities.
+
+Usage::
+
+    python -m napari_hemato.train.smear --data ../shared/data/bccd --out MODEL_DIR \\
+        --epochs 30 --seed 0 --threads 2 [--resume] [--max-minutes 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from napari_hemato.core.postprocess import postprocess_instances
+from napari_hemato.train import data_smear as ds
+from napari_hemato.train.common import (
+    ColorAugment,
+    export_onnx,
+    receptive_field_radius,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from napari_hemato.train.evaluate_smear import prf, score_image
+from napari_hemato.train.nets import SmallUNet
+
+log = logging.getLogger("napari_hemato.train.smear")
+
+NAME = "hemato-smear-cells"
+VERSION = "0.1.0"
+NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+OUTPUTS = {"foreground": "foreground", "distance": "distance", "class_probs": "class_probs"}
+DEFAULT_POSTPROCESS = {
+    "threshold": 0.5,
+    "min_distance_um": 2.0,
+    "min_area_um2": 1.5,
+    "seed_threshold": 0.5,
+}
+#: largest object (a big WBC) in µm
+MAX_OBJECT_UM = 20.0
+#: tiles of this many model pixels (~123 µm) per side
+TILE = 768
+#: every ``TUNE_EVERY``-th image of the BCCD train list tunes post-processing (not trained on)
+TUNE_EVERY = 8
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """float (N, 3, H, W) in [0, 255] -> network input (as ``ModelSpec.normalize``)."""
+    mean = torch.tensor(NORMALIZATION["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(NORMALIZATION["std"]).view(1, 3, 1, 1)
+    return (batch / 255.0 - mean) / std
+
+
+class SmearOutputs(nn.Module):
+    """Export wrapper: ``(foreground, distance, class_probs)`` from the 5 logits."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        y = self.net(x)
+        return torch.sigmoid(y[:, 0:1]), torch.sigmoid(y[:, 1:2]), torch.softmax(y[:, 2:5], dim=1)
+
+
+def build_net(widths=(16, 32, 48, 64, 96), head_channels: int = 12) -> SmallUNet:
+    return SmallUNet(out_channels=2 + len(ds.CLASS_NAMES), widths=tuple(widths),
+                     head_channels=head_channels)
+
+
+# -- data ----------------------------------------------------------------------
+def split_stems(data_dir: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """(train, tune, val) stems: BCCD's own lists; every 8th train image tunes."""
+    train = ds.read_split(data_dir, "train")
+    val = ds.read_split(data_dir, "val")
+    overlap = set(train) & set(val)
+    if overlap:
+        raise ValueError(f"{data_dir}: {len(overlap)} images are in both train and val")
+    tune = train[TUNE_EVERY - 1 :: TUNE_EVERY]
+    tune_set = set(tune)
+    return [s for s in train if s not in tune_set], tune, val
+
+
+def load_training_data(data_dirs, *, limit: int | None = None):
+    """Training and tuning samples from BCCD-layout and export-layout folders."""
+    train, tune, val_stems = [], [], []
+    for d in data_dirs:
+        d = Path(d)
+        if ds.is_voc_folder(d):
+            tr, tu, va = split_stems(d)
+            if limit:
+                tr, tu = tr[:limit], tu[: max(1, limit // 4)]
+            train += ds.load_bccd(d, tr)
+            tune += ds.load_bccd(d, tu)
+            val_stems += va
+        else:
+            paths = ds.list_export_stems(d)
+            if not paths:
+                raise FileNotFoundError(f"{d}: neither a VOC folder nor an export folder")
+            train += [ds.load_export_sample(p) for p in paths[:limit or None]]
+    if not train:
+        raise ValueError("no training images")
+    return train, tune, val_stems
+
+
+class CropSampler:
+    """Random scaled, rotated, flipped crops with their targets.
+
+    Crops may extend past the image: there the image is white (the engine's
+    pad value) and the targets say background.
+    """
+
+    def __init__(self, samples, *, crop: int, scale=(0.8, 1.25), platelet_boost: float = 2.0):
+        self.samples = samples
+        self.crop = crop
+        self.scale = scale
+        w = np.array([platelet_boost if (s.classes == 2).any() else 1.0 for s in samples])
+        self.p = w / w.sum()
+
+    def _one(self, s: ds.SmearSample, rng: np.random.Generator):
+        t = s.targets
+        h, w = s.image.shape[:2]
+        f = math.exp(rng.uniform(math.log(self.scale[0]), math.log(self.scale[1])))
+        win = max(16, int(round(self.crop / f)))
+        y0 = int(rng.integers(min(0, h - win) - win // 8, max(0, h - win) + win // 8 + 1))
+        x0 = int(rng.integers(min(0, w - win) - win // 8, max(0, w - win) + win // 8 + 1))
+        ys, xs = slice(max(y0, 0), min(y0 + win, h)), slice(max(x0, 0), min(x0 + win, w))
+        py, px = ys.start - y0, xs.start - x0
+
+        def cut(a, fill, dtype):
+            out = np.full((win, win, *a.shape[2:]), fill, dtype)
+            out[py : py + ys.stop - ys.start, px : px + xs.stop - xs.start] = a[ys, xs]
+            return out
+
+        img = torch.from_numpy(cut(s.image, 255, np.float32)).permute(2, 0, 1)
+        maps = torch.from_numpy(np.stack([cut(t["fg"], 0, np.float32), cut(t["dist"], 0, np.float32),
+                                          cut(t["w"], 1, np.float32)]))
+        cls = torch.from_numpy(cut(t["cls"], -1, np.int64))[None].float()
+        if win != self.crop:
+            img = F.interpolate(img[None], size=(self.crop, self.crop), mode="bilinear",
+                                align_corners=False, antialias=win > self.crop)[0]
+            dist = F.interpolate(maps[None, 1:2], size=(self.crop, self.crop), mode="bilinear",
+                                 align_corners=False)[0]
+            near = F.interpolate(torch.cat([maps, cls])[None], size=(self.crop, self.crop),
+                                 mode="nearest")[0]
+            maps = torch.cat([near[0:1], dist, near[2:3]])
+            cls = near[3:4]
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        out = []
+        for a in (img, maps, cls):
+            a = torch.rot90(a, k, dims=(-2, -1))
+            out.append(torch.flip(a, dims=(-1,)) if flip else a)
+        return out
+
+    def batch(self, n: int, rng: np.random.Generator):
+        items = [self._one(self.samples[i], rng) for i in rng.choice(len(self.samples), n, p=self.p)]
+        img, maps, cls = (torch.stack([it[j] for it in items]).contiguous() for j in range(3))
+        return img, maps, cls[:, 0].long()
+
+
+def hue_jitter(batch: torch.Tensor, rng: np.random.Generator, amount: float = 0.04) -> torch.Tensor:
+    """Random hue rotation per image of a float [0, 255] batch."""
+    from torchvision.transforms.functional import adjust_hue
+
+    out = [adjust_hue(x / 255.0, float(rng.uniform(-amount, amount))) * 255.0 for x in batch]
+    return torch.stack(out)
+
+
+def class_weights(samples) -> torch.Tensor:
+    """Inverse-square-root pixel-frequency class weights (max 10, RBC = 1 scale)."""
+    counts = np.zeros(len(ds.CLASS_NAMES))
+    for s in samples:
+        c = s.targets["cls"]
+        counts += np.bincount(c[c >= 0], minlength=len(ds.CLASS_NAMES))
+    counts = np.maximum(counts, 1)
+    w = np.sqrt(counts.max() / counts)
+    return torch.tensor(np.minimum(w / w.min(), 10.0), dtype=torch.float32)
+
+
+def loss_fn(logits, maps, cls, cw, *, platelet_weight: float = 4.0) -> dict:
+    """Weighted BCE + Dice (foreground), weighted MSE (distance), weighted CE (class)."""
+    fg, dist, w = maps[:, 0:1], maps[:, 1:2], maps[:, 2:3]
+    w = w * (1 + (platelet_weight - 1) * (cls == 2).float()[:, None])
+    fl, dl = logits[:, 0:1], logits[:, 1:2]
+    bce = (F.binary_cross_entropy_with_logits(fl, fg, reduction="none") * w).sum() / w.sum().clamp(min=1)
+    p = torch.sigmoid(fl) * (w > 0)
+    dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
+    wd = w * (1 + 4 * fg)
+    mse = (wd * (torch.sigmoid(dl) - dist) ** 2).sum() / wd.sum().clamp(min=1)
+    if (cls >= 0).any():
+        ce = F.cross_entropy(logits[:, 2:5], cls, weight=cw, ignore_index=-1)
+    else:
+        ce = logits.sum() * 0.0
+    total = bce + dice + 5 * mse + 0.5 * ce
+    return {"loss": total, "bce": bce, "dice": dice, "mse": mse, "ce": ce}
+
+
+# -- prediction and quick validation on the model grid ---------------------------
+@torch.no_grad()
+def predict_maps(model: nn.Module, image: np.ndarray, div: int, margin: int = 64):
+    """(fg, dist, class_probs (3, H, W)) for one uint8 image, white-padded like the engine."""
+    h, w = image.shape[:2]
+    ph = margin + (-(h + 2 * margin)) % div
+    pw = margin + (-(w + 2 * margin)) % div
+    x = np.pad(image, ((margin, ph), (margin, pw), (0, 0)), constant_values=255)
+    xt = torch.from_numpy(x.transpose(2, 0, 1)[None].astype(np.float32))
+    fg, dist, probs = SmearOutputs(model)(normalize(xt))
+    crop = (slice(margin, margin + h), slice(margin, margin + w))
+    return fg[0, 0][crop].numpy(), dist[0, 0][crop].numpy(), probs[0][(slice(None), *crop)].numpy()
+
+
+def objects_from_maps(fg, dist, probs, postprocess: dict, mpp: float = ds.MODEL_MPP):
+    """Boxes (n, 4) and class names of instances, as the engine would make them."""
+    labels = postprocess_instances(postprocess, mpp, fg, dist)
+    n = int(labels.max())
+    if n == 0:
+        return np.zeros((0, 4)), np.zeros(0, object)
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n + 1)[1:]
+    mean = np.stack([np.bincount(flat, p.ravel(), minlength=n + 1)[1:] for p in probs], 1)
+    names = np.asarray(ds.CLASS_NAMES, object)[(mean / area[:, None]).argmax(1)]
+    from scipy import ndimage as ndi
+
+    sl = ndi.find_objects(labels)
+    boxes = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in sl], np.float64)
+    return boxes, names
+
+
+def score_maps(maps, samples, postprocess: dict) -> dict:
+    """Per-class box P/R/F1 at IoU 0.5 on the model grid for precomputed maps.
+
+    ``objective`` averages the WBC and platelet F1 with the RBC F1 counted in
+    annotated regions only (see :mod:`napari_hemato.train.evaluate_smear`), so
+    tuning does not learn to suppress the red cells BCCD left unannotated.
+    """
+    keys = (*ds.CLASS_NAMES, "RBC_annotated_regions")
+    tot = {k: [0, 0, 0] for k in keys}
+    for (fg, dist, probs), s in zip(maps, samples, strict=True):
+        boxes, names = objects_from_maps(fg, dist, probs, postprocess)
+        scored = score_image(s.boxes, boxes, names.astype(str))
+        for k in keys:
+            tot[k] = [tot[k][0] + scored[k]["tp"], tot[k][1] + scored[k]["fp"],
+                      tot[k][2] + scored[k]["fn"]]
+    out = {k: prf(*v) for k, v in tot.items()}
+    out["macro_f1"] = round(float(np.mean([out[k]["f1"] for k in ds.CLASS_NAMES])), 4)
+    out["objective"] = round(float(np.mean([out[k]["f1"] for k in keys[1:]])), 4)
+    return out
+
+
+def quick_validation(model, samples, div: int, postprocess: dict) -> dict:
+    model.eval()
+    maps = [predict_maps(model, s.image, div) for s in samples]
+    m = score_maps(maps, samples, postprocess)
+    return {"f1_" + k: m[k]["f1"] for k in ds.CLASS_NAMES} | {
+        "macro_f1": m["macro_f1"], "objective": m["objective"]}
+
+
+def tune_postprocess(model, samples, div: int) -> tuple[dict, dict]:
+    """Grid-search the engine's post-processing on the tuning images (never on val)."""
+    model.eval()
+    maps = [predict_maps(model, s.image, div) for s in samples]
+    best, best_score = dict(DEFAULT_POSTPROCESS), None
+    grid = itertools.product((0.4, 0.5, 0.6), (1.5, 2.0, 2.5, 3.0), (0.3, 0.5, 0.7), (1.0, 2.0))
+    for thr, md, st, area in grid:
+        pp = {"threshold": thr, "min_distance_um": md, "min_area_um2": area, "seed_threshold": st}
+        m = score_maps(maps, samples, pp)
+        if best_score is None or m["objective"] > best_score["objective"]:
+            best, best_score = pp, m
+    log.info("tuned post-processing %s: %s", best, best_score)
+    return best, best_score
+
+
+# -- schedule --------------------------------------------------------------------
+def _ema_update(ema, model, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.dtype.is_floating_point:
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+            else:
+                e.copy_(p)
+
+
+def _lr_at(step: int, progress: float, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, max(progress, 0.0))
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# -- export ----------------------------------------------------------------------
+def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
+    """The ``model.json`` content for a trained network."""
+    return {
+        "name": NAME,
+        "version": VERSION,
+        "task": "smear",
+        "kind": "instances",
+        "mpp": ds.MODEL_MPP,
+        "tile": TILE,
+        "max_object_um": MAX_OBJECT_UM,
+        "receptive_field_px": receptive_field_radius(net, size=512),
+        "size_divisor": net.size_divisor,
+        "channels": "RGB",
+        "pad_value": 255,
+        "input_name": "image",
+        "normalization": dict(NORMALIZATION),
+        "class_names": list(ds.CLASS_NAMES),
+        "outputs": dict(OUTPUTS),
+        "postprocess": dict(postprocess),
+        "onnx": "model.onnx",
+        "extra": extra,
+    }
+
+
+def export_model(net: SmallUNet, out_dir: str | Path, *, check_images=(), postprocess=None,
+                 extra=None) -> Path:
+    """Write ``model.onnx`` (checked: onnxruntime ≈ torch < 1e-4) and ``model.json``."""
+    from napari_hemato.models.spec import load_spec
+
+    out_dir = Path(out_dir)
+    net = copy.deepcopy(net).eval()
+    div = net.size_divisor
+    checks = []
+    for img in list(check_images)[:2]:
+        h, w = (img.shape[0] // div) * div or div, (img.shape[1] // div) * div or div
+        crop = np.full((h, w, 3), 255, np.uint8)
+        crop[: min(h, img.shape[0]), : min(w, img.shape[1])] = img[:h, :w]
+        checks.append(normalize(torch.from_numpy(crop.transpose(2, 0, 1)[None].astype(np.float32))))
+    example = torch.randn(2, 3, 2 * div, 3 * div, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():  # the TorchScript exporter is used on purpose (dynamo=False)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*",
+                                category=DeprecationWarning)
+        diff = export_onnx(SmearOutputs(net).eval(), out_dir / "model.onnx", input_name="image",
+                           output_names=list(OUTPUTS.values()), example=example,
+                           check_inputs=checks)
+    extra = dict(extra or {})
+    extra["onnx_max_abs_diff"] = float(f"{diff:.3g}")
+    spec = build_spec(net, postprocess=postprocess or DEFAULT_POSTPROCESS, extra=extra)
+    (out_dir / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+    load_spec(out_dir)  # validates
+    return out_dir
+
+
+# -- training --------------------------------------------------------------------
+def train_smear(
+    data_dirs,
+    out_dir: str | Path,
+    *,
+    epochs: int = 30,
+    seed: int = 0,
+    threads: int = 2,
+    resume: bool = False,
+    steps_per_epoch: int = 60,
+    batch_size: int = 8,
+    crop: int = 256,
+    lr: float = 3e-3,
+    widths: tuple[int, ...] = (16, 32, 48, 64, 96),
+    head_channels: int = 12,
+    ema_decay: float = 0.995,
+    max_minutes: float | None = None,
+    limit: int | None = None,
+    tune: bool = True,
+    export: bool = True,
+) -> dict:
+    """Train the smear model; checkpoint every epoch; tune post-processing; export.
+
+    Parameters
+    ----------
+    data_dirs : path or list of paths
+        BCCD-layout folders (``JPEGImages/``, ``Annotations/``, ``ImageSets/``)
+        and/or export folders (``<stem>.png`` + ``<stem>_label.tif`` + ``<stem>.csv``).
+    out_dir : path
+        Model folder: ``checkpoint.pt``, ``history.json``, ``model.onnx``, ``model.json``.
+    epochs, steps_per_epoch, batch_size, crop : int
+        Schedule; the cosine learning rate spans ``epochs * steps_per_epoch`` steps
+        (or ``max_minutes``, whichever ends first).
+    seed : int
+        Seeds python, numpy and torch.
+    threads : int
+        ``torch.set_num_threads``.
+    resume : bool
+        Continue from ``out_dir/checkpoint.pt`` when present.
+    max_minutes : float, optional
+        Wall-clock budget for training (the run stops after the epoch crossing it).
+    limit : int, optional
+        Use only this many training images per folder (smoke tests).
+    tune, export : bool
+        Grid-search post-processing on the tuning images; write ONNX + spec.
+
+    Returns
+    -------
+    dict
+        ``history``, ``minutes``, ``params``, ``postprocess``, ``tune_metrics``, ``model``.
+
+    Examples
+    --------
+    >>> train_smear("../shared/data/bccd", "/tmp/smear", max_minutes=25)  # doctest: +SKIP
+    """
+    t_start = time.perf_counter()
+    torch.set_num_threads(int(threads))
+    seed_everything(seed)
+    data_dirs = [data_dirs] if isinstance(data_dirs, str | Path) else list(data_dirs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, tune_set, val_stems = load_training_data(data_dirs, limit=limit)
+    log.info("data: %d training, %d tuning images (%d validation images untouched)",
+             len(train), len(tune_set), len(val_stems))
+    net = build_net(widths, head_channels)
+    ema = copy.deepcopy(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    rng = np.random.default_rng(seed)
+    color = ColorAugment(jpeg_quality=(50, 95), p_jpeg=0.4, p_blur=0.3, p_gray=0.0)
+    sampler = CropSampler(train, crop=crop)
+    cw = class_weights(train)
+    log.info("class weights %s", dict(zip(ds.CLASS_NAMES, cw.tolist(), strict=True)))
+    total = epochs * steps_per_epoch
+    warmup = min(150, max(total // 10, 1))
+    history: list[dict] = []
+    start_epoch, elapsed_before = 0, 0.0
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        net.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        set_rng_state(rng, ck["rng"])
+        history, start_epoch = ck["history"], ck["epoch"] + 1
+        elapsed_before = ck.get("elapsed_s", 0.0)
+        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+    params = sum(p.numel() for p in net.parameters())
+    log.info("SmallUNet widths=%s head=%d: %d parameters", widths, head_channels, params)
+    div = net.size_divisor
+    t0 = time.perf_counter() - elapsed_before
+    for epoch in range(start_epoch, epochs):
+        net.train()
+        parts: dict[str, list[float]] = {}
+        te = time.perf_counter()
+        for k in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + k
+            progress = (step - warmup) / max(total - warmup, 1)
+            if max_minutes:
+                progress = max(progress, (time.perf_counter() - t0) / (60 * max_minutes))
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, progress, lr, warmup)
+            x, maps, cls = sampler.batch(batch_size, rng)
+            x = normalize(color(hue_jitter(x, rng), rng))
+            losses = loss_fn(net(x), maps, cls, cw)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            _ema_update(ema, net, ema_decay if step > warmup else 0.0)
+            for name, v in losses.items():
+                parts.setdefault(name, []).append(float(v.detach()))
+        val = quick_validation(ema, tune_set, div, DEFAULT_POSTPROCESS) if tune_set else {}
+        row = {"epoch": epoch, **{n: round(float(np.mean(v)), 4) for n, v in parts.items()},
+               "lr": round(opt.param_groups[0]["lr"], 6),
+               "epoch_s": round(time.perf_counter() - te, 1),
+               **{f"tune_{n}": v for n, v in val.items()}}
+        history.append(row)
+        elapsed = time.perf_counter() - t0
+        log.info("epoch %d/%d %s (%.1f min)", epoch + 1, epochs, row, elapsed / 60)
+        torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                    "rng": rng_state(rng), "history": history, "epoch": epoch,
+                    "elapsed_s": elapsed,
+                    "config": {"widths": list(widths), "head_channels": head_channels, "seed": seed}},
+                   ckpt_path)
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        if max_minutes and elapsed / 60 >= max_minutes and epoch + 1 < epochs:
+            log.warning("time budget reached after epoch %d (%.1f min)", epoch + 1, elapsed / 60)
+            break
+    minutes = (time.perf_counter() - t0) / 60
+    postprocess, tune_metrics = dict(DEFAULT_POSTPROCESS), {}
+    if tune and tune_set:
+        postprocess, tune_metrics = tune_postprocess(ema, tune_set, div)
+    result = {"history": history, "minutes": round(minutes, 1), "params": params,
+              "postprocess": postprocess, "tune_metrics": tune_metrics, "model": ema}
+    if export:
+        extra = {
+            "data_mpp_assumed": {"bccd": ds.BCCD_MPP},
+            "train_images": len(train),
+            "tune_images": [s.key for s in tune_set],
+            "tune_metrics_model_grid": tune_metrics,
+            "training": {"epochs": len(history), "steps_per_epoch": steps_per_epoch,
+                         "batch_size": batch_size, "crop_px": crop, "seed": seed,
+                         "threads": threads, "minutes": round(minutes, 1),
+                         "widths": list(widths), "head_channels": head_channels,
+                         "parameters": params},
+        }
+        export_model(ema, out_dir, check_images=[s.image for s in (tune_set or train)],
+                     postprocess=postprocess, extra=extra)
+    log.info("done in %.1f min training (%.1f min this session)", minutes,
+             (time.perf_counter() - t_start) / 60)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry point (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m napari_hemato.train.smear",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--data", required=True, action="append",
+                   help="BCCD-layout folder or export folder (repeatable)")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--steps-per-epoch", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--crop", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--limit", type=int, default=None, help="images per folder (smoke runs)")
+    p.add_argument("--no-eval", action="store_true", help="skip the validation run")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    train_smear(args.data, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads,
+                resume=args.resume, steps_per_epoch=args.steps_per_epoch,
+                batch_size=args.batch_size, crop=args.crop, max_minutes=args.max_minutes,
+                limit=args.limit)
+    if not args.no_eval:
+        from napari_hemato.train.evaluate_smear import evaluate_smear
+
+        for d in args.data:
+            if ds.is_voc_folder(d):
+                metrics = evaluate_smear(args.out, d, threads=args.threads)
+                (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                log.info("validation: %s", {k: metrics["per_class"][k]["f1"] for k in ds.CLASS_NAMES})
+                break
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The bundled smear cell model on a held-out BCCD field, through the real runtime path (no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_hemato.models.registry import BUNDLED
+from napari_hemato.train.data_smear import BCCD_MPP, parse_voc, read_split
+from napari_hemato.train.evaluate_smear import box_iou
+
+MODEL = BUNDLED / "smear"
+#: a validation field (never trained on) with one neutrophil and many red cells
+STEM = "BloodImage_00000"
+
+
+
+def test_box_matching_is_one_to_one():
+    from napari_hemato.train.data_smear import Box
+    from napari_hemato.train.evaluate_smear import match_boxes, score_image
+
+    gt = np.array([[0, 0, 10, 10], [0, 8, 10, 18]])
+    pred = np.array([[0, 1, 10, 11], [0, 2, 10, 12], [0, 9, 10, 19]])
+    tp, fp, fn, matched = match_boxes(gt, pred)
+    assert (tp, fp, fn) == (2, 1, 0) and matched.tolist() == [True, False, True]
+    boxes = [Box("RBC", 0, 0, 10, 10), Box("WBC", 20, 20, 40, 40)]
+    s = score_image(boxes, np.array([[0, 0, 10, 10], [50, 50, 60, 60], [21, 21, 40, 40]]),
+                    np.array(["RBC", "RBC", "WBC"]))
+    assert s["RBC"] == {"tp": 1, "fp": 1, "fn": 0, "n_pred": 2, "n_gt": 1}
+    assert s["RBC_annotated_regions"]["fp"] == 0  # the extra RBC lies where nothing is annotated
+    assert s["WBC"]["tp"] == 1 and s["Platelets"]["n_pred"] == 0
+
+
+@pytest.fixture(scope="module")
+def result(shared_data, tmp_path_factory):
+    from napari_hemato.api import analyze
+
+    if not (MODEL / "model.onnx").exists():
+        pytest.skip("bundled smear model not present")
+
+    bccd = shared_data / "bccd"
+    assert STEM in read_split(bccd, "val")
+    out = tmp_path_factory.mktemp("smear") / "result.zarr"
+    return analyze(bccd / "JPEGImages" / f"{STEM}.jpg", task="smear", model=MODEL, mpp=BCCD_MPP,
+                   out=out, threads=2)
+
+
+@pytest.mark.shared_data
+def test_wbc_found_and_red_cells_counted(result, shared_data):
+    table = result.table()
+    _, boxes = parse_voc(shared_data / "bccd" / "Annotations" / f"{STEM}.xml")
+    wbc_gt = np.array([b.yxyx for b in boxes if b.cls == "WBC"])
+    wbc = table[table["class"] == "WBC"]
+    assert len(wbc_gt) == 1 and len(wbc) >= 1
+    pred = wbc[["bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]].to_numpy(float)
+    assert box_iou(wbc_gt, pred).max() >= 0.5
+    assert (table["class"] == "RBC").sum() >= 20  # 19 annotated, more visible
+
+
+@pytest.mark.shared_data
+def test_table_probabilities_and_labels(result):
+    table = result.table()
+    cols = ["prob_RBC", "prob_WBC", "prob_Platelets"]
+    assert set(cols) <= set(table.columns)
+    assert np.allclose(table[cols].sum(axis=1), 1.0, atol=1e-3)
+    assert (table["confidence"] == table[cols].max(axis=1)).all()
+    labels = np.asarray(result.labels())
+    assert labels.shape == (240, 320)  # work grid at 0.16 µm/px
+    assert len(np.setdiff1d(np.unique(labels), [0])) == len(table)

@@ -1,0 +1,125 @@
+"""Mitosis training: a tiny run on synthetic crops, export, resume, and the data helpers."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_hemato.models.spec import load_spec
+
+
+def _fake_crop(rng: np.random.Generator, atypical: bool) -> np.ndarray:
+    """A pink 128-px crop with pale nuclei and a dark 'figure' at the centre."""
+    img = np.empty((128, 128, 3), np.uint8)
+    img[:] = (230, 170, 200)
+    yy, xx = np.mgrid[:128, :128]
+    for _ in range(6):
+        y, x = rng.integers(10, 118, 2)
+        img[(yy - y) ** 2 + (xx - x) ** 2 < 60] = (170, 120, 190)
+    if atypical:
+        for dy, dx in ((-8, -6), (6, 8), (8, -8)):
+            img[(yy - 64 - dy) ** 2 + (xx - 64 - dx) ** 2 < 12] = (60, 30, 100)
+    else:
+        img[(np.abs(yy - 64) < 3) & (np.abs(xx - 64) < 10)] = (60, 30, 100)
+    return img
+
+
+def _tiny_dataset(root: Path, n_slides: int = 6, per_slide: int = 3) -> Path:
+    """An AMi-Br-layout folder (crops.csv + normal/ + atypical/) of synthetic crops."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    rows = ["slide,dataset,uid,x,y,expert1_label,expert2_label,majority_atypical,file"]
+    uid = 0
+    for s in range(n_slides):
+        for _ in range(per_slide):
+            atyp = bool(uid % 3 == 0)
+            sub = "atypical" if atyp else "normal"
+            (root / sub).mkdir(parents=True, exist_ok=True)
+            name = f"{sub}/FAKE_{uid}.jpg"
+            Image.fromarray(_fake_crop(rng, atyp)).save(root / name, quality=95)
+            rows.append(f"s{s}.tif,FAKE,{uid},100,100,a,b,{atyp},{name}")
+            uid += 1
+    (root / "crops.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_split_is_by_slide_and_deterministic():
+    from napari_hemato.train.data_mitosis import split_slides
+
+    slides = [f"A/{i}" for i in range(20) for _ in range(2)] + [f"B/{i}" for i in range(10)]
+    datasets = ["A"] * 40 + ["B"] * 10
+    a = split_slides(slides, datasets)
+    assert a == split_slides(slides, datasets)
+    assert not set(a["train"]) & (set(a["tune"]) | set(a["test"]))
+    assert set(a["train"]) | set(a["tune"]) | set(a["test"]) == set(slides)
+    held = a["tune"] + a["test"]
+    assert sum(s.startswith("A/") for s in held) == 4 and sum(s.startswith("B/") for s in held) == 2
+
+
+def test_mosaic_places_every_crop_once():
+    from napari_hemato.train.data_mitosis import Crops, make_mosaics
+
+    rng = np.random.default_rng(1)
+    n = 11
+    crops = Crops(np.stack([_fake_crop(rng, False) for _ in range(n)]), np.full((n, 2), 64.0),
+                  np.arange(n) % 2, np.array(["s"] * n, object), np.array(["d"] * n, object),
+                  np.array([f"c{i}" for i in range(n)], object))
+    tissue = [np.full((300, 300, 3), (200, 120, 170), np.uint8)]
+    mosaics = make_mosaics(crops, tissue, size=512, per_mosaic=4, decoys=1, block=128)
+    assert [len(m.points) for m in mosaics] == [4, 4, 3]
+    names = np.concatenate([m.crop_names for m in mosaics])
+    assert sorted(names) == sorted(crops.names)
+    for m in mosaics:  # the dark figure is where the ground truth says
+        for y, x in m.points.astype(int):
+            assert m.image[y, x].sum() < 250
+
+
+def test_tiny_training_exports_a_valid_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import onnxruntime as ort
+
+    from napari_hemato.train.mitosis import MitosisOutputs, main, train_mitosis
+
+    data = _tiny_dataset(tmp_path / "data")
+    out = tmp_path / "model"
+    kw = dict(steps_per_epoch=2, batch_size=4, widths=(8, 8, 16), threads=1, val_crops=4,
+              mosaic_um=96.0)
+    t0 = time.perf_counter()
+    result = train_mitosis(data, out, epochs=1, seed=3, **kw)
+    assert time.perf_counter() - t0 < 30
+    assert (out / "checkpoint.pt").exists()
+    split = result["split"]
+    assert len(split["tune"]) == 1 and len(split["test"]) == 1 and len(split["train"]) == 4
+
+    spec = load_spec(out)
+    assert spec.task == "mitosis" and spec.kind == "points" and spec.mpp == 0.25
+    assert spec.class_names == ("normal", "atypical")
+    assert set(spec.outputs) == {"heatmap", "class_probs"}
+    assert spec.size_divisor == 8 and spec.receptive_field_px > 0 and spec.pad_value == 255
+    assert spec.extra["validation_slides"] == {"tune": split["tune"], "test": split["test"]}
+    assert spec.postprocess["min_distance_um"] == 7.5
+
+    # onnxruntime agrees with torch on real-looking input, batch of 2, non-square
+    sess = ort.InferenceSession(str(spec.onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    batch = np.stack([_fake_crop(rng, False)[:48, :64], _fake_crop(rng, True)[40:88, 16:80]])
+    x = spec.normalize(batch)
+    heat, probs = sess.run(["heatmap", "class_probs"], {"image": x})
+    assert heat.shape == (2, 1, 48, 64) and probs.shape == (2, 2, 48, 64)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    with torch.no_grad():
+        ref = MitosisOutputs(result["model"].eval())(torch.from_numpy(x))
+    assert np.abs(ref[0].numpy() - heat).max() < 1e-4
+    assert np.abs(ref[1].numpy() - probs).max() < 1e-4
+
+    # resume continues from the checkpoint (the CLI path)
+    argv = ["--data", str(data), "--out", str(out), "--epochs", "2", "--seed", "3", "--resume",
+            "--threads", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--widths", "8,8,16",
+            "--val-crops", "4", "--no-mine"]
+    assert main(argv) == 0
+    assert load_spec(out).extra["training"]["epochs_run"] == 2
