@@ -46,12 +46,22 @@ def bench_wbc(n: int = 512) -> dict:
 
     files = sorted(PBC.rglob("*.jpg"))[:: max(1, len(sorted(PBC.rglob("*.jpg"))) // n)][:n]
     crops = [imread(f)[..., :3] for f in files]
+    from napari_hemato.models.cell_classifier import estimate_cell_diameter
+
     classifier = CellClassifier()
     classifier.classify_crops(crops[:64])  # warm-up
     t0 = time.perf_counter()
     classifier.classify_crops(crops, batch_size=64)
-    dt = time.perf_counter() - t0
-    return {"cells": len(crops), "seconds": round(dt, 2), "cells_per_s": round(len(crops) / dt, 1)}
+    with_estimate = time.perf_counter() - t0
+    diameters = [estimate_cell_diameter(c) for c in crops]
+    t0 = time.perf_counter()
+    classifier.classify_crops(crops, diameters, batch_size=64)
+    given = time.perf_counter() - t0
+    return {"cells": len(crops),
+            "cells_per_s_diameter_given": round(len(crops) / given, 1),
+            "cells_per_s_diameter_estimated": round(len(crops) / with_estimate, 1),
+            "note": "given = the smear pipeline (the detector's mask gives the size); "
+                    "estimated = classify-cells on single-cell images"}
 
 
 def main() -> None:
