@@ -37,11 +37,16 @@ _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED)
 
 # -- seeding -----------------------------------------------------------------
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch, and ask torch for deterministic kernels."""
+    """Seed python, numpy and torch.
+
+    ``torch.use_deterministic_algorithms`` is not called: it imports
+    ``torch._inductor``, which crashes (SIGSEGV) in a process that has already
+    loaded Qt/vispy/numba (e.g. a test session with napari viewers). CPU
+    convolutions here are deterministic for a fixed thread count anyway.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def rng_state(gen: np.random.Generator) -> dict:
