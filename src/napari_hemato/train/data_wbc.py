@@ -182,7 +182,13 @@ def assign_split(df: pd.DataFrame, *, val_fraction: float = 0.15, seed: int = 0)
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB."""
+    """Read an image file as (H, W, 3) uint8 RGB.
+
+    Examples
+    --------
+    >>> load_rgb("../shared/data/pbc/SNE/SNE_102049.jpg").shape  # doctest: +SKIP
+    (180, 182, 3)
+    """
     from PIL import Image
 
     with Image.open(path) as im:

@@ -83,7 +83,15 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
 
 
 def group_probs(probs: np.ndarray, names) -> tuple[np.ndarray, list[str]]:
-    """Sum class probabilities into the 8 PBC groups (NEU, EO, BA, LY, MO, IG, ERB, PLT)."""
+    """Sum class probabilities into the 8 PBC groups (NEU, EO, BA, LY, MO, IG, ERB, PLT).
+
+    Examples
+    --------
+    >>> names = ["SNE", "BNE", "EO", "BA", "LY", "MO", "MMY", "MY", "PMY", "ERB", "PLT"]
+    >>> g, groups = group_probs(np.full((1, 11), 1 / 11), names)
+    >>> groups[0], round(float(g[0, 0]), 3), round(float(g[0, 5]), 3)
+    ('NEU', 0.182, 0.273)
+    """
     names = list(names)
     cols = [probs[:, [names.index(m) for m in members]].sum(1) for members in GROUPS.values()]
     return np.stack(cols, 1), list(GROUPS)

