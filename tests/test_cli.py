@@ -194,3 +194,22 @@ def test_classify_cells_writes_the_documented_csv(tmp_path, shared_data, capsys)
     assert table[[f"prob_{n}" for n in names]].sum(axis=1).round(2).eq(1.0).all()
     assert "classified 3 cell image(s)" in capsys.readouterr().out
     assert main(["classify-cells", str(images[0]), "--out", str(out)]) == 2  # exists: refused
+
+
+def test_train_and_evaluate_show_the_trainers_progress_logs(monkeypatch, capsys):
+    """Without --verbose the CLI logs at WARNING; trainers' per-epoch INFO lines must still show."""
+    import logging
+    import types
+
+    seen = {}
+
+    def fake_main(argv):
+        log = logging.getLogger("napari_hemato.train.fake")
+        seen["argv"] = argv
+        seen["info_enabled"] = log.isEnabledFor(logging.INFO)
+        return 0
+
+    monkeypatch.setattr("importlib.import_module", lambda name: types.SimpleNamespace(main=fake_main))
+    monkeypatch.setattr(logging.getLogger("napari_hemato"), "level", logging.NOTSET)
+    assert main(["train", "smear", "--data", "d", "--out", "o"]) == 0
+    assert seen == {"argv": ["--data", "d", "--out", "o"], "info_enabled": True}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -62,6 +63,9 @@ def _dispatch(module: str, args) -> int:
         mod = importlib.import_module(module)
     except ImportError as err:
         raise HematoError(f"{module} needs the training extra: pip install 'napari-hemato[train]' ({err})") from None
+    # trainers and evaluators report per-epoch progress through logging; the CLI's root
+    # logger is at WARNING unless --verbose, so let the package's INFO records through
+    logging.getLogger("napari_hemato").setLevel(logging.INFO)
     return int(mod.main(list(args.rest)) or 0)
 
 

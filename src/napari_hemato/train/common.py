@@ -5,6 +5,9 @@
 - :class:`ColorAugment` and :func:`geometric_crop`: batch augmentation in torch
   (HED stain jitter, brightness/contrast/saturation, blur, JPEG re-compression;
   flips, rot90, scale jitter);
+- :func:`cosine_lr`, :func:`ema_update`, :func:`save_checkpoint` /
+  :func:`load_checkpoint` (atomic) and :func:`step_bar`: the pieces of the
+  trainers' epoch loops;
 - :func:`export_onnx` (export + onnxruntime ≈ torch check), :func:`onnx_speed`
   and :func:`receptive_field_radius`.
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -57,6 +62,58 @@ def rng_state(gen: np.random.Generator) -> dict:
 def set_rng_state(gen: np.random.Generator, state: dict) -> None:
     gen.bit_generator.state = state["numpy"]
     torch.set_rng_state(state["torch"])
+
+
+# -- the epoch loop ----------------------------------------------------------
+def cosine_lr(step: int, progress: float, base: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 2 % of ``base``.
+
+    ``progress`` (0 → 1) is how far the decay has gone; trainers pass the
+    larger of the step fraction and the wall-time fraction of a budget.
+
+    Examples
+    --------
+    >>> [round(cosine_lr(s, p, 1.0, 10), 3) for s, p in ((0, 0), (9, 0), (50, 0.5), (99, 1))]
+    [0.1, 1.0, 0.51, 0.02]
+    """
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, max(float(progress), 0.0))
+    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema ← decay · ema + (1 − decay) · model`` for float tensors; integers are copied."""
+    for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        if e.dtype.is_floating_point:
+            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        else:
+            e.copy_(p)
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """``torch.save`` under a temporary name, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`save_checkpoint` (on the CPU)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=False)
+
+
+def step_bar(total: int, desc: str):
+    """A tqdm bar over an epoch's steps on stderr (silent when stderr is not a terminal)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=None,
+                dynamic_ncols=True, leave=False, mininterval=1.0)
 
 
 # -- augmentation ------------------------------------------------------------

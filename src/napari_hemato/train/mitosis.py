@@ -44,11 +44,15 @@ from napari_hemato.models.spec import ModelSpec
 from napari_hemato.train import data_mitosis as dm
 from napari_hemato.train.common import (
     ColorAugment,
+    cosine_lr,
     export_onnx,
+    load_checkpoint,
     receptive_field_radius,
     rng_state,
+    save_checkpoint,
     seed_everything,
     set_rng_state,
+    step_bar,
 )
 from napari_hemato.train.evaluate_mitosis import sweep
 from napari_hemato.train.nets import ConvBNReLU
@@ -348,14 +352,6 @@ def load_data(data_dir, mpp: float, *, fraction: float = dm.VAL_FRACTION):
     return crops, split, tissue
 
 
-def _lr(step: int, progress: float, base: float, warmup: int = 100) -> float:
-    """Linear warm-up, then cosine decay to 2 % of ``base`` as ``progress`` goes 0 -> 1."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, max(0.0, progress))
-    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train_mitosis(
     data_dir, out, *, epochs: int = 30, seed: int = 0, threads: int = 2, resume: bool = False,
     max_minutes: float | None = None, batch_size: int = 32, steps_per_epoch: int | None = None,
@@ -397,7 +393,7 @@ def train_mitosis(
     state = {"epoch": 0, "history": [], "best": None, "elapsed": 0.0}
     ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+        saved = load_checkpoint(ckpt)
         net.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         set_rng_state(rng, saved["rng"])
@@ -413,13 +409,14 @@ def train_mitosis(
         t0 = time.perf_counter()
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mitosis-batch")
         pending = pool.submit(sampler.batch, batch_size, rng)
+        bar = step_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}")
         for k in range(steps_per_epoch):
             step = epoch * steps_per_epoch + k
             progress = step / total
             if budget:  # the schedule follows the clock when the time budget binds first
                 progress = max(progress, (time.perf_counter() - t_run) / budget)
             for g in opt.param_groups:
-                g["lr"] = _lr(step, progress, lr)
+                g["lr"] = cosine_lr(step, progress, lr, warmup=100)
             x, heat, mask, cls = pending.result()
             if k + 1 < steps_per_epoch:  # prepare the next batch while this one trains
                 pending = pool.submit(sampler.batch, batch_size, rng)
@@ -428,9 +425,11 @@ def train_mitosis(
             (lh + 0.5 * lc).backward()
             opt.step()
             sums += [float(lh.detach()), float(lc.detach())]
+            bar.update()
             if budget and time.perf_counter() - t_run > budget:
                 stopped = True
                 break
+        bar.close()
         pending.result()
         pool.shutdown()
         row = {"epoch": epoch, "loss_heat": sums[0] / (k + 1), "loss_class": sums[1] / (k + 1),
@@ -456,8 +455,8 @@ def train_mitosis(
                  v.get("recall", float("nan")), v.get("threshold", float("nan")),
                  v.get("class_balanced_accuracy", float("nan")), row["train_s"],
                  row["elapsed_s"] / 60)
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(rng),
-                    "hard": sampler.hard, "state": state}, ckpt)
+        save_checkpoint(ckpt, {"model": net.state_dict(), "optimizer": opt.state_dict(),
+                               "rng": rng_state(rng), "hard": sampler.hard, "state": state})
         if stopped:
             log.info("time budget of %.1f min reached after epoch %d", max_minutes, epoch + 1)
             break

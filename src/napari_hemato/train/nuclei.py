@@ -18,7 +18,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -31,12 +30,17 @@ from napari_hemato.core.postprocess import postprocess_instances
 from napari_hemato.train import data_nuclei as dn
 from napari_hemato.train.common import (
     ColorAugment,
+    cosine_lr,
+    ema_update,
     export_onnx,
     geometric_crop,
+    load_checkpoint,
     receptive_field_radius,
     rng_state,
+    save_checkpoint,
     seed_everything,
     set_rng_state,
+    step_bar,
 )
 from napari_hemato.train.nets import SigmoidOutputs, SmallUNet
 
@@ -138,23 +142,6 @@ def quick_validation(model, items, div: int, postprocess: dict) -> dict:
         ajis.append(aggregated_jaccard_index(it.labels, pred))
     f1 = 2 * tp / max(2 * tp + fp + fn, 1)
     return {"f1": round(f1, 4), "aji_mean": round(float(np.mean(ajis)), 4)}
-
-
-def _ema_update(ema, model, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
-            if e.dtype.is_floating_point:
-                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-            else:
-                e.copy_(p)
-
-
-def _lr_at(step: int, progress: float, base: float, warmup: int) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 2 % at progress 1."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, max(progress, 0.0))
-    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
@@ -287,7 +274,7 @@ def train_nuclei(
     elapsed_before = 0.0
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         net.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -304,21 +291,24 @@ def train_nuclei(
         net.train()
         losses = []
         te = time.perf_counter()
+        bar = step_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}")
         for k in range(steps_per_epoch):
             step = epoch * steps_per_epoch + k
             progress = (step - warmup) / max(total - warmup, 1)
             if max_minutes:  # the cosine also ends by the time budget (busy machines)
                 progress = max(progress, (time.perf_counter() - t0) / (60 * max_minutes))
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, progress, lr, warmup)
+                g["lr"] = cosine_lr(step, progress, lr, warmup)
             x, fg, dist = sampler.batch(batch_size, rng)
             x = normalize(color(x, rng))
             loss = loss_fn(net(x), fg, dist)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            _ema_update(ema, net, ema_decay if step > warmup else 0.0)
+            ema_update(ema, net, ema_decay if step > warmup else 0.0)
             losses.append(loss.detach().item())
+            bar.update()
+        bar.close()
         val = quick_validation(ema, val_items, div, DEFAULT_POSTPROCESS) if val_items else {}
         row = {
             "epoch": epoch,
@@ -330,7 +320,8 @@ def train_nuclei(
         history.append(row)
         elapsed = time.perf_counter() - t0
         log.info("epoch %d/%d %s (%.1f min)", epoch + 1, epochs, row, elapsed / 60)
-        torch.save(
+        save_checkpoint(
+            ckpt_path,
             {
                 "model": net.state_dict(),
                 "ema": ema.state_dict(),
@@ -341,7 +332,6 @@ def train_nuclei(
                 "elapsed_s": elapsed,
                 "config": {"widths": list(widths), "head_channels": head_channels, "seed": seed},
             },
-            ckpt_path,
         )
         (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         if max_minutes and elapsed / 60 >= max_minutes and epoch + 1 < epochs:

@@ -35,11 +35,16 @@ from napari_hemato.core.postprocess import postprocess_instances
 from napari_hemato.train import data_smear as ds
 from napari_hemato.train.common import (
     ColorAugment,
+    cosine_lr,
+    ema_update,
     export_onnx,
+    load_checkpoint,
     receptive_field_radius,
     rng_state,
+    save_checkpoint,
     seed_everything,
     set_rng_state,
+    step_bar,
 )
 from napari_hemato.train.evaluate_smear import prf, score_image
 from napari_hemato.train.nets import SmallUNet
@@ -290,23 +295,6 @@ def tune_postprocess(model, samples, div: int) -> tuple[dict, dict]:
     return best, best_score
 
 
-# -- schedule --------------------------------------------------------------------
-def _ema_update(ema, model, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
-            if e.dtype.is_floating_point:
-                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-            else:
-                e.copy_(p)
-
-
-def _lr_at(step: int, progress: float, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, max(progress, 0.0))
-    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 # -- export ----------------------------------------------------------------------
 def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
     """The ``model.json`` content for a trained network."""
@@ -439,7 +427,7 @@ def train_smear(
     start_epoch, elapsed_before = 0, 0.0
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         net.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
@@ -455,22 +443,25 @@ def train_smear(
         net.train()
         parts: dict[str, list[float]] = {}
         te = time.perf_counter()
+        bar = step_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}")
         for k in range(steps_per_epoch):
             step = epoch * steps_per_epoch + k
             progress = (step - warmup) / max(total - warmup, 1)
             if max_minutes:
                 progress = max(progress, (time.perf_counter() - t0) / (60 * max_minutes))
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, progress, lr, warmup)
+                g["lr"] = cosine_lr(step, progress, lr, warmup)
             x, maps, cls = sampler.batch(batch_size, rng)
             x = normalize(color(hue_jitter(x, rng), rng))
             losses = loss_fn(net(x), maps, cls, cw)
             opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
             opt.step()
-            _ema_update(ema, net, ema_decay if step > warmup else 0.0)
+            ema_update(ema, net, ema_decay if step > warmup else 0.0)
             for name, v in losses.items():
                 parts.setdefault(name, []).append(float(v.detach()))
+            bar.update()
+        bar.close()
         val = quick_validation(ema, tune_set, div, DEFAULT_POSTPROCESS) if tune_set else {}
         row = {"epoch": epoch, **{n: round(float(np.mean(v)), 4) for n, v in parts.items()},
                "lr": round(opt.param_groups[0]["lr"], 6),
@@ -479,11 +470,10 @@ def train_smear(
         history.append(row)
         elapsed = time.perf_counter() - t0
         log.info("epoch %d/%d %s (%.1f min)", epoch + 1, epochs, row, elapsed / 60)
-        torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "rng": rng_state(rng), "history": history, "epoch": epoch,
-                    "elapsed_s": elapsed,
-                    "config": {"widths": list(widths), "head_channels": head_channels, "seed": seed}},
-                   ckpt_path)
+        save_checkpoint(ckpt_path, {
+            "model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "rng": rng_state(rng), "history": history, "epoch": epoch, "elapsed_s": elapsed,
+            "config": {"widths": list(widths), "head_channels": head_channels, "seed": seed}})
         (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         if max_minutes and elapsed / 60 >= max_minutes and epoch + 1 < epochs:
             log.warning("time budget reached after epoch %d (%.1f min)", epoch + 1, elapsed / 60)

@@ -39,7 +39,16 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from napari_hemato.models.cell_classifier import CLASS_NAMES, DEFAULT_CONTEXT
-from napari_hemato.train.common import ColorAugment, rng_state, seed_everything, set_rng_state
+from napari_hemato.train.common import (
+    ColorAugment,
+    cosine_lr,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    step_bar,
+)
 from napari_hemato.train.data_wbc import CellImages, assign_split, balanced_weights, list_samples
 
 log = logging.getLogger(__name__)
@@ -358,13 +367,6 @@ def export_model(net: nn.Module, out_dir: Path, *, size: int, context: float, ex
 
 
 # -- training ------------------------------------------------------------------
-def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train_wbc(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -460,7 +462,7 @@ def train_wbc(
     start_epoch, total_epochs, elapsed_before = 0, int(epochs), 0.0
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         set_rng_state(rng, ck["rng"])
@@ -480,10 +482,12 @@ def train_wbc(
     while epoch < total_epochs:
         set_train_mode(net, freeze_blocks)
         t_ep, losses, correct, seen = time.perf_counter(), [], 0, 0
+        bar = step_bar(steps, f"epoch {epoch + 1}/{total_epochs}")
         for s in range(steps):
             step = epoch * steps + s
             for g in opt.param_groups:
-                g["lr"] = _lr_at(step, total_epochs * steps, lr, warmup)
+                g["lr"] = cosine_lr(step, (step - warmup) / max(1, total_epochs * steps - warmup),
+                                    lr, warmup)
             idx = rng.choice(len(train), size=batch_size, p=weights)
             x = make_batch(train, idx, rng, size=size, context=context, stain=stain)
             y = torch.from_numpy(train.labels[idx]).long()
@@ -495,8 +499,10 @@ def train_wbc(
             losses.append(float(loss.detach()))
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
+            bar.update()
             if s % 50 == 0:
                 log.info("epoch %d step %d/%d loss %.4f", epoch + 1, s, steps, float(np.mean(losses[-50:])))
+        bar.close()
         epoch += 1
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_acc": correct / max(seen, 1),
                "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t_ep, 1)}
@@ -512,9 +518,10 @@ def train_wbc(
             if fit < total_epochs:
                 log.warning("time budget %.0f min: %d epochs instead of %d", max_minutes, fit, total_epochs)
                 total_epochs = fit
-        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(rng),
-                    "epoch": epoch, "total_epochs": total_epochs, "requested_epochs": int(epochs), "history": history, "elapsed_s": elapsed},
-                   ckpt_path)
+        save_checkpoint(ckpt_path, {
+            "model": net.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(rng),
+            "epoch": epoch, "total_epochs": total_epochs, "requested_epochs": int(epochs),
+            "history": history, "elapsed_s": elapsed})
         (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
 
     history["train_minutes"] = round((elapsed_before + time.perf_counter() - t_run) / 60, 2)
