@@ -212,3 +212,31 @@ def test_estimate_diameter_on_pbc(shared_data):
     assert 55 <= np.median(d1) <= 100, d1
     assert ((d1 > 40) & (d1 < 120)).all(), d1
     assert 1.85 <= np.median(d2 / d1) <= 2.15
+
+
+def test_colour_standardisation_removes_background_tint_and_stain_density():
+    from napari_hemato.models.colour import SCALE_LIMITS, apply_colour_mode, standardize_colour
+
+    od_cell = np.array([0.5, 0.9, 0.4])  # a violet cell: optical density per channel
+    yy, xx = np.mgrid[:64, :64]
+    cell = (yy - 32) ** 2 + (xx - 32) ** 2 < 18**2
+
+    def window(background, density):
+        img = np.empty((64, 64, 3), np.float64)
+        img[:] = background
+        img[cell] = np.asarray(background) * np.exp(-density * od_cell)
+        return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+    cream_dark = window((255, 229, 204), 1.0)  # CellaVision-like
+    grey_pale = window((209, 211, 206), 0.5)  # BCCD-like: grey background, pale stain
+    a, b = standardize_colour(np.stack([cream_dark, grey_pale]))
+    assert (a[0, 0] == 255).all() and (b[0, 0] == 255).all()  # background -> white
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 3  # same cell after standardisation
+    assert np.abs(cream_dark.astype(int) - grey_pale.astype(int)).max() > 40  # ...not before
+    blank = np.full((16, 16, 3), 200, np.uint8)
+    blank[8, 8] = 198  # almost no stain: the density factor is capped, not blown up
+    out = standardize_colour(blank)
+    assert out[8, 8].min() >= int(255 * np.exp(-SCALE_LIMITS[1] * np.log(200 / 198))) - 1
+    assert apply_colour_mode(cream_dark, "none") is cream_dark
+    with pytest.raises(ValueError, match="unknown colour mode"):
+        apply_colour_mode(cream_dark, "macenko")

@@ -125,3 +125,62 @@ def test_manifest_area_gives_crop_diameter(tmp_path):
     data = CellImages(df, tmp_path)
     assert data.diameter[0] == pytest.approx(40.0)
     assert (data.cy[0], data.cx[0]) == (29.5, 29.5)
+
+
+def _write_coarse_fields(folder, n_fields=4, size=96):
+    """Grey-cyan 'other lab' fields with two violet cells each + a coarse-label CSV."""
+    from PIL import Image
+
+    folder.mkdir()
+    yy, xx = np.mgrid[:size, :size]
+    rows = ["image,split,bbox_y0,bbox_x0,bbox_y1,bbox_x1,group"]
+    for f in range(n_fields):
+        img = np.empty((size, size, 3), np.uint8)
+        img[:] = (208, 212, 206)
+        for (cy, cx), group in (((30, 30), "NEU"), ((66, 62), "LY" if f % 2 else "?")):
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < 14**2] = (150, 130, 200)
+            rows.append(f"field{f},{'val' if f == 0 else 'train'},{cy - 14},{cx - 14},{cy + 14},{cx + 14},{group}")
+        Image.fromarray(img).save(folder / f"field{f}.jpg")
+    (folder / "groups.csv").write_text("\n".join(rows) + "\n")
+    return folder / "groups.csv"
+
+
+def test_coarse_labels_partial_loss_and_colour_standardisation(tmp_path):
+    from napari_hemato.models.cell_classifier import CellClassifier
+    from napari_hemato.models.spec import load_spec
+    from napari_hemato.train import wbc
+    from napari_hemato.train.data_coarse import FieldCells, group_mask
+
+    # the partial-label loss only cares about the mass inside the group
+    allowed = torch.from_numpy(group_mask(["NEU"]))
+    z = torch.zeros(1, 11)
+    z[0, 0], z[0, 1] = 10.0, 10.0  # all mass on SNE + BNE, split evenly
+    assert float(wbc.group_nll(z, allowed)) < 1e-3
+    z2 = torch.zeros(1, 11)
+    z2[0, 4] = 10.0  # mass on LY
+    assert float(wbc.group_nll(z2, allowed)) > 9.0
+    probs = torch.softmax(torch.cat([z, z2]), 1).numpy()
+    assert wbc.coarse_accuracy(probs, group_mask(["NEU", "NEU"])) == 0.5
+
+    data, out = tmp_path / "data", tmp_path / "model"
+    _write_manifest_dataset(data)
+    csv = _write_coarse_fields(tmp_path / "fields")
+    cells = FieldCells(csv, tmp_path / "fields", split="train")
+    assert len(cells) == 5 and set(cells.groups) == {"NEU", "LY"}  # fields 1-3; '?' skipped
+    code = wbc.main(["--data", str(data), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "2",
+                     "--batch-size", "4", "--input-size", "64", "--no-pretrained", "--threads", "1",
+                     "--coarse-labels", str(csv), "--coarse-images", str(tmp_path / "fields"),
+                     "--coarse-batch", "2"])
+    assert code == 0
+    row = json.loads((out / "history.json").read_text())["epochs"][0]
+    assert row["coarse_loss"] > 0 and 0 <= row["val_coarse_group_acc"] <= 1
+    spec = load_spec(out)
+    assert spec.preprocess["colour"] == "od-standardize"
+    assert spec.extra["training"]["coarse"]["n_train"] == len(cells)
+    # the runtime applies the spec's colour standardisation: a cream-background and a
+    # grey-background copy of the same cell give (nearly) the same input, hence the same output
+    cell = np.full((64, 64, 3), (250, 226, 202), np.uint8)
+    cell[20:44, 20:44] = (120, 60, 150)
+    grey = np.clip(cell.astype(float) * (208 / 250, 212 / 226, 206 / 202), 0, 255).astype(np.uint8)
+    p, _ = CellClassifier(out).classify_crops([cell, grey], [30.0, 30.0])
+    np.testing.assert_allclose(p[0], p[1], atol=0.02)

@@ -6,7 +6,8 @@ works whatever the magnification: a square window of side
 ``diameter * context`` centred on the cell is cut out (mirrored at the image
 border), resized to the model's ``input_size`` and classified. Training uses
 exactly the same functions (:func:`cell_window`, :func:`normalize_cell`,
-:func:`segment_center_cell`).
+:func:`segment_center_cell`), and the colour standardisation the spec's
+``preprocess["colour"]`` names (:mod:`napari_hemato.models.colour`).
 
 Examples
 --------
@@ -27,6 +28,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_hemato.core.errors import ModelError
+from napari_hemato.models.colour import COLOUR_MODES, apply_colour_mode
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +347,10 @@ class CellClassifier:
             raise ModelError(f"{folder}: classifier spec needs 'input_size'")
         self.size = int(self.spec.input_size)
         self.context = float(self.spec.preprocess.get("context", DEFAULT_CONTEXT))
+        self.colour = self.spec.preprocess.get("colour", "none")
+        if self.colour not in COLOUR_MODES:
+            raise ModelError(f"{folder}: unknown preprocess colour mode {self.colour!r} "
+                             f"(known: {', '.join(COLOUR_MODES)})")
 
     def __repr__(self) -> str:
         return f"CellClassifier({self.spec.name!r} {self.spec.version}, {self.size}px, context {self.context})"
@@ -367,7 +373,7 @@ class CellClassifier:
                 x, win = normalize_cell(image, center, diameter, context=self.context, size=self.size)
                 xs.append(x)
                 wins.append(win)
-            probs, cam = self._run(np.stack(xs))
+            probs, cam = self._run(apply_colour_mode(np.stack(xs), self.colour))
             probs_all.append(probs)
             for i, (_, _, _, shape, offset) in enumerate(chunk):
                 if cam is None:

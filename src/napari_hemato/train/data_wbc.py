@@ -271,46 +271,63 @@ class CellImages:
         h, w = img.shape[:2]
         return normalize_cell(img, ((h - 1) / 2, (w - 1) / 2), self.diameter[i], context=context, size=size)[0]
 
-    def sample(
-        self,
-        i: int,
-        rng: np.random.Generator,
-        *,
-        size: int,
-        context: float,
-        context_jitter: float = 1.25,
-        shift: float = 0.06,
-        p_lowres: float = 0.2,
-    ) -> np.ndarray:
+    def sample(self, i: int, rng: np.random.Generator, *, size: int, context: float, **kwargs) -> np.ndarray:
         """A geometrically augmented, size-normalised (size, size, 3) uint8 crop of image ``i``.
 
-        Context factor times ``exp(U(-ln j, ln j))`` (``j = context_jitter``),
-        centre at the segmented centroid or the image centre (half each) plus
-        a gaussian shift of ``shift`` x window side, rot90 / flip, and with
-        probability ``p_lowres`` a down-up resampling (0.45-0.9x) that mimics
-        lower-resolution sources.
+        The centre is the segmented centroid or the image centre (half each);
+        see :func:`augmented_window` for the rest.
         """
-        from PIL import Image
-
         img = self.images[i]
         h, w = img.shape[:2]
-        ctx = context * math.exp(rng.uniform(-math.log(context_jitter), math.log(context_jitter)))
         if self.segmented[i] and rng.random() < 0.5:
             cy, cx = self.cy[i], self.cx[i]
         else:
             cy, cx = (h - 1) / 2, (w - 1) / 2
-        side = self.diameter[i] * ctx
-        dy, dx = np.clip(rng.normal(0, shift * side, 2), -2.5 * shift * side, 2.5 * shift * side)
-        x, _ = normalize_cell(img, (cy + dy, cx + dx), self.diameter[i], context=ctx, size=size)
-        x = np.rot90(x, int(rng.integers(4)))
-        if rng.random() < 0.5:
-            x = x[:, ::-1]
-        if rng.random() < p_lowres:
-            small = max(8, int(round(size * rng.uniform(0.45, 0.9))))
-            im = Image.fromarray(np.ascontiguousarray(x))
-            im = im.resize((small, small), Image.Resampling.BILINEAR)
-            x = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
-        return np.ascontiguousarray(x)
+        return augmented_window(img, (cy, cx), self.diameter[i], rng, size=size, context=context,
+                                **kwargs)
+
+
+def augmented_window(
+    image: np.ndarray,
+    center_yx,
+    diameter: float,
+    rng: np.random.Generator,
+    *,
+    size: int,
+    context: float,
+    context_jitter: float = 1.25,
+    shift: float = 0.06,
+    p_lowres: float = 0.2,
+) -> np.ndarray:
+    """A size-normalised window around a cell with geometric augmentation.
+
+    Context factor times ``exp(U(-ln j, ln j))`` (``j = context_jitter``),
+    centre plus a gaussian shift of ``shift`` x window side, rot90 / flip, and
+    with probability ``p_lowres`` a down-up resampling (0.45-0.9x) that mimics
+    lower-resolution sources.
+
+    Examples
+    --------
+    >>> img = np.full((60, 60, 3), 200, np.uint8)
+    >>> augmented_window(img, (30, 30), 20.0, np.random.default_rng(0), size=32, context=1.5).shape
+    (32, 32, 3)
+    """
+    from PIL import Image
+
+    ctx = context * math.exp(rng.uniform(-math.log(context_jitter), math.log(context_jitter)))
+    side = diameter * ctx
+    dy, dx = np.clip(rng.normal(0, shift * side, 2), -2.5 * shift * side, 2.5 * shift * side)
+    cy, cx = center_yx
+    x, _ = normalize_cell(image, (cy + dy, cx + dx), diameter, context=ctx, size=size)
+    x = np.rot90(x, int(rng.integers(4)))
+    if rng.random() < 0.5:
+        x = x[:, ::-1]
+    if rng.random() < p_lowres:
+        small = max(8, int(round(size * rng.uniform(0.45, 0.9))))
+        im = Image.fromarray(np.ascontiguousarray(x))
+        im = im.resize((small, small), Image.Resampling.BILINEAR)
+        x = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR))
+    return np.ascontiguousarray(x)
 
 
 def balanced_weights(labels: np.ndarray, power: float = 0.5) -> np.ndarray:

@@ -9,8 +9,17 @@ Each cell is normalised by its own segmented size (window side = diameter x
 ``context``) with the runtime functions, then augmented: context ±25 %,
 centre shift, rot90 / flips, low-resolution resampling, HED stain, hue,
 white-balance, brightness / contrast / saturation jitter, blur and JPEG
-re-compression (quality 50-95). Sampling is square-root class-balanced;
+re-compression (quality 50-95); then (default) the runtime colour
+standardisation (white background, fixed stain density:
+:mod:`napari_hemato.models.colour`). Sampling is square-root class-balanced;
 AdamW, one-cycle (warm-up + cosine) learning rate, label smoothing.
+
+Cells from other laboratories with only coarse labels (``--coarse-labels``
+CSV of boxes in field images with groups NEU, EO, LY, MO, IG, ...; see
+:mod:`napari_hemato.train.data_coarse`) join every batch and are trained with
+the partial-label loss ``-log sum_{c in group} p_c``; their ``val`` rows are
+scored as group accuracy each epoch. ``--init-from`` starts from another
+run's checkpoint (a fresh schedule: fine-tuning).
 Checkpoint after every epoch (``--resume`` continues), ``--max-minutes``
 shrinks the schedule to the time budget. The exported ONNX model has a dynamic
 batch axis and two outputs: ``probs`` (N, 11) softmax and ``cam`` (N, 11, h, w)
@@ -39,6 +48,7 @@ from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 from napari_hemato.models.cell_classifier import CLASS_NAMES, DEFAULT_CONTEXT
+from napari_hemato.models.colour import COLOUR_MODES, apply_colour_mode
 from napari_hemato.train.common import (
     ColorAugment,
     cosine_lr,
@@ -49,6 +59,7 @@ from napari_hemato.train.common import (
     set_rng_state,
     step_bar,
 )
+from napari_hemato.train.data_coarse import FieldCells, group_balanced_weights
 from napari_hemato.train.data_wbc import CellImages, assign_split, balanced_weights, list_samples
 
 log = logging.getLogger(__name__)
@@ -237,17 +248,47 @@ class StainAugment:
         return self.color(x, rng)
 
 
-def make_batch(data: CellImages, idx: np.ndarray, rng: np.random.Generator, *, size: int,
-               context: float, stain: StainAugment | None) -> torch.Tensor:
-    """Augmented, normalised NCHW batch of the images ``idx``."""
+def make_batch(data, idx: np.ndarray, rng: np.random.Generator, *, size: int,
+               context: float, stain: StainAugment | None, colour: str | None = None) -> torch.Tensor:
+    """Augmented, normalised NCHW batch of the cells ``idx`` of ``data`` (anything with ``sample``).
+
+    Order as at run time on a new lab's image: the (augmented) uint8 window is
+    colour-standardised (``colour``), then normalised.
+    """
     crops = np.stack([data.sample(int(i), rng, size=size, context=context) for i in idx])
     x = torch.from_numpy(crops).float().permute(0, 3, 1, 2)
     if stain is not None:
         x = stain(x, rng)
-    x = x.round().clamp(0, 255)  # the runtime feeds uint8
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255.0
-    return ((x - mean) / std).contiguous()
+    x = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # the runtime feeds uint8
+    return normalize(apply_colour_mode(x, colour))
+
+
+def group_nll(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Partial-label loss: mean of ``-log sum_{c allowed} softmax(logits)_c``.
+
+    Examples
+    --------
+    >>> z = torch.tensor([[2.0, 2.0, -9.0]])
+    >>> round(float(group_nll(z, torch.tensor([[True, True, False]]))), 4)
+    0.0001
+    """
+    inside = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - inside).mean()
+
+
+def coarse_accuracy(probs: np.ndarray, masks: np.ndarray) -> float:
+    """Share of cells whose most probable *group* is their labelled one.
+
+    The group probability is the sum over its classes; ``masks`` (n, 11) says
+    which classes the labelled group allows, and a cell is right when that
+    sum beats every other group's (:data:`~napari_hemato.train.data_coarse.GROUPS`).
+    """
+    from napari_hemato.train.data_coarse import GROUPS, group_mask
+
+    all_masks = group_mask(list(GROUPS))  # (8, 11)
+    group_p = probs @ all_masks.T.astype(probs.dtype)  # (n, 8)
+    own = (probs * masks).sum(1)
+    return float((own >= group_p.max(1) - 1e-9).mean()) if len(probs) else float("nan")
 
 
 # -- evaluation during training --------------------------------------------------
@@ -301,7 +342,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 # -- export --------------------------------------------------------------------
 def export_model(net: nn.Module, out_dir: Path, *, size: int, context: float, extra: dict,
                  check_inputs: np.ndarray | None = None, name: str = "hemato-wbc-pbc11",
-                 version: str = "0.1.0", temperature: float = 1.0) -> float:
+                 version: str = "0.1.0", temperature: float = 1.0, colour: str = "none") -> float:
     """Write ``model.onnx`` (opset 17, dynamic batch, single file) and ``model.json``.
 
     onnxruntime must agree with torch (max |Δ| < 1e-4 on probs and CAM) on
@@ -357,6 +398,7 @@ def export_model(net: nn.Module, out_dir: Path, *, size: int, context: float, ex
                         "or the caller's segmentation",
             "pad": "mirror (numpy symmetric) where the window leaves the image",
             "resize": "Pillow bilinear (antialiased when shrinking)",
+            "colour": colour,
         },
         extra=extra,
     )
@@ -390,6 +432,11 @@ def train_wbc(
     freeze_blocks: int | None = None,
     color_jitter: str = "strong",
     calibrate: bool = True,
+    colour: str = "od-standardize",
+    coarse_labels: str | Path | None = None,
+    coarse_images: str | Path | None = None,
+    coarse_batch: int = 16,
+    init_from: str | Path | None = None,
 ) -> dict:
     """Train the classifier; checkpoint every epoch; export ONNX + spec.
 
@@ -412,6 +459,16 @@ def train_wbc(
         Keep the stem and this many first MBConv blocks fixed (weights and
         batch-norm statistics); default 3 when pretrained (1.5x faster
         steps), 0 from scratch.
+
+    colour : {"od-standardize", "none"}
+        Colour standardisation of every window (:mod:`napari_hemato.models.colour`),
+        recorded in the spec's ``preprocess["colour"]``.
+    coarse_labels, coarse_images : path, optional
+        A coarse-label CSV and its image folder (:mod:`napari_hemato.train.data_coarse`):
+        ``train`` rows join every batch (``coarse_batch`` cells, group-balanced),
+        ``val`` rows are scored each epoch.
+    init_from : path, optional
+        Start from the weights of this ``checkpoint.pt`` (fresh optimiser and schedule).
 
     Returns
     -------
@@ -437,8 +494,20 @@ def train_wbc(
     train = CellImages(tr_df, data_dir, cache=out_dir / "geometry_train.csv")
     val = CellImages(va_df, data_dir, cache=out_dir / "geometry_val.csv") if len(va_df) else None
     log.info("loaded images and cell geometry in %.0f s", time.perf_counter() - t0)
+    if colour not in COLOUR_MODES:
+        raise ValueError(f"colour {colour!r} is not one of {COLOUR_MODES}")
     val_inputs = (np.stack([val.runtime_input(i, size=size, context=context) for i in range(len(val))])
                   if val is not None else np.zeros((0, size, size, 3), np.uint8))
+    val_inputs = apply_colour_mode(val_inputs, colour)
+    coarse_train = coarse_val = None
+    if coarse_labels is not None:
+        if coarse_images is None:
+            raise ValueError("coarse_labels needs coarse_images (the folder of its field images)")
+        coarse_train = FieldCells(coarse_labels, coarse_images, split="train")
+        coarse_val = FieldCells(coarse_labels, coarse_images, split="val")
+        coarse_w = group_balanced_weights(coarse_train.groups)
+        coarse_val_inputs = apply_colour_mode(np.stack(
+            [coarse_val.runtime_input(i, size=size, context=context) for i in range(len(coarse_val))]), colour)
 
     net = build_model(size=size, pretrained=pretrained)
     if freeze_blocks is None:
@@ -458,7 +527,15 @@ def train_wbc(
         "data": str(data_dir), "size": size, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "label_smoothing": label_smoothing, "context": context, "pretrained": pretrained, "seed": seed,
         "threads": threads, "steps_per_epoch": steps, "sampler": "class share ∝ sqrt(n_c)",
-        "augment": augment, "freeze_blocks": freeze_blocks, "color_jitter": color_jitter}}
+        "augment": augment, "freeze_blocks": freeze_blocks, "color_jitter": color_jitter,
+        "colour": colour, "init_from": None if init_from is None else str(init_from),
+        "coarse": None if coarse_train is None else {
+            "labels": str(coarse_labels), "images": str(coarse_images), "batch": coarse_batch,
+            "n_train": len(coarse_train), "n_val": len(coarse_val),
+            "loss": "partial-label -log sum_{c in group} p_c", "sampler": "group share ∝ sqrt(n_g)"}}}
+    if init_from is not None:
+        net.load_state_dict(load_checkpoint(init_from)["model"])
+        log.info("initialised from %s", init_from)
     start_epoch, total_epochs, elapsed_before = 0, int(epochs), 0.0
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
@@ -481,7 +558,7 @@ def train_wbc(
     epoch = start_epoch
     while epoch < total_epochs:
         set_train_mode(net, freeze_blocks)
-        t_ep, losses, correct, seen = time.perf_counter(), [], 0, 0
+        t_ep, losses, coarse_losses, correct, seen = time.perf_counter(), [], [], 0, 0
         bar = step_bar(steps, f"epoch {epoch + 1}/{total_epochs}")
         for s in range(steps):
             step = epoch * steps + s
@@ -489,14 +566,23 @@ def train_wbc(
                 g["lr"] = cosine_lr(step, (step - warmup) / max(1, total_epochs * steps - warmup),
                                     lr, warmup)
             idx = rng.choice(len(train), size=batch_size, p=weights)
-            x = make_batch(train, idx, rng, size=size, context=context, stain=stain)
+            x = make_batch(train, idx, rng, size=size, context=context, stain=stain, colour=colour)
             y = torch.from_numpy(train.labels[idx]).long()
-            logits = net(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            if coarse_train is not None:
+                cidx = rng.choice(len(coarse_train), size=coarse_batch, p=coarse_w)
+                xc = make_batch(coarse_train, cidx, rng, size=size, context=context, stain=stain,
+                                colour=colour)
+                both = net(torch.cat([x, xc]))
+                logits = both[: len(x)]
+                coarse_loss = group_nll(both[len(x):], torch.from_numpy(coarse_train.masks[cidx]))
+            else:
+                logits, coarse_loss = net(x), torch.zeros(())
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing) + coarse_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
+            coarse_losses.append(float(coarse_loss.detach()))
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             bar.update()
@@ -504,10 +590,14 @@ def train_wbc(
                 log.info("epoch %d step %d/%d loss %.4f", epoch + 1, s, steps, float(np.mean(losses[-50:])))
         bar.close()
         epoch += 1
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "train_acc": correct / max(seen, 1),
+        row = {"epoch": epoch, "loss": float(np.mean(losses)), "coarse_loss": float(np.mean(coarse_losses)),
+               "train_acc": correct / max(seen, 1),
                "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t_ep, 1)}
         if len(val_inputs):
             row.update({f"val_{k}": v for k, v in quick_metrics(predict_logits(net, val_inputs), val.labels).items()})
+        if coarse_val is not None and len(coarse_val):
+            p = torch.softmax(torch.from_numpy(predict_logits(net, coarse_val_inputs)), 1).numpy()
+            row["val_coarse_group_acc"] = coarse_accuracy(p, coarse_val.masks)
         elapsed = elapsed_before + time.perf_counter() - t_run
         row["minutes"] = round(elapsed / 60, 2)
         history["epochs"].append(row)
@@ -558,7 +648,7 @@ def train_wbc(
             }
             log.info("temperature %.3f fitted on %d validation images", temperature, len(fit_idx))
         export_model(net, out_dir, size=size, context=context, extra=extra, check_inputs=val_inputs[:64],
-                     temperature=temperature)
+                     temperature=temperature, colour=colour)
     return history
 
 
@@ -585,6 +675,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--color-jitter", choices=sorted(StainAugment.PROFILES), default="strong",
                    help="colour augmentation profile (default strong)")
     p.add_argument("--no-calibrate", action="store_true", help="no temperature scaling at export")
+    p.add_argument("--colour", choices=COLOUR_MODES, default="od-standardize",
+                   help="colour standardisation of each window (default od-standardize)")
+    p.add_argument("--coarse-labels", default=None,
+                   help="CSV of coarse-labelled cells in field images (e.g. the bundled "
+                        "train/bccd_wbc_groups.csv); needs --coarse-images")
+    p.add_argument("--coarse-images", default=None, help="folder of the coarse CSV's field images")
+    p.add_argument("--coarse-batch", type=int, default=16, help="coarse cells per batch")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint.pt (fine-tuning)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args(argv)
@@ -594,7 +692,9 @@ def main(argv: list[str] | None = None) -> int:
               size=args.input_size, batch_size=args.batch_size, lr=args.lr, context=args.context,
               val_fraction=args.val_fraction, steps_per_epoch=args.steps_per_epoch,
               augment=not args.no_augment, export=not args.no_export, freeze_blocks=args.freeze_blocks,
-              color_jitter=args.color_jitter, calibrate=not args.no_calibrate)
+              color_jitter=args.color_jitter, calibrate=not args.no_calibrate, colour=args.colour,
+              coarse_labels=args.coarse_labels, coarse_images=args.coarse_images,
+              coarse_batch=args.coarse_batch, init_from=args.init_from)
     return 0
 
 
