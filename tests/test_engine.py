@@ -193,3 +193,25 @@ def test_distributed_scheduler_gives_identical_output(tmp_path, disk_slide):
                      scheduler=client)
     np.testing.assert_array_equal(local.labels()[:], remote.labels()[:])
     assert local.table().equals(remote.table())
+
+
+def test_whole_classes_are_not_split_and_tiling_keeps_them_whole(tmp_path):
+    """``postprocess.whole_classes``: touching cells of that class stay one object (a lobed
+    white cell); other classes are split by the watershed; tiled output equals untiled."""
+    img = np.full((160, 260, 3), 245, np.uint8)
+    yy, xx = np.mgrid[:160, :260]
+    for cx, colour in ((40, (150, 20, 20)), (62, (150, 20, 20)), (160, (20, 20, 150)), (182, (20, 20, 150))):
+        img[(yy - 80) ** 2 + (xx - cx) ** 2 < 13**2] = colour  # two touching pairs of discs
+    path = write_tiff(tmp_path / "pairs.tif", img, mpp=0.5)
+    spec = fake_spec(class_names=("red", "blue"), outputs={"foreground": "fg", "class_probs": "p"}, max_object_um=40.0,
+                     postprocess={"threshold": 0.5, "min_distance_um": 3.0, "min_area_um2": 4.0,
+                                  "whole_classes": ["blue"], "whole_min_area_um2": 10.0})
+    slide = open_slide(path)
+    tiled = run(slide, DarkBlobPredictor(spec), out=tmp_path / "t.zarr", tile=84)
+    whole = run(slide, DarkBlobPredictor(spec), out=tmp_path / "w.zarr", tile=4096)
+    table = whole.table().sort_values("x")
+    assert table["class"].tolist() == ["red", "red", "blue"]
+    assert same_partition(tiled.labels()[:], whole.labels()[:]) and len(tiled.plan) >= 4
+    split = run(slide, DarkBlobPredictor(fake_spec(**{**spec.__dict__, "postprocess": {
+        k: v for k, v in spec.postprocess.items() if k != "whole_classes"}})), out=tmp_path / "s.zarr")
+    assert len(split.table()) == 4  # without whole_classes the blue pair is cut in two

@@ -65,7 +65,7 @@ def _dispatch(module: str, args) -> int:
         raise HematoError(f"{module} needs the training extra: pip install 'napari-hemato[train]' ({err})") from None
     # trainers and evaluators report per-epoch progress through logging; the CLI's root
     # logger is at WARNING unless --verbose, so let the package's INFO records through
-    logging.getLogger("napari_hemato").setLevel(logging.INFO)
+    logging.getLogger("napari_hemato.train").setLevel(logging.INFO)
     return int(mod.main(list(args.rest)) or 0)
 
 

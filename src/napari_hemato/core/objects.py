@@ -79,7 +79,8 @@ def _class_probs(outputs, spec) -> np.ndarray | None:
 def _instances(outputs, tile, plan, spec, mpp, stride) -> TileOutput:
     fg = outputs["foreground"][0]
     dist = outputs["distance"][0] if "distance" in outputs else None
-    labels = postprocess_instances(spec.postprocess, mpp, fg, dist)
+    probs = _class_probs(outputs, spec)
+    labels = postprocess_instances(spec.postprocess, mpp, fg, dist, probs, spec.class_names)
     oy, ox = tile.outer[:2]
     n = int(labels.max())
     box = intersect(tile.outer, (0, 0, *plan.shape))
@@ -101,7 +102,6 @@ def _instances(outputs, tile, plan, spec, mpp, stride) -> TileOutput:
     if owned.sum() >= stride:
         raise ValueError(f"tile {tile.index} holds {owned.sum()} objects, more than {stride - 1}")
     score = ndi.mean(fg, labels, idx).astype(np.float64)
-    probs = _class_probs(outputs, spec)
     if probs is not None:
         prob = np.stack([np.bincount(flat, p.ravel(), minlength=n + 1)[1:] for p in probs], 1)
         prob = prob / area[:, None]

@@ -28,6 +28,8 @@ def instances_from_maps(
     min_distance_px: float = 3,
     min_area_px: float = 10,
     seed_threshold: float | None = None,
+    whole: np.ndarray | None = None,
+    min_whole_area_px: float = 0,
 ) -> np.ndarray:
     """Instance labels from a foreground probability and a distance map.
 
@@ -35,6 +37,12 @@ def instances_from_maps(
     transform of the thresholded foreground when no map is given); a
     marker-controlled watershed grows them inside the foreground, which
     splits touching objects.
+
+    Foreground pixels in ``whole`` (e.g. those a smear model calls white
+    cells) are not split: each connected piece of them, holes filled, is one
+    object (a lobed nucleus or a ragged cytoplasm gives the distance map
+    several peaks, which would cut one cell into many), and pieces smaller
+    than ``min_whole_area_px`` are dropped. The watershed splits the rest.
 
     Parameters
     ----------
@@ -50,6 +58,10 @@ def instances_from_maps(
         Objects smaller than this are removed.
     seed_threshold : float, optional
         Seeds must have ``distance`` above this (default: 0, i.e. any).
+    whole : (H, W) bool array, optional
+        Pixels whose connected pieces are whole objects (see above).
+    min_whole_area_px : float
+        Smallest piece of ``whole`` kept.
 
     Returns
     -------
@@ -60,11 +72,28 @@ def instances_from_maps(
     >>> fg = np.zeros((20, 20)); fg[2:8, 2:8] = 1; fg[10:18, 10:18] = 1
     >>> int(instances_from_maps(fg).max())
     2
+    >>> yy, xx = np.mgrid[:20, :34]  # two touching discs ...
+    >>> fg = (((yy - 10) ** 2 + (xx - 9) ** 2) < 64) | (((yy - 10) ** 2 + (xx - 24) ** 2) < 64)
+    >>> int(instances_from_maps(fg.astype(float), min_distance_px=4).max())
+    2
+    >>> int(instances_from_maps(fg.astype(float), min_distance_px=4, whole=fg).max())  # ... or one
+    1
     """
     fg = np.asarray(foreground, dtype=np.float32)
     mask = fg > threshold
     if not mask.any():
         return np.zeros(fg.shape, np.int32)
+    pieces, n_whole = None, 0
+    if whole is not None:
+        w = ndi.binary_fill_holes(mask & np.asarray(whole, bool))
+        pieces, n_whole = ndi.label(w, structure=np.ones((3, 3), bool))
+        if n_whole:
+            sizes = np.bincount(pieces.ravel())
+            small = sizes < max(min_whole_area_px, 1)
+            small[0] = False
+            pieces[small[pieces]] = 0
+            w = pieces > 0
+            mask = mask & ~w
     if distance is None:
         dist = ndi.distance_transform_edt(mask).astype(np.float32)
     else:
@@ -72,6 +101,9 @@ def instances_from_maps(
     seed_mask = mask & (dist > (seed_threshold or 0.0))
     markers = _local_peaks(dist, seed_mask, int(round(min_distance_px)))
     labels = watershed(-dist, markers, mask=mask).astype(np.int32)
+    if n_whole:
+        top = int(labels.max())
+        labels[pieces > 0] = pieces[pieces > 0] + top
     areas = np.bincount(labels.ravel())
     keep = areas >= max(min_area_px, 1)
     keep[0] = False
@@ -108,10 +140,35 @@ def points_from_heatmap(
     return coords.reshape(-1, 2), scores
 
 
+def whole_class_mask(class_probs: np.ndarray | None, class_names, whole_classes) -> np.ndarray | None:
+    """Pixels whose most probable class is one of ``whole_classes`` (None if none apply).
+
+    Examples
+    --------
+    >>> p = np.array([[[0.9, 0.2]], [[0.1, 0.8]]])  # (C=2, H=1, W=2)
+    >>> whole_class_mask(p, ["RBC", "WBC"], ["WBC"]).tolist()
+    [[False, True]]
+    """
+    if class_probs is None or not whole_classes:
+        return None
+    names = list(class_names)
+    unknown = set(whole_classes) - set(names)
+    if unknown:
+        raise ValueError(f"postprocess whole_classes {sorted(unknown)} not in class names {names}")
+    best = np.argmax(np.asarray(class_probs), axis=0)
+    return np.isin(best, [names.index(c) for c in whole_classes])
+
+
 def postprocess_instances(
-    spec_postprocess: dict, mpp: float, foreground: np.ndarray, distance: np.ndarray | None
+    spec_postprocess: dict, mpp: float, foreground: np.ndarray, distance: np.ndarray | None,
+    class_probs: np.ndarray | None = None, class_names=(),
 ) -> np.ndarray:
-    """:func:`instances_from_maps` with a spec's ``postprocess`` (µm) at ``mpp``."""
+    """:func:`instances_from_maps` with a spec's ``postprocess`` (µm) at ``mpp``.
+
+    ``postprocess["whole_classes"]`` (with ``class_probs`` (C, H, W) and the
+    spec's ``class_names``) names classes whose pixels form whole objects, at
+    least ``whole_min_area_um2`` large.
+    """
     pp = spec_postprocess
     return instances_from_maps(
         foreground,
@@ -120,6 +177,8 @@ def postprocess_instances(
         min_distance_px=float(pp.get("min_distance_um", 2.0)) / mpp,
         min_area_px=float(pp.get("min_area_um2", 5.0)) / mpp**2,
         seed_threshold=pp.get("seed_threshold"),
+        whole=whole_class_mask(class_probs, class_names, pp.get("whole_classes")),
+        min_whole_area_px=float(pp.get("whole_min_area_um2", 0.0)) / mpp**2,
     )
 
 

@@ -111,9 +111,23 @@ def score_image(gt_boxes: list[ds.Box], pred_boxes: np.ndarray, pred_classes: np
     return out
 
 
-def _table_boxes(table) -> tuple[np.ndarray, np.ndarray]:
+def table_boxes(table) -> tuple[np.ndarray, np.ndarray]:
+    """Level-0 boxes and detector classes (RBC / WBC / Platelets) of a smear table.
+
+    With the WBC stage on, ``class`` holds a white cell's subtype (SNE, LY, ...);
+    the detector's call is then in ``cell_type``.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> t = pd.DataFrame({"bbox_y0": [0], "bbox_x0": [0], "bbox_y1": [9], "bbox_x1": [9],
+    ...                   "class": ["SNE"], "cell_type": ["WBC"]})
+    >>> table_boxes(t)[1].tolist()
+    ['WBC']
+    """
     boxes = table[["bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]].to_numpy(np.float64)
-    return boxes.reshape(-1, 4), table["class"].astype(str).to_numpy()
+    kind = table["cell_type"] if "cell_type" in table else table["class"]
+    return boxes.reshape(-1, 4), kind.astype(str).to_numpy()
 
 
 def evaluate_smear(
@@ -180,7 +194,7 @@ def evaluate_smear(
                              mpp=mpp, threads=threads, out=out_dir / f"{stem}.zarr", overwrite=True)
             table = result.table()
             times.append(time.perf_counter() - t0)
-            boxes, classes = _table_boxes(table)
+            boxes, classes = table_boxes(table)
             s = score_image(gt, boxes, classes)
             for k, v in s.items():
                 for c in ("tp", "fp", "fn"):

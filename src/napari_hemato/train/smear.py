@@ -61,8 +61,11 @@ DEFAULT_POSTPROCESS = {
     "min_area_um2": 1.5,
     "seed_threshold": 0.5,
 }
-#: largest object (a big WBC) in µm
-MAX_OBJECT_UM = 20.0
+#: largest object (a big monocyte in a BCCD field is ~22 µm across) in µm
+MAX_OBJECT_UM = 28.0
+#: white-cell pieces smaller than this (µm²; a 7 µm lymphocyte is ~38 µm²) are dropped when
+#: post-processing keeps white cells whole (``whole_classes``)
+WBC_MIN_AREA_UM2 = 12.0
 #: tiles of this many model pixels (~123 µm) per side
 TILE = 768
 #: every ``TUNE_EVERY``-th image of the BCCD train list tunes post-processing (not trained on)
@@ -236,7 +239,7 @@ def predict_maps(model: nn.Module, image: np.ndarray, div: int, margin: int = 64
 
 def objects_from_maps(fg, dist, probs, postprocess: dict, mpp: float = ds.MODEL_MPP):
     """Boxes (n, 4) and class names of instances, as the engine would make them."""
-    labels = postprocess_instances(postprocess, mpp, fg, dist)
+    labels = postprocess_instances(postprocess, mpp, fg, dist, probs, ds.CLASS_NAMES)
     n = int(labels.max())
     if n == 0:
         return np.zeros((0, 4)), np.zeros(0, object)
@@ -285,9 +288,11 @@ def tune_postprocess(model, samples, div: int) -> tuple[dict, dict]:
     model.eval()
     maps = [predict_maps(model, s.image, div) for s in samples]
     best, best_score = dict(DEFAULT_POSTPROCESS), None
-    grid = itertools.product((0.4, 0.5, 0.6), (1.5, 2.0, 2.5, 3.0), (0.3, 0.5, 0.7), (1.0, 2.0))
-    for thr, md, st, area in grid:
-        pp = {"threshold": thr, "min_distance_um": md, "min_area_um2": area, "seed_threshold": st}
+    whole = ({}, {"whole_classes": ["WBC"], "whole_min_area_um2": WBC_MIN_AREA_UM2})
+    grid = itertools.product((0.4, 0.5, 0.6), (1.5, 2.0, 2.5, 3.0), (0.3, 0.5, 0.7), (1.0, 2.0), whole)
+    for thr, md, st, area, wh in grid:
+        pp = {"threshold": thr, "min_distance_um": md, "min_area_um2": area, "seed_threshold": st,
+              **wh}
         m = score_maps(maps, samples, pp)
         if best_score is None or m["objective"] > best_score["objective"]:
             best, best_score = pp, m
