@@ -120,6 +120,38 @@ def test_tiny_training_exports_a_valid_model(tmp_path):
     # resume continues from the checkpoint (the CLI path)
     argv = ["--data", str(data), "--out", str(out), "--epochs", "2", "--seed", "3", "--resume",
             "--threads", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--widths", "8,8,16",
-            "--val-crops", "4", "--no-mine"]
+            "--val-crops", "4", "--no-mine", "--arch", "small"]
     assert main(argv) == 0
     assert load_spec(out).extra["training"]["epochs_run"] == 2
+
+
+def test_effnet_detector_trains_on_composed_canvases_and_exports_exactly(tmp_path):
+    """The default architecture: ImageNet trunk (not loaded here), 2x2 canvases, ONNX == torch
+    at a tile size other than the training size (static 'same' padding holds for multiples of 32)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import onnxruntime as ort
+
+    from napari_hemato.train import data_mitosis as dm
+    from napari_hemato.train.mitosis import MitosisOutputs, Sampler, train_mitosis
+
+    data = _tiny_dataset(tmp_path / "data")
+    crops = dm.load_crops(dm.read_crops_table(data))
+    sampler = Sampler(crops, [], 0.25, 32, compose=2)
+    x, heat, mask, cls = sampler.batch(2, np.random.default_rng(0))
+    assert x.shape == (2, 3, 192, 192) and heat.shape == (2, 1, 192, 192) and cls.shape == (2, 192, 192)
+    assert (heat.amax(dim=(1, 2, 3)) > 0.9).all()  # every canvas holds at least one figure here
+
+    result = train_mitosis(data, tmp_path / "model", epochs=1, seed=0, steps_per_epoch=1,
+                           batch_size=2, threads=1, val_crops=4, mosaic_um=96.0, arch="effnet",
+                           pretrained=False, mine=False)
+    spec = load_spec(tmp_path / "model")
+    assert spec.size_divisor == 32 and spec.extra["training"]["arch"] == "effnet"
+    assert spec.normalization["mean"][0] == pytest.approx(127 / 255)
+    sess = ort.InferenceSession(str(spec.onnx_path), providers=["CPUExecutionProvider"])
+    img = np.random.default_rng(1).integers(0, 256, (1, 96, 160, 3), dtype=np.uint8)
+    h, p = sess.run(["heatmap", "class_probs"], {"image": spec.normalize(img)})
+    with torch.no_grad():
+        ref_h, ref_p = MitosisOutputs(result["model"].eval())(torch.from_numpy(spec.normalize(img)))
+    assert h.shape == (1, 1, 96, 160)
+    assert np.abs(ref_h.numpy() - h).max() < 1e-4 and np.abs(ref_p.numpy() - p).max() < 1e-4

@@ -55,73 +55,19 @@ from napari_hemato.train.common import (
     step_bar,
 )
 from napari_hemato.train.evaluate_mitosis import sweep
-from napari_hemato.train.nets import ConvBNReLU
+from napari_hemato.train.mitosis_nets import (  # noqa: F401 (MitosisNet: public name)
+    ARCHES,
+    MitosisNet,
+    MitosisOutputs,
+    build_mitosis_net,
+)
 
 log = logging.getLogger(__name__)
 
 NAME, VERSION = "hemato-mitosis-he", "0.1.0"
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIGMA_UM, IGNORE_UM, MARGIN_UM = 1.75, 10.0, 2.0
 WINDOW_UM = (16.0, 20.0, 24.0)
 MIN_DISTANCE_UM, HIT_UM = 7.5, 7.5
-
-
-class MitosisNet(nn.Module):
-    """Encoder down to 1/2**len(widths), decoder up to 1/4, 1×1 head, bilinear ×4.
-
-    Channel 0 is the mitosis logit, channels 1.. the class logits.
-
-    Examples
-    --------
-    >>> MitosisNet(widths=(8, 8, 16))(torch.zeros(1, 3, 32, 32)).shape
-    torch.Size([1, 3, 32, 32])
-    """
-
-    def __init__(self, widths=(16, 32, 64, 96), n_classes: int = 2) -> None:
-        super().__init__()
-        w = tuple(int(c) for c in widths)
-        if len(w) < 3:
-            raise ValueError("MitosisNet needs at least 3 levels")
-        self.widths = w
-        self.enc = nn.ModuleList([nn.Sequential(ConvBNReLU(3, w[0], 2), ConvBNReLU(w[0], w[0]))])
-        for i in range(1, len(w)):
-            self.enc.append(nn.Sequential(ConvBNReLU(w[i - 1], w[i], 2), ConvBNReLU(w[i], w[i])))
-        self.bottleneck = ConvBNReLU(w[-1], w[-1])
-        self.dec = nn.ModuleList(
-            [ConvBNReLU(w[i + 1] + w[i], w[i]) for i in range(len(w) - 2, 0, -1)])
-        self.refine = ConvBNReLU(w[1], w[1])
-        self.out = nn.Conv2d(w[1], 1 + n_classes, 1)
-        with torch.no_grad():
-            self.out.bias[0] = -4.0  # start from a low mitosis prior
-
-    @property
-    def size_divisor(self) -> int:
-        return 2 ** len(self.widths)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        h = x
-        for enc in self.enc:
-            h = enc(h)
-            skips.append(h)
-        h = self.bottleneck(h)
-        for dec, skip in zip(self.dec, reversed(skips[1:-1]), strict=True):
-            h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
-            h = dec(torch.cat([h, skip], dim=1))
-        h = self.out(self.refine(h))
-        return F.interpolate(h, scale_factor=4.0, mode="bilinear", align_corners=False)
-
-
-class MitosisOutputs(nn.Module):
-    """Export wrapper: ``heatmap`` = sigmoid(logit 0), ``class_probs`` = softmax(logits 1..)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.net(x)
-        return torch.sigmoid(z[:, :1]), torch.softmax(z[:, 1:], dim=1)
 
 
 # -- batches ---------------------------------------------------------------------------------
@@ -129,9 +75,18 @@ class Sampler:
     """Draws augmented training batches (see the module docstring)."""
 
     def __init__(self, crops: dm.Crops, tissue: list[dm.TissueRegion], mpp: float, divisor: int,
-                 *, p_surround: float = 0.125, p_tissue: float = 0.375) -> None:
+                 *, p_surround: float = 0.125, p_tissue: float = 0.375, compose: int = 1,
+                 norm=((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))) -> None:
         self.crops, self.tissue, self.mpp = crops, [t.image for t in tissue], mpp
-        self.sizes = sorted({max(divisor, int(round(u / mpp / divisor)) * divisor) for u in WINDOW_UM})
+        self.compose = int(compose)
+        if self.compose > 1:  # canvases of compose x compose windows of the largest size
+            unit = max(8, int(round(max(WINDOW_UM) / mpp / 8)) * 8)
+            if (unit * self.compose) % divisor:
+                raise ValueError(f"{self.compose} x {unit} px canvases are not multiples of {divisor}")
+            self.sizes = [unit]
+        else:
+            self.sizes = sorted({max(divisor, int(round(u / mpp / divisor)) * divisor)
+                                 for u in WINDOW_UM})
         self.p_surround = p_surround
         self.p_tissue = p_tissue if self.tissue else 0.0
         areas = np.array([t.shape[0] * t.shape[1] for t in self.tissue], float)
@@ -140,13 +95,21 @@ class Sampler:
         self.color = ColorAugment(p_jpeg=0.5, jpeg_quality=(50, 95), p_blur=0.3,
                                   blur_sigma=(0.3, 1.5))
         self.sigma = SIGMA_UM / mpp
-        self.mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+        self.mean = torch.tensor(norm[0]).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(norm[1]).view(1, 3, 1, 1) * 255
 
     def batch(self, n: int, rng: np.random.Generator):
+        """``n`` inputs: windows, or (``compose`` > 1) canvases of compose² windows.
+
+        A canvas tiles independently drawn windows (positives with the figure
+        anywhere, crop surroundings, tissue), so the network trains on inputs
+        large enough for its receptive field while every figure still sits at
+        a random place relative to the window seams.
+        """
         size = self.sizes[int(rng.integers(len(self.sizes)))]
+        k = self.compose
         items = []
-        for _ in range(n):
+        for _ in range(n * k * k):
             u = rng.random()
             if u < self.p_tissue:
                 items.append(self._tissue(size, rng))
@@ -155,10 +118,12 @@ class Sampler:
             else:
                 items.append(self._crop(size, rng, surround=False))
         img = torch.stack([i[0] for i in items])
+        heat, mask, cls = (torch.stack([torch.from_numpy(i[j]) for i in items]) for j in (1, 2, 3))
+        if k > 1:
+            img, heat, mask, cls = (_tile(a, n, k) for a in (img, heat, mask, cls))
         img = _degrade(img, rng)
         img = self.color(img, rng)
         x = (img - self.mean) / self.std
-        heat, mask, cls = (torch.stack([torch.from_numpy(i[k]) for i in items]) for k in (1, 2, 3))
         return x, heat[:, None], mask[:, None], cls
 
     def _window(self, img, y0, x0, win, size, rng, point=None):
@@ -253,6 +218,15 @@ class Sampler:
         return t, z, np.ones_like(z), np.full((size, size), -1, np.int64)
 
 
+def _tile(a: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """(n*k*k, ..., s, s) windows -> (n, ..., k*s, k*s) canvases, row-major."""
+    s = a.shape[-1]
+    a = a.reshape(n, k, k, *a.shape[1:])  # (n, k, k, [C,] s, s)
+    lead = a.shape[3:-2]
+    a = a.permute(0, *range(3, 3 + len(lead)), 1, -2, 2, -1)  # (n, [C,] k, s, k, s)
+    return a.reshape(n, *lead, k * s, k * s).contiguous()
+
+
 def _dist2(size, py, px):
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     return (yy - py) ** 2 + (xx - px) ** 2
@@ -297,8 +271,8 @@ def dense_predict(net: nn.Module, img: np.ndarray, *, tile: int = 1024, halo: in
     ty, tx = min(tile, -(-h // 64) * 64), min(tile, -(-w // 64) * 64)
     hp, wp = -(-h // ty) * ty, -(-w // tx) * tx
     padded = np.pad(img, ((halo, hp - h + halo), (halo, wp - w + halo), (0, 0)), constant_values=255)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    mean = torch.tensor(net.norm[0]).view(1, 3, 1, 1)
+    std = torch.tensor(net.norm[1]).view(1, 3, 1, 1)
     heat = np.zeros((hp, wp), np.float32)
     probs = None
     for y in range(0, hp, ty):
@@ -356,9 +330,15 @@ def train_mitosis(
     data_dir, out, *, epochs: int = 30, seed: int = 0, threads: int = 2, resume: bool = False,
     max_minutes: float | None = None, batch_size: int = 32, steps_per_epoch: int | None = None,
     mpp: float = 0.25, widths=(16, 32, 64, 96), lr: float = 2e-3, val_crops: int = 128,
-    mosaic_um: float = 256.0, mine: bool = True, export: bool = True,
+    mosaic_um: float = 256.0, mine: bool = True, export: bool = True, arch: str = "small",
+    compose: int | None = None, pretrained: bool = True,
 ) -> dict:
     """Train (or resume) the mitosis detector and export the best epoch to ``out``.
+
+    ``arch`` is ``"effnet"`` (ImageNet-initialised EfficientNet-Lite0 trunk; the
+    command line's default) or ``"small"`` (from scratch; ``widths``).
+    ``compose`` windows per canvas side (default 2 for effnet, 1 for small);
+    ``batch_size`` counts inputs (canvases).
 
     Returns a dict with ``model`` (the best net), ``history``, ``split`` and
     ``best`` (validation metrics of the exported epoch).
@@ -382,12 +362,14 @@ def train_mitosis(
                               size=size, per_mosaic=max(1, min(8, room - 2)),
                               decoys=max(0, min(2, room - 1)), block=int(round(64 / mpp)),
                               seed=seed + 1) if len(tune) else []
-    net = MitosisNet(widths)
-    sampler = Sampler(train, tissue["train"], mpp, net.size_divisor)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    net = build_mitosis_net(arch, widths=widths, pretrained=pretrained)
+    compose = compose or (2 if arch == "effnet" else 1)
+    sampler = Sampler(train, tissue["train"], mpp, net.size_divisor, compose=compose, norm=net.norm)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
+                            weight_decay=1e-4)
     freq = np.bincount(train.labels, minlength=2).astype(float) + 1
     class_weights = torch.tensor(freq.sum() / (2 * freq), dtype=torch.float32)
-    n_pos = batch_size * (1 - sampler.p_tissue - sampler.p_surround)
+    n_pos = batch_size * compose**2 * (1 - sampler.p_tissue - sampler.p_surround)
     steps_per_epoch = steps_per_epoch or max(1, int(math.ceil(len(train) / n_pos)))
     total = epochs * steps_per_epoch
     state = {"epoch": 0, "history": [], "best": None, "elapsed": 0.0}
@@ -469,9 +451,11 @@ def train_mitosis(
               "train_minutes": round(state["elapsed"] / 60, 2), "stopped_early": stopped}
     if export:
         result["spec"] = export_model(net, out, mpp=mpp, threshold=threshold, split=split,
-                                      training=_training_info(result, epochs, seed, threads,
-                                                              batch_size, steps_per_epoch,
-                                                              widths, len(train), t_start))
+                                      training={**_training_info(result, epochs, seed, threads,
+                                                                 batch_size, steps_per_epoch,
+                                                                 widths, len(train), t_start),
+                                                "arch": arch, "compose": compose, "lr": lr,
+                                                "pretrained": pretrained and arch == "effnet"})
     return result
 
 
@@ -497,13 +481,14 @@ def export_model(net: nn.Module, out, *, mpp: float, threshold: float, split: di
         warnings.filterwarnings("ignore", "You are using the legacy TorchScript", DeprecationWarning)
         worst = export_onnx(wrapper, out / "model.onnx", output_names=["heatmap", "class_probs"],
                             example=example, check_inputs=check)
-    rf = receptive_field_radius(net, size=max(512, 8 * d))
+    rf = receptive_field_radius(net, size=max(768, 8 * d))
     spec = ModelSpec(
         name=NAME, version=VERSION, task="mitosis", kind="points", class_names=dm.CLASS_NAMES,
-        outputs={"heatmap": "heatmap", "class_probs": "class_probs"}, mpp=float(mpp), tile=1024,
+        outputs={"heatmap": "heatmap", "class_probs": "class_probs"}, mpp=float(mpp),
+        tile=1536 if rf > 128 else 1024,  # a large receptive field wants large tiles
         max_object_um=15.0, receptive_field_px=int(rf), size_divisor=int(d), pad_value=255,
         input_name="image",
-        normalization={"scale": 1 / 255, "mean": list(MEAN), "std": list(STD)},
+        normalization={"scale": 1 / 255, "mean": list(net.norm[0]), "std": list(net.norm[1])},
         postprocess={"threshold": round(float(threshold), 3), "min_distance_um": MIN_DISTANCE_UM,
                      "radius_um": 5.0},
         extra={
@@ -541,12 +526,17 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--val-crops", type=int, default=128)
     p.add_argument("--no-mine", action="store_true", help="no hard-negative mining")
+    p.add_argument("--arch", choices=ARCHES, default="effnet",
+                   help="effnet: ImageNet EfficientNet-Lite0 trunk (default); small: from scratch")
+    p.add_argument("--compose", type=int, default=None,
+                   help="windows per canvas side (default 2 for effnet, 1 for small)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     result = train_mitosis(a.data, a.out, epochs=a.epochs, seed=a.seed, threads=a.threads,
                            resume=a.resume, max_minutes=a.max_minutes, batch_size=a.batch_size,
                            steps_per_epoch=a.steps_per_epoch, mpp=a.mpp, widths=a.widths, lr=a.lr,
-                           val_crops=a.val_crops, mine=not a.no_mine)
+                           val_crops=a.val_crops, mine=not a.no_mine, arch=a.arch,
+                           compose=a.compose)
     best = result["best"] or {}
     log.info("done: best epoch %s, val %s", best.get("epoch"), best.get("val"))
     return 0
