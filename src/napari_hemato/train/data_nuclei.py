@@ -38,6 +38,9 @@ MICCAI_VALIDATION = ("image04", "image14")
 #: fraction of DSB images held out (chosen by a seeded permutation of sorted ids)
 DSB_VALIDATION_FRACTION = 0.2
 DSB_SPLIT_SEED = 2018
+#: training images set aside to tune the post-processing (never trained on, never scored)
+MICCAI_TUNE = ("image10",)
+DSB_TUNE_FRACTION = 0.12
 
 
 @dataclass
@@ -176,6 +179,27 @@ def split_keys(keys: list[str]) -> tuple[list[str], list[str]]:
         val += [dsb[i] for i in sorted(pick)]
     vs = set(val)
     return [k for k in keys if k not in vs], sorted(val)
+
+
+def split_tune(train_keys: list[str]) -> tuple[list[str], list[str]]:
+    """(train, tune): :data:`MICCAI_TUNE` and a seeded :data:`DSB_TUNE_FRACTION` of the DSB
+    training images tune the post-processing; at least one image is always left to train.
+
+    Examples
+    --------
+    >>> split_tune(["nuclei_he_miccai/image01", "nuclei_he_miccai/image10"])
+    (['nuclei_he_miccai/image01'], ['nuclei_he_miccai/image10'])
+    """
+    tune = [k for k in train_keys if k.split("/", 1)[0] == MICCAI and k.split("/")[1] in MICCAI_TUNE]
+    dsb = sorted(k for k in train_keys if k.split("/", 1)[0] == DSB)
+    if len(dsb) >= 4:
+        rng = np.random.default_rng(DSB_SPLIT_SEED + 1)
+        n = max(1, int(round(DSB_TUNE_FRACTION * len(dsb))))
+        tune += [dsb[i] for i in sorted(rng.permutation(len(dsb))[:n])]
+    if len(tune) >= len(train_keys):
+        tune = []
+    ts = set(tune)
+    return [k for k in train_keys if k not in ts], sorted(tune)
 
 
 def load_image(data_dir: str | Path, key: str, *, targets: bool = True) -> NucleusImage:

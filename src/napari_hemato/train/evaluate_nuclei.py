@@ -44,6 +44,13 @@ TUNING_GRID = {
     "seed_threshold": (0.1, 0.3, 0.5, 0.7),
     "min_area_um2": (2.0, 4.0, 8.0),
 }
+#: seeds from h-maxima of the distance map instead of peaks min_distance_um apart
+TUNING_GRID_H = {
+    "threshold": (0.4, 0.5, 0.6, 0.7),
+    "seed_h": (0.1, 0.15, 0.2, 0.3),
+    "seed_threshold": (0.1, 0.3, 0.5),
+    "min_area_um2": (2.0, 4.0, 8.0),
+}
 
 
 def _session(spec: ModelSpec, threads: int):
@@ -68,18 +75,19 @@ def run_maps(spec: ModelSpec, session, image: np.ndarray) -> tuple[np.ndarray, n
     return fg[0, 0, :h, :w], dist[0, 0, :h, :w]
 
 
-def validation_entries(spec: ModelSpec) -> list[dict]:
-    entries = spec.extra.get("validation_images")
+def validation_entries(spec: ModelSpec, which: str = "validation") -> list[dict]:
+    """The model's ``extra.validation_images`` (or ``extra.tune_images``: ``which="tune"``)."""
+    entries = spec.extra.get(f"{which}_images")
     if not entries:
-        raise ValueError(f"model {spec.name!r}: model.json has no extra.validation_images")
+        raise ValueError(f"model {spec.name!r}: model.json has no extra.{which}_images")
     return list(entries)
 
 
-def _predict_all(spec: ModelSpec, data_dir: Path, threads: int):
-    """Per held-out image: key, mpp, original image shape, gt labels, maps on model grid."""
+def _predict_all(spec: ModelSpec, data_dir: Path, threads: int, which: str = "validation"):
+    """Per listed image: key, mpp, original image shape, gt labels, maps on model grid."""
     session = _session(spec, threads)
     out = []
-    for entry in validation_entries(spec):
+    for entry in validation_entries(spec, which):
         key, mpp = entry["key"], float(entry["mpp"])
         source, stem = key.split("/", 1)
         img, gt = dn.read_pair(Path(data_dir) / source / f"{stem}.png")
@@ -179,27 +187,39 @@ def _score(items: list[dict], pp: dict, mpp: float) -> tuple[float, dict]:
 def tune_postprocess(
     model_dir: str | Path, data_dir: str | Path, *, grid: dict | None = None, threads: int = 1
 ) -> dict:
-    """Grid-search ``postprocess`` on the held-out images; write the best into model.json.
+    """Grid-search ``postprocess`` on the model's tune images; write the best into model.json.
+
+    The tune images (``extra.tune_images``) were neither trained on nor are
+    scored by :func:`evaluate_nuclei`. Older models without them are tuned on
+    their validation images, and ``extra.postprocess_tuning.images`` says so.
+    Both seed rules are searched (:data:`TUNING_GRID`: distance peaks;
+    :data:`TUNING_GRID_H`: h-maxima) unless ``grid`` is given.
 
     Returns the chosen parameters (also recorded in ``extra.postprocess_tuning``).
     """
     model_dir = Path(model_dir)
     spec = load_spec(model_dir)
-    items = _predict_all(spec, Path(data_dir), threads)
-    grid = grid or TUNING_GRID
-    names = list(grid)
+    which = "tune" if spec.extra.get("tune_images") else "validation"
+    if which == "validation":
+        log.warning("%s has no tune images: tuning on the validation images (optimistic metrics)",
+                    model_dir)
+    items = _predict_all(spec, Path(data_dir), threads, which)
+    grids = [grid] if grid else [TUNING_GRID, TUNING_GRID_H]
     best, best_score, best_parts = None, -1.0, {}
-    for values in itertools.product(*(grid[n] for n in names)):
-        pp = dict(zip(names, values, strict=True))
-        score, parts = _score(items, pp, spec.mpp)
-        if score > best_score:
-            best, best_score, best_parts = pp, score, parts
+    for g in grids:
+        names = list(g)
+        for values in itertools.product(*(g[n] for n in names)):
+            pp = dict(zip(names, values, strict=True))
+            score, parts = _score(items, pp, spec.mpp)
+            if score > best_score:
+                best, best_score, best_parts = pp, score, parts
     log.info("tuned postprocess %s: score %.4f %s", best, best_score, best_parts)
     raw = json.loads((model_dir / "model.json").read_text())
     raw["postprocess"] = best
     raw.setdefault("extra", {})["postprocess_tuning"] = {
         "objective": "mean over sources of (pooled F1@0.5 + mean AJI) / 2, on the model grid",
-        "grid": {k: list(v) for k, v in grid.items()},
+        "images": f"extra.{which}_images",
+        "grid": [{k: list(v) for k, v in g.items()} for g in grids],
         "score": round(best_score, 4),
         "by_source": {k: round(v, 4) for k, v in best_parts.items()},
     }

@@ -1,10 +1,14 @@
-"""Small fully-convolutional networks for CPU inference (torch; ``train`` extra).
+"""Fully-convolutional networks for CPU inference (torch; ``train`` extra).
 
 :class:`SmallUNet` is a U-Net with a stride-2 stem: the encoder and decoder
 work at 1/2 .. 1/16 of the input resolution, and a light full-resolution head
 combines the upsampled decoder features with a 3×3 convolution of the input so
 boundaries stay sharp. Inputs must have H, W divisible by
 :attr:`SmallUNet.size_divisor`.
+
+:class:`EffUNet` has the same decoder and head on the ImageNet-initialised
+EfficientNet-Lite0 trunk (:func:`efficientnet_trunk`, offline weights) down
+to 1/16; inputs must be multiples of 32.
 """
 
 from __future__ import annotations
@@ -100,3 +104,91 @@ class SigmoidOutputs(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         y = torch.sigmoid(self.net(x))
         return tuple(y[:, i : i + 1] for i in range(y.shape[1]))
+
+
+#: TF-Lite EfficientNet preprocessing ((x - 127) / 128), which the converted weights expect
+TFLITE_NORMALIZATION = {"mean": [127.0 / 255.0] * 3, "std": [128.0 / 255.0] * 3}
+
+
+def efficientnet_trunk(last_block: int, *, pretrained: bool = True, image_size: int = 256,
+                       drop_connect: float = 0.1):
+    """``(stem, act, blocks, n_all_blocks)`` of EfficientNet-Lite0 up to ``last_block``.
+
+    ``stem`` is the stem convolution + batch norm (stride 2), ``act`` the
+    network's activation (ReLU6), ``blocks`` the MBConv blocks ``0..last_block``
+    (block 0: 1/2, 16 ch; 2: 1/4, 24 ch; 4: 1/8, 40 ch; 10: 1/16, 112 ch).
+    Padding is TF-style "same", computed for ``image_size``: exact for any
+    input that is a multiple of 32.
+    """
+    from napari_hemato.train.wbc import build_model
+
+    base = build_model(size=image_size, pretrained=pretrained, drop_connect=drop_connect)
+    return (nn.Sequential(base._conv_stem, base._bn0), base._swish,
+            nn.ModuleList(base._blocks[: last_block + 1]), len(base._blocks))
+
+
+def run_blocks(blocks, h: torch.Tensor, *, drop_connect: float, n_all: int, training: bool,
+               taps=()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Run MBConv ``blocks`` (drop-connect scaled by depth, as EfficientNet does); keep ``taps``."""
+    kept = {}
+    for i, block in enumerate(blocks):
+        h = block(h, drop_connect_rate=drop_connect * i / n_all if training else None)
+        if i in taps:
+            kept[i] = h
+    return h, kept
+
+
+class EffUNet(nn.Module):
+    """U-Net decoder + full-resolution head on the EfficientNet-Lite0 trunk (to 1/16).
+
+    Skips at 1/2 (block 0), 1/4 (block 2), 1/8 (block 4); the decoder has
+    ``widths`` channels at 1/8, 1/4, 1/2 and the head ``head_channels``.
+
+    Examples
+    --------
+    >>> net = EffUNet(pretrained=False)  # doctest: +SKIP
+    >>> net(torch.zeros(1, 3, 64, 96)).shape  # doctest: +SKIP
+    torch.Size([1, 2, 64, 96])
+    """
+
+    size_divisor = 32
+    normalization = TFLITE_NORMALIZATION
+    TAPS = (0, 2, 4)
+    LAST = 10
+
+    def __init__(self, out_channels: int = 2, *, widths=(64, 48, 32), head_channels: int = 12,
+                 pretrained: bool = True, freeze_blocks: int = 1, drop_connect: float = 0.1) -> None:
+        super().__init__()
+        self.stem, self.act, self.blocks, self.n_all = efficientnet_trunk(
+            self.LAST, pretrained=pretrained, drop_connect=drop_connect)
+        self.drop_connect, self.freeze_blocks = drop_connect, int(freeze_blocks)
+        self.widths = tuple(int(w) for w in widths)
+        ch = [self.blocks[i]._project_conv.out_channels for i in (*self.TAPS, self.LAST)]
+        w8, w4, w2 = self.widths
+        self.dec8 = ConvBNReLU(ch[3] + ch[2], w8)
+        self.dec4 = ConvBNReLU(w8 + ch[1], w4)
+        self.dec2 = ConvBNReLU(w4 + ch[0], w2)
+        self.full = ConvBNReLU(3, head_channels)
+        self.head = ConvBNReLU(w2 + head_channels, head_channels)
+        self.out = nn.Conv2d(head_channels, out_channels, 1)
+        for m in self.frozen():
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def frozen(self) -> list[nn.Module]:
+        return [self.stem, *self.blocks[: self.freeze_blocks]]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen():  # frozen batch norms keep their ImageNet statistics
+            m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, taps = run_blocks(self.blocks, self.act(self.stem(x)), drop_connect=self.drop_connect,
+                             n_all=self.n_all, training=self.training, taps=self.TAPS)
+        for dec, skip in ((self.dec8, taps[4]), (self.dec4, taps[2]), (self.dec2, taps[0])):
+            h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
+            h = dec(torch.cat([h, skip], dim=1))
+        h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.out(self.head(torch.cat([h, self.full(x)], dim=1)))

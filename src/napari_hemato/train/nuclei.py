@@ -168,7 +168,7 @@ def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
     }
 
 
-def export_model(net: SmallUNet, out_dir: Path, *, val_items=(), postprocess=None, extra=None):
+def export_model(net: SmallUNet, out_dir: Path, *, check_items=(), postprocess=None, extra=None):
     """Write ``model.onnx`` (checked against torch) and ``model.json`` into ``out_dir``."""
     from napari_hemato.models.spec import load_spec
 
@@ -177,7 +177,7 @@ def export_model(net: SmallUNet, out_dir: Path, *, val_items=(), postprocess=Non
     wrapped = SigmoidOutputs(net).eval()
     div = net.size_divisor
     checks = []
-    for it in list(val_items)[:2]:
+    for it in list(check_items)[:2]:
         img = pad_to(it.image[: 4 * div, : 6 * div], div)
         checks.append(normalize(torch.from_numpy(img.transpose(2, 0, 1)[None].astype(np.float32))))
     example = torch.randn(2, 3, 2 * div, 3 * div, generator=torch.Generator().manual_seed(0))
@@ -255,11 +255,14 @@ def train_nuclei(
     out_dir.mkdir(parents=True, exist_ok=True)
     keys = dn.list_keys(data_dir)
     train_keys, val_keys = dn.split_keys(keys)
+    train_keys, tune_keys = dn.split_tune(train_keys)
     if not train_keys:
         raise ValueError(f"{data_dir}: no training images left after the validation split")
     train_items = dn.load_images(data_dir, train_keys)
+    tune_items = dn.load_images(data_dir, tune_keys)
     val_items = dn.load_images(data_dir, val_keys)
-    log.info("data: %d training, %d validation images", len(train_items), len(val_items))
+    log.info("data: %d training, %d tuning, %d validation images (validation untouched until the "
+             "end)", len(train_items), len(tune_items), len(val_items))
 
     net = SmallUNet(widths=tuple(widths), head_channels=head_channels)
     ema = copy.deepcopy(net)
@@ -309,13 +312,13 @@ def train_nuclei(
             losses.append(loss.detach().item())
             bar.update()
         bar.close()
-        val = quick_validation(ema, val_items, div, DEFAULT_POSTPROCESS) if val_items else {}
+        val = quick_validation(ema, tune_items, div, DEFAULT_POSTPROCESS) if tune_items else {}
         row = {
             "epoch": epoch,
             "loss": round(float(np.mean(losses)), 4),
             "lr": round(opt.param_groups[0]["lr"], 6),
             "epoch_s": round(time.perf_counter() - te, 1),
-            **{f"val_{k}": v for k, v in val.items()},
+            **{f"tune_{k}": v for k, v in val.items()},
         }
         history.append(row)
         elapsed = time.perf_counter() - t0
@@ -342,6 +345,7 @@ def train_nuclei(
         "history": history,
         "train_keys": train_keys,
         "val_keys": val_keys,
+        "tune_keys": tune_keys,
         "minutes": round(minutes, 1),
         "params": params,
         "model": ema,
@@ -349,6 +353,7 @@ def train_nuclei(
     if export:
         extra = {
             "validation_images": [{"key": it.key, "mpp": round(it.mpp, 5)} for it in val_items],
+            "tune_images": [{"key": it.key, "mpp": round(it.mpp, 5)} for it in tune_items],
             "train_images": len(train_keys),
             "training": {
                 "epochs": len(history),
@@ -364,7 +369,7 @@ def train_nuclei(
                 "dsb_target_median_diameter_px": dn.TARGET_MEDIAN_DIAMETER_PX,
             },
         }
-        export_model(ema, out_dir, val_items=val_items, extra=extra)
+        export_model(ema, out_dir, check_items=tune_items or train_items, extra=extra)
     log.info(
         "done in %.1f min total (%.1f this session)", minutes, (time.perf_counter() - t_start) / 60
     )
