@@ -124,6 +124,19 @@ def test_tiny_training_exports_a_valid_model(tmp_path):
     assert main(argv) == 0
     assert load_spec(out).extra["training"]["epochs_run"] == 2
 
+    # the evaluation runs end to end through the engine (CLI: --model as for the other tasks)
+    import json
+
+    from napari_hemato.train.evaluate_mitosis import main as evaluate_main
+
+    assert evaluate_main(["--model", str(out), "--data", str(data), "--canvas", "512",
+                          "--per-mosaic", "2", "--no-tissue", "--threads", "1",
+                          "--save", str(tmp_path / "m.json")]) == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["crops"]["n_crops"] == 3 and m["detection"]["n_crops"] == 3  # one test slide
+    d = m["crops"]["detection"]
+    assert d["tp"] + d["fn"] == 3 and 0.0 <= d["f1"] <= 1.0
+
 
 def test_effnet_detector_trains_on_composed_canvases_and_exports_exactly(tmp_path):
     """The default architecture: ImageNet trunk (not loaded here), 2x2 canvases, ONNX == torch
