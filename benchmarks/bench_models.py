@@ -3,9 +3,15 @@
 - nuclei: megapixels of slide per second end to end through the engine, on a
   real-H&E mosaic (built by ``bench_engine.py``) at 0.5 µm/px;
 - wbc: cells per second through ``CellClassifier.classify_crops`` (crop, size
-  normalisation, resize, inference) on real PBC images, batch 64.
+  normalisation, colour standardisation, resize, inference) on real PBC
+  images, batch 64;
+- smear: BCCD fields (640×480) per second through ``api.analyze`` (detector +
+  WBC subtype stage), and cells per second;
+- mitosis: megapixels of slide per second end to end on a piece of the same
+  mosaic (0.5 µm/px slide, resampled by the engine to the model's 0.25 µm/px:
+  4 work-grid pixels per slide pixel).
 
-Usage:  python benchmarks/bench_models.py [--size 6000]
+Usage:  python benchmarks/bench_models.py [--size 6000] [--only nuclei,wbc,smear,mitosis]
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-PBC = HERE.parent.parent / "shared" / "data" / "pbc"
+DATA = HERE.parent.parent / "shared" / "data"
+PBC = DATA / "pbc"
 
 
 def bench_nuclei(size: int) -> dict:
@@ -64,18 +71,61 @@ def bench_wbc(n: int = 512) -> dict:
                     "estimated = classify-cells on single-cell images"}
 
 
+def bench_smear(n: int = 20) -> dict:
+    from napari_hemato.api import analyze
+    from napari_hemato.train.data_smear import BCCD_MPP, read_split
+
+    bccd = DATA / "bccd"
+    stems = read_split(bccd, "val")[:n]
+    cells = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        analyze(bccd / "JPEGImages" / f"{stems[0]}.jpg", task="smear", mpp=BCCD_MPP,
+                out=Path(tmp) / "warm.zarr")
+        t0 = time.perf_counter()
+        for s in stems:
+            r = analyze(bccd / "JPEGImages" / f"{s}.jpg", task="smear", mpp=BCCD_MPP,
+                        out=Path(tmp) / f"{s}.zarr")
+            cells += r.n_objects
+        dt = time.perf_counter() - t0
+    return {"fields": len(stems), "seconds": round(dt, 2), "fields_per_s": round(len(stems) / dt, 3),
+            "cells": cells, "cells_per_s": round(cells / dt, 1),
+            "note": "640x480 BCCD fields at 0.08 um/px, detector + WBC subtype stage, one call each"}
+
+
+def bench_mitosis(size: int) -> dict:
+    from bench_engine import build_slide
+
+    from napari_hemato.api import analyze
+
+    slide = build_slide(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = analyze(slide, task="mitosis", out=Path(tmp) / "r.zarr")
+        dt = time.perf_counter() - t0
+    mp = size * size / 1e6
+    return {"slide_mp": mp, "slide_mpp": 0.5, "seconds": round(dt, 2), "mp_per_s": round(mp / dt, 3),
+            "work_grid_mp_per_s": round(float(np.prod(result.grid.shape)) / 1e6 / dt, 3),
+            "tiles": len(result.plan), "input_px": result.plan.input_size,
+            "detections": result.n_objects,
+            "timings_s": {k: round(v, 2) for k, v in result.timings.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=6000, help="mosaic side in px (default 6000 = 36 MP)")
-    parser.add_argument("--skip-wbc", action="store_true")
+    parser.add_argument("--only", default="nuclei,wbc,smear,mitosis",
+                        help="comma-separated models to time (default all bundled)")
     args = parser.parse_args()
     from napari_hemato.models.registry import bundled_models
 
-    report = {"cpu_count": os.cpu_count(), "bundled": sorted(bundled_models())}
-    if "nuclei" in bundled_models():
-        report["nuclei"] = bench_nuclei(args.size)
-    if "wbc" in bundled_models() and not args.skip_wbc:
-        report["wbc"] = bench_wbc()
+    wanted = set(args.only.split(","))
+    have = bundled_models()
+    report = {"cpu_count": os.cpu_count(), "bundled": sorted(have)}
+    runs = {"nuclei": lambda: bench_nuclei(args.size), "wbc": bench_wbc, "smear": bench_smear,
+            "mitosis": lambda: bench_mitosis(min(args.size, 3000))}
+    for name, run in runs.items():
+        if name in wanted and name in have:
+            report[name] = run()
     print(json.dumps(report, indent=2))
 
 
