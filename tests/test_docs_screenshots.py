@@ -17,8 +17,10 @@ pytestmark = pytest.mark.gui
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
-def analyse(qtbot, widget, task, roi_shape=None):
+def analyse(qtbot, widget, task, roi_shape=None, mpp=None):
     widget.task.value = task
+    if mpp is not None:  # a JPEG has no pixel size: the user types it in
+        widget.mpp.value = mpp
     if roi_shape is not None:
         widget.region.value = "drawn shapes"
         widget.shapes.value = roi_shape
@@ -97,10 +99,14 @@ def test_smear_walkthrough_screenshot(make_napari_viewer, qtbot, tmp_path):
     viewer.open(field, plugin="napari-hemato")
     widget = AnalyzeWidget(viewer)
     dock = viewer.window.add_dock_widget(widget, name="Analyse")
-    analyse(qtbot, widget, "smear")
+    analyse(qtbot, widget, "smear", mpp=0.08)  # RBCs ~100 px across: ~0.08 µm/px
     cells = viewer.layers[-1]
     table = cells.features
     assert (table["cell_type"] == "WBC").sum() >= 1 and (table["cell_type"] == "RBC").sum() > 20
+    # the JPEG layer is in pixels: the µm/px typed into the widget must not put the results
+    # in µm (a tiny patch in the image's corner); they cover the image, pixel for pixel
+    image = viewer.layers["smear_field_cbc"]
+    np.testing.assert_allclose(cells.extent.world, image.extent.world, atol=2.0)
     viewer.window.remove_dock_widget(dock)
     review = ReviewWidget(viewer)
     viewer.window.add_dock_widget(review, name="Review and correct")

@@ -33,6 +33,7 @@ from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
 from napari_hemato.io.layers import KEY
 from napari_hemato.io.viewer import (
+    in_image_world,
     layer_mpp,
     result_layer_data,
     run_store_path,
@@ -192,11 +193,13 @@ class AnalyzeWidget(Container):
 
             attrs = json.loads((Path(out) / "labels" / "zarr.json").read_text())["attributes"]
             transforms = attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+            place = {"scale": transforms[0]["scale"], "translate": transforms[1]["translation"]}
+            if attrs["multiscales"][0]["axes"][0]["unit"] == "micrometer":
+                place["units"] = ("um", "um")
+            place = in_image_world(place, self._last["layer"], self._last["slide"].mpp)
             self._preview = self._viewer.add_labels(
                 zarr.open_array(str(labels_path), mode="r"), name=f"{self._last['task']} (running)",
-                scale=transforms[0]["scale"], translate=transforms[1]["translation"], opacity=0.4,
-                units=("um", "um") if attrs["multiscales"][0]["axes"][0]["unit"] == "micrometer" else None,
-                metadata={KEY: {"role": "preview", "result": str(out)}},
+                opacity=0.4, metadata={KEY: {"role": "preview", "result": str(out)}}, **place,
             )
         else:
             self._preview.refresh()
@@ -213,6 +216,8 @@ class AnalyzeWidget(Container):
             suffix = f" region {k + 1}" if len(results) > 1 else ""
             name = f"{params['layer'].name} {params['task']}{suffix}"
             for data, kwargs, kind in result_layer_data(result, name=name):
+                mpp0 = None if result.grid.mpp_assumed else result.grid.mpp0
+                kwargs = in_image_world(kwargs, params["layer"], mpp0)
                 layer = self._viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
                 layer.metadata[KEY]["sidecar_name"] = layer.name
                 if layer.metadata[KEY].get("lazy"):

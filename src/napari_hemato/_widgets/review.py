@@ -247,9 +247,10 @@ class ReviewWidget(QWidget):
         self.merge_with.setValue(0)
         self._show_cam(row)
         if center:
-            unit = session.annotations.mpp or 1.0
+            from napari_hemato.io.viewer import level0_to_world
+
             camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
-            camera.center = (float(row["y"]) * unit, float(row["x"]) * unit)
+            camera.center = level0_to_world(self.layer, float(row["y"]), float(row["x"]))
         if session.annotations.kind == "instances" and session.labels is not None:
             self.layer.selected_label = int(obj_id)
 

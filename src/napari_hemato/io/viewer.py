@@ -107,6 +107,7 @@ def result_layer_data(result, *, name: str, roi=None) -> list[tuple]:
                         metadata={"result": str(result.path), "lazy": True})
     scale, translate = grid.napari_placement()
     meta = layer_metadata(ann, role="instances", run_id=result.path.stem)
+    meta[KEY]["px0_per_data"] = float(grid.factor)
     kwargs = {"name": name, "scale": scale, "translate": translate, "opacity": 0.55,
               "features": features_of(table), "metadata": meta}
     colormap = labels_colormap(table, result.spec.class_names)
@@ -126,3 +127,60 @@ def restore_saved_layers(image_path: str | Path) -> list[tuple]:
         except (OSError, ValueError, KeyError) as err:
             log.warning("could not restore %s: %s", folder, err)
     return layers
+
+
+def in_image_world(kwargs: dict, image_layer, mpp0: float | None) -> dict:
+    """Layer kwargs placed in µm, re-expressed in the world units of ``image_layer``.
+
+    Result layers are placed in µm whenever the run knew a pixel size. An
+    image layer without one (a JPEG opened by napari or by our reader) lives in
+    pixels times its own ``scale``; when the user typed the µm/px into the
+    Analyse widget, the results must follow the image, not the other way round,
+    or they land as a tiny patch in its corner. Returns new kwargs.
+
+    Examples
+    --------
+    >>> class Img:  # a JPEG layer: pixels, no units
+    ...     scale, translate, units, metadata = (1.0, 1.0), (0.0, 0.0), ("pixel", "pixel"), {}
+    >>> kw = in_image_world({"scale": (0.16, 0.16), "translate": (8.0, 0.0), "units": ("um", "um")},
+    ...                     Img(), 0.08)
+    >>> kw["scale"], kw["translate"], "units" in kw
+    ((2.0, 2.0), (100.0, 0.0), False)
+    """
+    if not mpp0 or "units" not in kwargs or layer_mpp(image_layer) is not None:
+        return kwargs
+    sy, sx = (float(v) for v in image_layer.scale[-2:])
+    ty, tx = (float(v) for v in image_layer.translate[-2:])
+    scale = kwargs.get("scale", (1.0, 1.0))
+    translate = kwargs.get("translate", (0.0, 0.0))
+    out = {k: v for k, v in kwargs.items() if k != "units"}
+    out["scale"] = (float(scale[0]) / mpp0 * sy, float(scale[1]) / mpp0 * sx)
+    out["translate"] = (float(translate[0]) / mpp0 * sy + ty, float(translate[1]) / mpp0 * sx + tx)
+    return out
+
+
+def level0_to_world(layer, y: float, x: float) -> tuple[float, float]:
+    """World coordinates of level-0 pixel ``(y, x)`` of the image a result layer belongs to.
+
+    Works whatever the layer's units (µm, or the image's pixels) and grid: an
+    in-memory layer's data is on the level-0 grid from its ``origin``; a lazy
+    whole-slide layer's data is the work grid, ``px0_per_data`` level-0 pixels
+    per data pixel (recorded in its metadata).
+
+    Examples
+    --------
+    >>> class L:
+    ...     scale, translate = (2.0, 2.0), (100.0, 0.0)
+    ...     metadata = {"napari_hemato": {"origin": [50, 0]}}
+    >>> level0_to_world(L(), 60.0, 10.0)
+    (120.0, 20.0)
+    """
+    meta = layer.metadata.get(KEY, {})
+    oy, ox = (float(v) for v in meta.get("origin", (0, 0)))
+    k = float(meta.get("px0_per_data", 1.0))
+    # a work-grid pixel i covers level-0 [origin + i k, origin + (i + 1) k): its centre is
+    # origin + (i + 0.5) k - 0.5, so level-0 p is at data (p - origin + 0.5) / k - 0.5
+    dy, dx = (y - oy + 0.5) / k - 0.5, (x - ox + 0.5) / k - 0.5
+    sy, sx = (float(v) for v in layer.scale[-2:])
+    ty, tx = (float(v) for v in layer.translate[-2:])
+    return (ty + dy * sy, tx + dx * sx)
