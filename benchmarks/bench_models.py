@@ -30,7 +30,8 @@ DATA = HERE.parent.parent / "shared" / "data"
 PBC = DATA / "pbc"
 
 
-def bench_nuclei(size: int) -> dict:
+def bench_slide(task: str, size: int) -> dict:
+    """End-to-end megapixels of slide per second for ``task`` on a ``size``² mosaic (0.5 µm/px)."""
     from bench_engine import build_slide
 
     from napari_hemato.api import analyze
@@ -38,12 +39,14 @@ def bench_nuclei(size: int) -> dict:
     slide = build_slide(size)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        result = analyze(slide, task="nuclei", out=Path(tmp) / "r.zarr")
+        result = analyze(slide, task=task, out=Path(tmp) / "r.zarr")
         dt = time.perf_counter() - t0
     mp = size * size / 1e6
-    return {"slide_mp": mp, "seconds": round(dt, 2), "mp_per_s": round(mp / dt, 3),
+    return {"slide_mp": mp, "slide_mpp": 0.5, "seconds": round(dt, 2), "mp_per_s": round(mp / dt, 3),
+            "work_grid_mp_per_s": round(float(np.prod(result.grid.shape)) / 1e6 / dt, 3),
             "tiles": len(result.plan), "input_px": result.plan.input_size,
-            "objects": result.n_objects, "timings_s": {k: round(v, 2) for k, v in result.timings.items()}}
+            "objects": result.n_objects,
+            "timings_s": {k: round(v, 2) for k, v in result.timings.items()}}
 
 
 def bench_wbc(n: int = 512) -> dict:
@@ -92,24 +95,6 @@ def bench_smear(n: int = 20) -> dict:
             "note": "640x480 BCCD fields at 0.08 um/px, detector + WBC subtype stage, one call each"}
 
 
-def bench_mitosis(size: int) -> dict:
-    from bench_engine import build_slide
-
-    from napari_hemato.api import analyze
-
-    slide = build_slide(size)
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        result = analyze(slide, task="mitosis", out=Path(tmp) / "r.zarr")
-        dt = time.perf_counter() - t0
-    mp = size * size / 1e6
-    return {"slide_mp": mp, "slide_mpp": 0.5, "seconds": round(dt, 2), "mp_per_s": round(mp / dt, 3),
-            "work_grid_mp_per_s": round(float(np.prod(result.grid.shape)) / 1e6 / dt, 3),
-            "tiles": len(result.plan), "input_px": result.plan.input_size,
-            "detections": result.n_objects,
-            "timings_s": {k: round(v, 2) for k, v in result.timings.items()}}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=6000, help="mosaic side in px (default 6000 = 36 MP)")
@@ -121,8 +106,8 @@ def main() -> None:
     wanted = set(args.only.split(","))
     have = bundled_models()
     report = {"cpu_count": os.cpu_count(), "bundled": sorted(have)}
-    runs = {"nuclei": lambda: bench_nuclei(args.size), "wbc": bench_wbc, "smear": bench_smear,
-            "mitosis": lambda: bench_mitosis(min(args.size, 3000))}
+    runs = {"nuclei": lambda: bench_slide("nuclei", args.size), "wbc": bench_wbc,
+            "smear": bench_smear, "mitosis": lambda: bench_slide("mitosis", min(args.size, 3000))}
     for name, run in runs.items():
         if name in wanted and name in have:
             report[name] = run()

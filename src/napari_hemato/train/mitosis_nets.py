@@ -22,11 +22,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from napari_hemato.train.nets import ConvBNReLU
+from napari_hemato.train.nets import (
+    TFLITE_NORMALIZATION,
+    ConvBNReLU,
+    FrozenTrunk,
+    efficientnet_trunk,
+    run_blocks,
+)
 
 #: ImageNet statistics (MitosisNet) and TF-Lite EfficientNet preprocessing (MitosisEffNet)
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-TFLITE_NORM = ((127.0 / 255.0,) * 3, (128.0 / 255.0,) * 3)
+TFLITE_NORM = (tuple(TFLITE_NORMALIZATION["mean"]), tuple(TFLITE_NORMALIZATION["std"]))
 ARCHES = ("effnet", "small")
 
 
@@ -77,7 +83,7 @@ class MitosisNet(nn.Module):
         return F.interpolate(h, scale_factor=4.0, mode="bilinear", align_corners=False)
 
 
-class MitosisEffNet(nn.Module):
+class MitosisEffNet(FrozenTrunk, nn.Module):
     """EfficientNet-Lite0 trunk to 1/16 + one decoder step to 1/8 + bilinear ×8.
 
     Inputs must be multiples of 32 px: then every "same" padding of the trunk
@@ -104,45 +110,25 @@ class MitosisEffNet(nn.Module):
     def __init__(self, n_classes: int = 2, *, pretrained: bool = True, freeze_blocks: int = 3,
                  image_size: int = 256, drop_connect: float = 0.1) -> None:
         super().__init__()
-        from napari_hemato.train.wbc import build_model
-
-        base = build_model(size=image_size, pretrained=pretrained, drop_connect=drop_connect)
-        self.stem = nn.Sequential(base._conv_stem, base._bn0)
-        self.act = base._swish
-        self.blocks = nn.ModuleList(base._blocks[: self.LAST_BLOCK + 1])
-        self.n_all_blocks = len(base._blocks)
+        self.stem, self.act, self.blocks, self.n_all_blocks = efficientnet_trunk(
+            self.LAST_BLOCK, pretrained=pretrained, image_size=image_size, drop_connect=drop_connect)
         self.drop_connect = drop_connect
         self.freeze_blocks = int(freeze_blocks)
-        c_last = base._blocks[self.LAST_BLOCK]._project_conv.out_channels
-        c_skip = base._blocks[self.SKIP_BLOCK]._project_conv.out_channels
+        c_last = self.blocks[self.LAST_BLOCK]._project_conv.out_channels
+        c_skip = self.blocks[self.SKIP_BLOCK]._project_conv.out_channels
         self.dec1 = ConvBNReLU(c_last + c_skip, 64)
         self.dec2 = ConvBNReLU(64, 64)
         self.out = nn.Conv2d(64, 1 + n_classes, 1)
         with torch.no_grad():
             self.out.bias[0] = -4.0
-        for m in self.frozen():
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def frozen(self) -> list[nn.Module]:
-        return [self.stem, *self.blocks[: self.freeze_blocks]]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in self.frozen():  # frozen batch norms keep their ImageNet statistics
-            m.eval()
-        return self
+        self.freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.stem(x))
-        skip = None
-        for i, block in enumerate(self.blocks):
-            rate = self.drop_connect * i / self.n_all_blocks if self.training else None
-            h = block(h, drop_connect_rate=rate)
-            if i == self.SKIP_BLOCK:
-                skip = h
+        h, taps = run_blocks(self.blocks, self.act(self.stem(x)), drop_connect=self.drop_connect,
+                             n_all=self.n_all_blocks, training=self.training,
+                             taps=(self.SKIP_BLOCK,))
         h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
-        h = self.dec2(self.dec1(torch.cat([h, skip], dim=1)))
+        h = self.dec2(self.dec1(torch.cat([h, taps[self.SKIP_BLOCK]], dim=1)))
         return F.interpolate(self.out(h), scale_factor=8.0, mode="bilinear", align_corners=False)
 
 

@@ -138,7 +138,29 @@ def run_blocks(blocks, h: torch.Tensor, *, drop_connect: float, n_all: int, trai
     return h, kept
 
 
-class EffUNet(nn.Module):
+class FrozenTrunk:
+    """Mixin: ``frozen()`` modules keep weights and batch-norm statistics fixed in training.
+
+    The class sets ``self.stem``, ``self.blocks`` and ``self.freeze_blocks``;
+    call :meth:`freeze` once after building.
+    """
+
+    def frozen(self) -> list[nn.Module]:
+        return [self.stem, *self.blocks[: self.freeze_blocks]]
+
+    def freeze(self) -> None:
+        for m in self.frozen():
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen():  # frozen batch norms keep their ImageNet statistics
+            m.eval()
+        return self
+
+
+class EffUNet(FrozenTrunk, nn.Module):
     """U-Net decoder + full-resolution head on the EfficientNet-Lite0 trunk (to 1/16).
 
     Skips at 1/2 (block 0), 1/4 (block 2), 1/8 (block 4); the decoder has
@@ -171,18 +193,7 @@ class EffUNet(nn.Module):
         self.full = ConvBNReLU(3, head_channels)
         self.head = ConvBNReLU(w2 + head_channels, head_channels)
         self.out = nn.Conv2d(head_channels, out_channels, 1)
-        for m in self.frozen():
-            for p in m.parameters():
-                p.requires_grad_(False)
-
-    def frozen(self) -> list[nn.Module]:
-        return [self.stem, *self.blocks[: self.freeze_blocks]]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for m in self.frozen():  # frozen batch norms keep their ImageNet statistics
-            m.eval()
-        return self
+        self.freeze()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, taps = run_blocks(self.blocks, self.act(self.stem(x)), drop_connect=self.drop_connect,
