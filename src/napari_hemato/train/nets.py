@@ -6,9 +6,9 @@ combines the upsampled decoder features with a 3×3 convolution of the input so
 boundaries stay sharp. Inputs must have H, W divisible by
 :attr:`SmallUNet.size_divisor`.
 
-:class:`EffUNet` has the same decoder and head on the ImageNet-initialised
-EfficientNet-Lite0 trunk (:func:`efficientnet_trunk`, offline weights) down
-to 1/16; inputs must be multiples of 32.
+:func:`efficientnet_trunk`, :func:`run_blocks` and :class:`FrozenTrunk` build
+networks on the ImageNet-initialised EfficientNet-Lite0 trunk (offline
+weights), e.g. :class:`napari_hemato.train.mitosis_nets.MitosisEffNet`.
 """
 
 from __future__ import annotations
@@ -158,48 +158,3 @@ class FrozenTrunk:
         for m in self.frozen():  # frozen batch norms keep their ImageNet statistics
             m.eval()
         return self
-
-
-class EffUNet(FrozenTrunk, nn.Module):
-    """U-Net decoder + full-resolution head on the EfficientNet-Lite0 trunk (to 1/16).
-
-    Skips at 1/2 (block 0), 1/4 (block 2), 1/8 (block 4); the decoder has
-    ``widths`` channels at 1/8, 1/4, 1/2 and the head ``head_channels``.
-
-    Examples
-    --------
-    >>> net = EffUNet(pretrained=False)  # doctest: +SKIP
-    >>> net(torch.zeros(1, 3, 64, 96)).shape  # doctest: +SKIP
-    torch.Size([1, 2, 64, 96])
-    """
-
-    size_divisor = 32
-    normalization = TFLITE_NORMALIZATION
-    TAPS = (0, 2, 4)
-    LAST = 10
-
-    def __init__(self, out_channels: int = 2, *, widths=(64, 48, 32), head_channels: int = 12,
-                 pretrained: bool = True, freeze_blocks: int = 1, drop_connect: float = 0.1) -> None:
-        super().__init__()
-        self.stem, self.act, self.blocks, self.n_all = efficientnet_trunk(
-            self.LAST, pretrained=pretrained, drop_connect=drop_connect)
-        self.drop_connect, self.freeze_blocks = drop_connect, int(freeze_blocks)
-        self.widths = tuple(int(w) for w in widths)
-        ch = [self.blocks[i]._project_conv.out_channels for i in (*self.TAPS, self.LAST)]
-        w8, w4, w2 = self.widths
-        self.dec8 = ConvBNReLU(ch[3] + ch[2], w8)
-        self.dec4 = ConvBNReLU(w8 + ch[1], w4)
-        self.dec2 = ConvBNReLU(w4 + ch[0], w2)
-        self.full = ConvBNReLU(3, head_channels)
-        self.head = ConvBNReLU(w2 + head_channels, head_channels)
-        self.out = nn.Conv2d(head_channels, out_channels, 1)
-        self.freeze()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, taps = run_blocks(self.blocks, self.act(self.stem(x)), drop_connect=self.drop_connect,
-                             n_all=self.n_all, training=self.training, taps=self.TAPS)
-        for dec, skip in ((self.dec8, taps[4]), (self.dec4, taps[2]), (self.dec2, taps[0])):
-            h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
-            h = dec(torch.cat([h, skip], dim=1))
-        h = F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False)
-        return self.out(self.head(torch.cat([h, self.full(x)], dim=1)))
