@@ -453,16 +453,17 @@ def train_mitosis(
         result["spec"] = export_model(net, out, mpp=mpp, threshold=threshold, split=split,
                                       training={**_training_info(result, epochs, seed, threads,
                                                                  batch_size, steps_per_epoch,
-                                                                 widths, len(train), t_start),
+                                                                 len(train), t_start),
                                                 "arch": arch, "compose": compose, "lr": lr,
+                                                **({"widths": list(widths)} if arch == "small" else {}),
                                                 "pretrained": pretrained and arch == "effnet"})
     return result
 
 
-def _training_info(result, epochs, seed, threads, batch_size, steps, widths, n_train, t_start):
+def _training_info(result, epochs, seed, threads, batch_size, steps, n_train, t_start):
     return {"epochs_planned": epochs, "epochs_run": len(result["history"]), "seed": seed,
             "threads": threads, "batch_size": batch_size, "steps_per_epoch": steps,
-            "widths": list(widths), "train_crops": n_train,
+            "train_crops": n_train,
             "train_minutes": result["train_minutes"], "stopped_early": result["stopped_early"],
             "best_epoch": None if result["best"] is None else result["best"]["epoch"],
             "wall_minutes_incl_loading": round((time.perf_counter() - t_start) / 60, 2)}
