@@ -65,6 +65,7 @@ from napari_hemato.train.data_wbc import CellImages, assign_split, balanced_weig
 log = logging.getLogger(__name__)
 
 ARCH = "efficientnet-lite0"
+VERSION = "0.2.0"
 # TF-Lite EfficientNet preprocessing ((x - 127) / 128), which the converted weights expect
 MEAN = (127.0 / 255.0,) * 3
 STD = (128.0 / 255.0,) * 3
@@ -342,7 +343,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 # -- export --------------------------------------------------------------------
 def export_model(net: nn.Module, out_dir: Path, *, size: int, context: float, extra: dict,
                  check_inputs: np.ndarray | None = None, name: str = "hemato-wbc-pbc11",
-                 version: str = "0.1.0", temperature: float = 1.0, colour: str = "none") -> float:
+                 version: str = VERSION, temperature: float = 1.0, colour: str = "none") -> float:
     """Write ``model.onnx`` (opset 17, dynamic batch, single file) and ``model.json``.
 
     onnxruntime must agree with torch (max |Δ| < 1e-4 on probs and CAM) on
