@@ -14,6 +14,7 @@ after review); ``reviewed`` is False until a person confirms the object.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,6 +22,8 @@ import pandas as pd
 
 from napari_hemato.core.geometry import WorkGrid
 from napari_hemato.core.objects import TileOutput
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from napari_hemato.models.spec import ModelSpec
@@ -95,16 +98,38 @@ def summarize(table: pd.DataFrame) -> dict:
 
 
 STRING_COLUMNS = ("class", "class_auto", "cell_type", "model", "model_version", "provenance")
+# pandas 3 parses floats exactly by default (and deprecates the option)
+_EXACT = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+_CANONICAL = {"id": "int64", "bbox_y0": "int64", "bbox_x0": "int64", "bbox_y1": "int64",
+              "bbox_x1": "int64"}
 
 
-def read_table_csv(path) -> pd.DataFrame:
-    """Read an object table CSV with its string and boolean columns intact."""
+def read_table_csv(path, dtypes: dict | None = None) -> pd.DataFrame:
+    """Read an object table CSV exactly as it was written.
+
+    The one reader of every table this package writes (sidecars, exports,
+    ``analyze --table``): floats parse to the same bits, class-like columns stay
+    strings (a class called ``"1"`` or ``"NA"`` is not a number or a missing
+    value), ``reviewed`` is boolean, ids and boxes are integers, and ``dtypes``
+    (a header's ``{column: dtype}``) restores the rest.
+    """
     head = pd.read_csv(path, nrows=0).columns
-    table = pd.read_csv(path, dtype={c: str for c in STRING_COLUMNS if c in head},
-                        keep_default_na=False, na_values=[""])
-    for c in STRING_COLUMNS:
-        if c in table:
-            table[c] = table[c].fillna("").astype(object)
+    strings = [c for c in head if c in STRING_COLUMNS
+               or str((dtypes or {}).get(c, "")) in ("object", "str", "string")]
+    table = pd.read_csv(path, dtype={c: str for c in strings},
+                        keep_default_na=False, na_values=[""], **_EXACT)
+    for c in strings:  # a header's own string dtype wins; else plain strings, "" for missing
+        declared = (dtypes or {}).get(c)
+        table[c] = table[c].astype(declared) if declared else table[c].fillna("").astype(object)
     if "reviewed" in table:
         table["reviewed"] = table["reviewed"].astype(str).str.lower().isin(["true", "1"])
+    wanted = {c: t for c, t in _CANONICAL.items() if c in table and table[c].notna().all()}
+    wanted.update({c: t for c, t in (dtypes or {}).items() if c in table and c not in strings
+                   and c != "reviewed"})
+    for col, dtype in wanted.items():
+        if str(table[col].dtype) != dtype:
+            try:
+                table[col] = table[col].astype(dtype)
+            except (TypeError, ValueError) as exc:
+                log.warning("column %r kept as %s (not %s): %s", col, table[col].dtype, dtype, exc)
     return table

@@ -490,7 +490,8 @@ def train_wbc(
     tr_df = df[df["split"] == "train"].reset_index(drop=True)
     va_df = df[df["split"] == "val"].reset_index(drop=True)
     log.info("data %s: %d train, %d val images (%s)", data_dir, len(tr_df), len(va_df), rule)
-    log.info("train per class: %s", tr_df["class"].value_counts().reindex(CLASS_NAMES).fillna(0).astype(int).to_dict())
+    per_class = tr_df["class"].value_counts().reindex(CLASS_NAMES).fillna(0).astype(int)
+    log.info("train per class: %s", ", ".join(f"{k} {v}" for k, v in per_class.items()))
     t0 = time.perf_counter()
     train = CellImages(tr_df, data_dir, cache=out_dir / "geometry_train.csv")
     val = CellImages(va_df, data_dir, cache=out_dir / "geometry_val.csv") if len(va_df) else None

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from napari_hemato.core import table as table_io
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
 
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 POINT_COLUMNS = ["id", "y_px", "x_px", "y_um", "x_um", "class", "score", "confidence",
                  "provenance", "reviewed"]
-# pandas 3 parses floats exactly by default (and deprecates the option)
-_EXACT = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127)]
 _CANONICAL = {"id": "int64", "bbox_y0": "int64", "bbox_x0": "int64", "bbox_y1": "int64",
@@ -105,12 +104,11 @@ def write_table_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def read_table_csv(path: str | os.PathLike, dtypes: dict | None = None) -> pd.DataFrame:
-    """Read a table written by :func:`write_table_csv`, floats exact, dtypes restored."""
+    """:func:`napari_hemato.core.table.read_table_csv`, failing as an :class:`ExportError`."""
     try:
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], **_EXACT)
+        return table_io.read_table_csv(path, dtypes)
     except (OSError, ValueError, pd.errors.ParserError) as exc:
         raise ExportError(f"cannot read table {path}: {exc}") from exc
-    return restore_table(frame, list(frame.columns), dtypes)
 
 
 def header(ann: AnnotationSet) -> dict:
