@@ -215,3 +215,13 @@ def test_whole_classes_are_not_split_and_tiling_keeps_them_whole(tmp_path):
     split = run(slide, DarkBlobPredictor(fake_spec(**{**spec.__dict__, "postprocess": {
         k: v for k, v in spec.postprocess.items() if k != "whole_classes"}})), out=tmp_path / "s.zarr")
     assert len(split.table()) == 4  # without whole_classes the blue pair is cut in two
+
+
+def test_h_maxima_seeds_tiled_equals_untiled(tmp_path, disk_slide):
+    """``postprocess.seed_h`` (dynamics of the distance map) is local: tiling changes nothing."""
+    spec = fake_spec(postprocess={"threshold": 0.5, "seed_h": 1.0, "min_area_um2": 4.0})
+    tiled = run(disk_slide, DarkBlobPredictor(spec), out=tmp_path / "t.zarr", tile=96)
+    whole = run(disk_slide, DarkBlobPredictor(spec), out=tmp_path / "w.zarr", tile=4096)
+    a, b = tiled.labels()[:], whole.labels()[:]
+    assert len(tiled.plan) >= 4 and a.max() > 100
+    assert same_partition(a, b)

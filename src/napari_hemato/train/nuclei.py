@@ -47,7 +47,7 @@ from napari_hemato.train.nets import SigmoidOutputs, SmallUNet
 log = logging.getLogger("napari_hemato.train.nuclei")
 
 NAME = "hemato-nuclei-he"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 OUTPUTS = {"foreground": "foreground", "distance": "distance"}
 DEFAULT_POSTPROCESS = {
@@ -152,7 +152,7 @@ def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
         "task": "nuclei",
         "kind": "instances",
         "mpp": dn.MODEL_MPP,
-        "tile": 512,
+        "tile": 768,
         "max_object_um": MAX_OBJECT_UM,
         "receptive_field_px": receptive_field_radius(net, size=512),
         "size_divisor": net.size_divisor,
