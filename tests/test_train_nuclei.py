@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from napari_hemato.models.registry import BUNDLED
@@ -76,6 +77,40 @@ def test_tiny_training_exports_a_valid_model(shared_data, tmp_path):
     assert metrics["per_image"][0]["key"] == "nuclei_he_miccai/image04"
     for key in ("f1", "aji_mean", "map_mean"):
         assert 0.0 <= metrics["pooled"][key] <= 1.0
+
+
+def test_training_takes_the_plugins_exports_alongside_the_reference_data(tmp_path):
+    """``--data EXPORT_DIR`` (corrected nuclei exported by the plugin) adds training images;
+    an export-only run trains, exports and records where its images came from."""
+    pytest.importorskip("torch")
+    from skimage.io import imsave
+
+    from napari_hemato.core.annotations import AnnotationSet
+    from napari_hemato.io.exporting import export_annotations
+    from napari_hemato.train.nuclei import main, train_nuclei
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(200, 250, (160, 160, 3), dtype=np.uint8)
+    labels = np.zeros((160, 160), np.uint32)
+    yy, xx = np.indices(labels.shape)
+    for k, (cy, cx) in enumerate([(30, 30), (30, 90), (90, 50), (120, 120), (60, 130)], start=1):
+        labels[(yy - cy) ** 2 + (xx - cx) ** 2 <= 12**2] = k
+    image[labels > 0] = (90, 40, 120)
+    imsave(tmp_path / "he.png", image, check_contrast=False)
+    table = pd.DataFrame({"id": np.arange(1, 6), "class": ["nucleus"] * 5, "reviewed": [True] * 5})
+    ann = AnnotationSet("instances", table, ["nucleus"], labels, (0, 0), 0.5, str(tmp_path / "he.png"),
+                        (160, 160))
+    export_annotations(ann, tmp_path / "exports", ["tiff"], name="he")
+
+    kw = dict(steps_per_epoch=2, batch_size=2, crop=64, widths=(8, 16), head_channels=4, threads=1)
+    result = train_nuclei([tmp_path / "exports"], tmp_path / "m", epochs=1, seed=0, **kw)
+    assert result["train_keys"] == ["export/he_labels.tif"] and result["val_keys"] == []
+    spec = load_spec(tmp_path / "m")
+    assert spec.extra["export_images"] == [{"key": "export/he_labels.tif", "mpp": 0.5}]
+    # the CLI path: an export-only run has no reference data to tune or validate on, and says so
+    assert main(["--data", str(tmp_path / "exports"), "--out", str(tmp_path / "m2"), "--epochs", "1",
+                 "--steps-per-epoch", "1", "--batch-size", "2", "--crop", "64"]) == 0
+    assert (tmp_path / "m2" / "model.onnx").exists() and not (tmp_path / "m2" / "metrics.json").exists()
 
 
 @pytest.fixture(scope="module")

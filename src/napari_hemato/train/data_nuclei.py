@@ -9,6 +9,9 @@ Sources (folders of ``X.png`` + ``X_label.tif`` under the data folder):
   nucleus diameter becomes :data:`TARGET_MEDIAN_DIAMETER_PX` at the model's
   0.5 µm/px (the median of the MICCAI 20× tiles), see :func:`dsb_mpp`.
 
+The plugin's own exports of corrected nuclei (label TIFF, OME-Zarr, COCO,
+GeoJSON) are read by :func:`load_export_images` and join the training images.
+
 No torch here: numpy, scipy, scikit-image, tifffile.
 """
 
@@ -218,6 +221,39 @@ def load_images(data_dir: str | Path, keys: list[str], *, targets: bool = True):
     return [load_image(data_dir, k, targets=targets) for k in keys]
 
 
+def is_reference_folder(folder: str | Path) -> bool:
+    """True when ``folder`` holds one of :data:`SOURCES` (else it may be an export folder)."""
+    return any((Path(folder) / s).is_dir() for s in SOURCES)
+
+
+def load_export_images(folder: str | Path, *, images: str | Path | None = None,
+                       targets: bool = True) -> list[NucleusImage]:
+    """The plugin's exported (corrected) nucleus masks in ``folder`` as training images.
+
+    Every labelled object is a nucleus; the region is resampled to :data:`MODEL_MPP`
+    from the pixel size the export recorded (see :mod:`napari_hemato.train.data_export`).
+    """
+    from napari_hemato.train.data_export import list_instance_exports, load_instance_export
+
+    paths = list_instance_exports(folder)
+    if not paths:
+        raise FileNotFoundError(f"{folder}: no {'/'.join(SOURCES)} folders and no exported "
+                                "instance files (*_labels.tif, *.ome.zarr, *_coco.json, *.geojson)")
+    items = []
+    for path in paths:
+        region = load_instance_export(path, images=images)
+        if not region.mpp:
+            raise ValueError(f"{path}: the export has no pixel size; re-export it from an image "
+                             "whose µm/px is known (or typed in the Analyse widget)")
+        im, lb = to_model_grid(region.image, region.labels.astype(np.int32), region.mpp)
+        item = NucleusImage(region.key, im, lb, region.mpp, region.image.shape[:2])
+        if targets:
+            item.targets = make_targets(lb)
+        items.append(item)
+        log.info("%s: %d nuclei at %.3f µm/px", region.key, len(np.unique(lb)) - 1, region.mpp)
+    return items
+
+
 __all__ = [
     "MODEL_MPP",
     "NucleusImage",
@@ -225,7 +261,9 @@ __all__ = [
     "distance_target",
     "image_mpp",
     "labels_to_original",
+    "is_reference_folder",
     "list_keys",
+    "load_export_images",
     "load_image",
     "load_images",
     "make_targets",

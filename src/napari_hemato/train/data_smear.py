@@ -22,7 +22,10 @@ cells.
 
 A second source is the plugin's own export layout: a folder of images
 ``<stem>.png|jpg|tif`` with ``<stem>_label.tif`` (instance labels) and
-``<stem>.csv`` (``id,class``); those masks are complete, so nothing is ignored.
+``<stem>.csv`` (``id,class``), or any instance file the plugin's Export writes
+(``*_labels.tif``, ``*.ome.zarr``, ``*_coco.json``, ``*.geojson``, see
+:mod:`napari_hemato.train.data_export`); those masks are complete, so nothing
+is ignored.
 
 No torch here: numpy, scipy, scikit-image, pandas, tifffile.
 """
@@ -413,7 +416,7 @@ def list_export_stems(folder: str | Path) -> list[Path]:
 def load_export_sample(
     path: Path, *, default_mpp: float = BCCD_MPP, mpp: float = MODEL_MPP, targets: bool = True
 ) -> SmearSample:
-    """An exported image + instance labels + ``id,class`` table (complete masks)."""
+    """An image + ``<stem>_label.tif`` + ``<stem>.csv`` (``id,class``) triple (complete masks)."""
     import pandas as pd
     import tifffile
 
@@ -425,7 +428,35 @@ def load_export_sample(
     table = pd.read_csv(path.with_name(f"{path.stem}.csv"))
     if not {"id", "class"} <= set(table.columns):
         raise ValueError(f"{path.stem}.csv: needs columns 'id' and 'class'")
-    data_mpp = _tiff_mpp(lab_path) or default_mpp
+    names = dict(zip(table["id"].astype(np.int64), table["class"].astype(str), strict=True))
+    return _sample(f"export/{path.stem}", image, labels, names, _tiff_mpp(lab_path) or default_mpp,
+                   mpp=mpp, targets=targets)
+
+
+def load_instance_export_sample(path: Path, *, default_mpp: float = BCCD_MPP,
+                                mpp: float = MODEL_MPP, images: Path | None = None,
+                                targets: bool = True) -> SmearSample:
+    """A corrected smear exported by the plugin (label TIFF, OME-Zarr, COCO or GeoJSON).
+
+    The class of each object is its ``cell_type`` (RBC / WBC / Platelets) when the
+    table has one (the smear pipeline puts the WBC subtype in ``class``), else its
+    ``class``; objects of any other class are ignored in the losses.
+    """
+    from napari_hemato.train.data_export import load_instance_export
+
+    region = load_instance_export(path, images=images)
+    names = dict(region.classes)
+    if "cell_type" in region.table:
+        ids = region.table["id"].astype(np.int64).tolist()
+        for i, c in zip(ids, region.table["cell_type"].astype(str).tolist(), strict=True):
+            if c in CLASS_NAMES:
+                names[i] = c
+    return _sample(region.key, region.image, region.labels, names, region.mpp or default_mpp,
+                   mpp=mpp, targets=targets)
+
+
+def _sample(key: str, image: np.ndarray, labels: np.ndarray, names: dict, data_mpp: float, *,
+            mpp: float, targets: bool) -> SmearSample:
     factor = mpp / data_mpp
     img = resample(image, factor)
     lab = resample_labels(labels, factor)
@@ -434,13 +465,12 @@ def load_export_sample(
     if ids[0] != 0:
         lab += 1
         ids = np.concatenate([[0], ids])
-    names = dict(zip(table["id"].astype(np.int64), table["class"].astype(str), strict=True))
     classes = np.array([-1] + [CLASS_NAMES.index(names[i]) if names.get(i) in CLASS_NAMES else -1
-                               for i in ids[1:]], np.int64)
+                               for i in ids[1:].tolist()], np.int64)
     unknown = classes[lab] < 0
     ignore = unknown & (lab > 0)
     lab = np.where(unknown, 0, lab).astype(np.int32)
-    sample = SmearSample(f"export/{path.stem}", img, lab, classes, ignore)
+    sample = SmearSample(key, img, lab, classes, ignore)
     if targets:
         sample.targets = make_targets(sample)
     return sample
@@ -460,6 +490,7 @@ __all__ = [
     "load_bccd",
     "load_bccd_sample",
     "load_export_sample",
+    "load_instance_export_sample",
     "make_targets",
     "parse_voc",
     "pseudo_masks",

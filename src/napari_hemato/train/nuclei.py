@@ -69,17 +69,25 @@ def normalize(batch: torch.Tensor) -> torch.Tensor:
 class CropSampler:
     """Random training crops (image, fg, dist) from a list of images."""
 
-    def __init__(self, items, *, crop: int, miccai_fraction: float = 0.6) -> None:
+    def __init__(self, items, *, crop: int, miccai_fraction: float = 0.6,
+                 export_fraction: float = 0.5) -> None:
+        """Crops come ``miccai_fraction`` from MICCAI and the rest from DSB; when the plugin's
+        exports (source ``export``) are present they get ``export_fraction`` of all crops."""
         self.items = items
         self.crop = crop
         groups: dict[str, list[int]] = {}
         for i, it in enumerate(items):
             groups.setdefault(it.source, []).append(i)
+        reference = [g for g in groups if g != "export"]
+        own = export_fraction if "export" in groups and reference else 1.0
         probs = np.zeros(len(items))
         for source, idx in groups.items():
-            share = miccai_fraction if source == dn.MICCAI else 1 - miccai_fraction
-            if len(groups) == 1:
-                share = 1.0
+            if source == "export":
+                share = own
+            elif len(reference) == 1:
+                share = 1 - own if "export" in groups else 1.0
+            else:
+                share = (1 - own) * (miccai_fraction if source == dn.MICCAI else 1 - miccai_fraction)
             area = np.array([items[i].image.shape[0] * items[i].image.shape[1] for i in idx], float)
             probs[idx] = share * area / area.sum()
         self.probs = probs / probs.sum()
@@ -197,6 +205,15 @@ def export_model(net: SmallUNet, out_dir: Path, *, check_items=(), postprocess=N
     return out_dir
 
 
+def _split_data_dirs(data_dir) -> tuple[Path | None, list[Path]]:
+    """(reference folder with the public sources or None, export folders)."""
+    dirs = [Path(d) for d in (data_dir if isinstance(data_dir, (list, tuple)) else [data_dir])]
+    reference = [d for d in dirs if dn.is_reference_folder(d)]
+    if len(reference) > 1:
+        raise ValueError(f"more than one reference data folder: {reference}")
+    return (reference[0] if reference else None), [d for d in dirs if d not in reference]
+
+
 def train_nuclei(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -219,9 +236,11 @@ def train_nuclei(
 
     Parameters
     ----------
-    data_dir : path
+    data_dir : path or list of paths
         Folder holding ``nuclei_he_miccai/`` and/or ``nuclei_dsb2018_brightfield/``
-        (``X.png`` + ``X_label.tif``).
+        (``X.png`` + ``X_label.tif``; split into train / tune / validation), and/or
+        folders of the plugin's exported nucleus masks, which are all training images
+        (:func:`~napari_hemato.train.data_nuclei.load_export_images`; half the crops).
     out_dir : path
         Model folder: ``checkpoint.pt``, ``model.onnx``, ``model.json``, ``history.json``.
     epochs, steps_per_epoch, batch_size, crop : int
@@ -253,16 +272,22 @@ def train_nuclei(
     seed_everything(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = dn.list_keys(data_dir)
-    train_keys, val_keys = dn.split_keys(keys)
-    train_keys, tune_keys = dn.split_tune(train_keys)
-    if not train_keys:
+    reference, exports = _split_data_dirs(data_dir)
+    train_keys, tune_keys, val_keys = [], [], []
+    if reference is not None:
+        train_keys, val_keys = dn.split_keys(dn.list_keys(reference))
+        train_keys, tune_keys = dn.split_tune(train_keys)
+    train_items = dn.load_images(reference, train_keys) if train_keys else []
+    tune_items = dn.load_images(reference, tune_keys) if tune_keys else []
+    val_items = dn.load_images(reference, val_keys) if val_keys else []
+    export_items = [it for d in exports for it in dn.load_export_images(d)]
+    train_items += export_items
+    train_keys = [it.key for it in train_items]
+    if not train_items:
         raise ValueError(f"{data_dir}: no training images left after the validation split")
-    train_items = dn.load_images(data_dir, train_keys)
-    tune_items = dn.load_images(data_dir, tune_keys)
-    val_items = dn.load_images(data_dir, val_keys)
-    log.info("data: %d training, %d tuning, %d validation images (validation untouched until the "
-             "end)", len(train_items), len(tune_items), len(val_items))
+    log.info("data: %d training (%d from exports), %d tuning, %d validation images (validation "
+             "untouched until the end)", len(train_items), len(export_items), len(tune_items),
+             len(val_items))
 
     net = SmallUNet(widths=tuple(widths), head_channels=head_channels)
     ema = copy.deepcopy(net)
@@ -355,6 +380,7 @@ def train_nuclei(
             "validation_images": [{"key": it.key, "mpp": round(it.mpp, 5)} for it in val_items],
             "tune_images": [{"key": it.key, "mpp": round(it.mpp, 5)} for it in tune_items],
             "train_images": len(train_keys),
+            "export_images": [{"key": it.key, "mpp": round(it.mpp, 5)} for it in export_items],
             "training": {
                 "epochs": len(history),
                 "steps_per_epoch": steps_per_epoch,
@@ -383,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--data",
         required=True,
-        help="folder with nuclei_he_miccai/ and nuclei_dsb2018_brightfield/",
+        action="append",
+        help="folder with nuclei_he_miccai/ and nuclei_dsb2018_brightfield/, or a folder of the "
+        "plugin's exported nucleus masks (training images); repeat to combine",
     )
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--epochs", type=int, default=40)
@@ -411,11 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         crop=args.crop,
         max_minutes=args.max_minutes,
     )
-    if not args.no_eval:
+    reference, _ = _split_data_dirs(args.data)
+    if not args.no_eval and reference is None:
+        log.warning("no reference data folder: post-processing not tuned, no validation metrics")
+    elif not args.no_eval:
         from napari_hemato.train.evaluate_nuclei import evaluate_nuclei, tune_postprocess
 
-        tune_postprocess(args.out, args.data, threads=args.threads)
-        metrics = evaluate_nuclei(args.out, args.data)
+        tune_postprocess(args.out, reference, threads=args.threads)
+        metrics = evaluate_nuclei(args.out, reference)
         (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
 

@@ -122,10 +122,14 @@ def load_training_data(data_dirs, *, limit: int | None = None):
             tune += ds.load_bccd(d, tu)
             val_stems += va
         else:
+            from napari_hemato.train.data_export import list_instance_exports
+
             paths = ds.list_export_stems(d)
-            if not paths:
+            exported = list_instance_exports(d)
+            if not paths and not exported:
                 raise FileNotFoundError(f"{d}: neither a VOC folder nor an export folder")
             train += [ds.load_export_sample(p) for p in paths[:limit or None]]
+            train += [ds.load_instance_export_sample(p) for p in exported[:limit or None]]
     if not train:
         raise ValueError("no training images")
     return train, tune, val_stems
