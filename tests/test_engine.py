@@ -225,3 +225,16 @@ def test_h_maxima_seeds_tiled_equals_untiled(tmp_path, disk_slide):
     a, b = tiled.labels()[:], whole.labels()[:]
     assert len(tiled.plan) >= 4 and a.max() > 100
     assert same_partition(a, b)
+
+
+def test_unknown_pixel_size_uses_the_specs_assumed_input_mpp(tmp_path):
+    """A file without µm/px is read as if at ``assumed_input_mpp``: same result as stating it."""
+    path = write_tiff(tmp_path / "nompp.tif", disk_image((300, 400), n=40, seed=5))
+    spec = fake_spec(assumed_input_mpp=0.25)
+    bare = run(open_slide(path), DarkBlobPredictor(spec), out=tmp_path / "a.zarr")
+    told = run(open_slide(path, mpp=0.25), DarkBlobPredictor(spec), out=tmp_path / "b.zarr")
+    assert bare.grid.mpp_assumed and not told.grid.mpp_assumed
+    assert bare.grid.factor == told.grid.factor == 2.0
+    assert same_partition(bare.labels()[:], told.labels()[:]) and bare.labels()[:].max() > 10
+    with pytest.raises(Exception, match="assumed_input_mpp"):
+        fake_spec(assumed_input_mpp=-1.0)

@@ -87,3 +87,18 @@ def test_held_out_box_f1_on_the_first_validation_fields(shared_data):
     assert m["per_class"]["WBC"]["f1"] >= 0.9
     assert m["per_class"]["Platelets"]["recall"] >= 0.6
     assert m["rbc_annotated_regions"]["recall"] >= 0.75  # 0.81 on these 10, 0.93 on all 87
+
+
+@pytest.mark.shared_data
+def test_a_field_without_pixel_size_is_read_at_the_training_images_scale(result, shared_data, tmp_path):
+    """A JPEG states no µm/px: the smear spec's ``assumed_input_mpp`` (BCCD's 0.08) is used, not
+    the model's own 0.16 (at which every cell would look twice too big and fall apart)."""
+    from napari_hemato.api import analyze
+    from napari_hemato.models.spec import load_spec
+
+    assert load_spec(MODEL).assumed_input_mpp == BCCD_MPP
+    bare = analyze(shared_data / "bccd" / "JPEGImages" / f"{STEM}.jpg", task="smear", model=MODEL,
+                   out=tmp_path / "bare.zarr", threads=2)
+    assert bare.grid.mpp_assumed and bare.grid.mpp0 == BCCD_MPP and bare.grid.factor == 2.0
+    a, b = bare.table(), result.table()
+    assert len(a) == len(b) and (a["cell_type"].value_counts() == b["cell_type"].value_counts()).all()

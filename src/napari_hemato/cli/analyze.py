@@ -114,7 +114,8 @@ def summary(result, slide_path: Path) -> dict:
         "result": str(result.path), "tiles": len(result.plan), "seconds": round(result.elapsed, 2),
         "megapixels": round(megapixels, 2),
         "megapixels_per_s": round(megapixels / result.elapsed, 3) if result.elapsed else None,
-        "work_mpp": grid.mpp, "mpp_assumed": grid.mpp_assumed, **summarize(table),
+        "work_mpp": grid.mpp, "input_mpp": grid.mpp0, "mpp_assumed": grid.mpp_assumed,
+        **summarize(table),
     }
     if result.spec.task == "smear" and "cell_type" in table:
         s["differential"] = differential(table)
@@ -124,7 +125,8 @@ def summary(result, slide_path: Path) -> dict:
 def print_summary(s: dict) -> None:
     out(f"napari-hemato {s['task']}: {s['image']}")
     out(f"  model     {s['model']}")
-    assumed = " (ASSUMED: the image states no pixel size; pass --mpp)" if s["mpp_assumed"] else ""
+    assumed = (f" (the image states no pixel size: ASSUMED {s['input_mpp']:.3g} µm/px, as the "
+               "model's training images; pass --mpp)") if s["mpp_assumed"] else ""
     out(f"  analysed  {s['megapixels']} MP at {s['work_mpp']:.3g} µm/px{assumed}")
     out(f"  time      {s['seconds']} s over {s['tiles']} tiles ({s['megapixels_per_s']} MP/s)")
     out(f"  objects   {s['n_objects']}")

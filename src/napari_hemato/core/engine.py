@@ -164,7 +164,8 @@ def iter_run(
     if spec.kind not in ("instances", "points"):
         raise ModelError(f"{spec.name}: a {spec.kind} model cannot run on slide tiles")
     cancel = cancel or CancelToken()
-    grid = WorkGrid.for_model(slide, spec.mpp, roi=roi, tolerance=mpp_tolerance)
+    grid = WorkGrid.for_model(slide, spec.mpp, roi=roi, tolerance=mpp_tolerance,
+                              assumed_mpp=spec.assumed_input_mpp)
     plan = plan_tiles(grid.shape, tile=tile or spec.tile, halo=spec.halo, size_divisor=spec.size_divisor)
     stride = id_stride(len(plan))
     if batch_size is None:

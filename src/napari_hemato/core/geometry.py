@@ -106,20 +106,33 @@ class WorkGrid:
 
     @classmethod
     def for_model(
-        cls, slide, model_mpp: float, *, roi: Box | None = None, tolerance: float = 0.05
+        cls, slide, model_mpp: float, *, roi: Box | None = None, tolerance: float = 0.05,
+        assumed_mpp: float | None = None,
     ) -> WorkGrid:
         """Choose the level and resampling factor that feed a model at ``model_mpp``.
 
-        A slide without a known pixel size is assumed to be at the model's
-        pixel size (logged; the result records ``mpp_assumed``).
+        A slide without a known pixel size is assumed to be at ``assumed_mpp``
+        (the model's training images; default ``model_mpp``) and read from level 0,
+        resampled like any other (logged; the result records ``mpp_assumed``).
+
+        Examples
+        --------
+        >>> class Field:  # a JPEG: no pixel size
+        ...     shape, mpp, path = (480, 640), None, "field.jpg"
+        >>> g = WorkGrid.for_model(Field(), 0.16, assumed_mpp=0.08)
+        >>> g.factor, g.shape, g.mpp_assumed
+        (2.0, (240, 320), True)
         """
         h, w = slide.shape
         if roi is None:
             roi = (0, 0, h, w)
         roi = _check_roi(roi, (h, w), slide.path)
         if slide.mpp is None:
-            log.warning("%s: pixel size unknown; assuming the model's %.3f µm/px", slide.path, model_mpp)
-            return cls(0, 1.0, 1.0, roi, float(model_mpp), float(model_mpp), True)
+            mpp0 = float(assumed_mpp or model_mpp)
+            log.warning("%s: pixel size unknown; assuming %.3f µm/px (%s; pass the real one to "
+                        "be sure)", slide.path, mpp0,
+                        "the model's training images" if assumed_mpp else "the model's own")
+            return cls(0, 1.0, float(model_mpp) / mpp0, roi, mpp0, float(model_mpp), True)
         mpp0 = float(slide.mpp)
         level = slide.best_level(model_mpp, tolerance=tolerance)
         down = float(slide.downsamples[level])

@@ -72,6 +72,10 @@ class ModelSpec:
         Largest object diameter the model is meant to find, in µm.
     receptive_field_px : int
         Half-width of the network's receptive field in model pixels.
+    assumed_input_mpp : float, optional
+        Pixel size assumed for an image that states none: that of the images
+        the model was trained on (smear: BCCD's 0.08 µm/px camera fields, which
+        the model sees downsampled to ``mpp`` 0.16). Default: ``mpp``.
     """
 
     name: str
@@ -81,6 +85,7 @@ class ModelSpec:
     class_names: tuple[str, ...]
     outputs: dict[str, str]
     mpp: float | None = None
+    assumed_input_mpp: float | None = None
     tile: int = 512
     max_object_um: float = 20.0
     receptive_field_px: int = 16
@@ -113,6 +118,8 @@ class ModelSpec:
             raise ModelError(f"{where}: unknown output role(s) {sorted(unknown)}")
         if self.kind != "classifier" and (self.mpp is None or self.mpp <= 0):
             raise ModelError(f"{where}: a {self.kind} model needs a positive 'mpp'")
+        if self.assumed_input_mpp is not None and not self.assumed_input_mpp > 0:
+            raise ModelError(f"{where}: 'assumed_input_mpp' must be positive")
         if self.tile <= 0 or self.size_divisor <= 0:
             raise ModelError(f"{where}: 'tile' and 'size_divisor' must be positive")
         if not self.class_names:

@@ -313,6 +313,7 @@ def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
         "task": "smear",
         "kind": "instances",
         "mpp": ds.MODEL_MPP,
+        "assumed_input_mpp": ds.BCCD_MPP,
         "tile": TILE,
         "max_object_um": MAX_OBJECT_UM,
         "receptive_field_px": receptive_field_radius(net, size=512),
