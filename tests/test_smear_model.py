@@ -91,14 +91,15 @@ def test_held_out_box_f1_on_the_first_validation_fields(shared_data):
 
 @pytest.mark.shared_data
 def test_a_field_without_pixel_size_is_read_at_the_training_images_scale(result, shared_data, tmp_path):
-    """A JPEG states no µm/px: the smear spec's ``assumed_input_mpp`` (BCCD's 0.08) is used, not
-    the model's own 0.16 (at which every cell would look twice too big and fall apart)."""
+    """A JPEG states no µm/px: without the red-cell estimate the smear spec's
+    ``assumed_input_mpp`` (BCCD's 0.08) is used, not the model's own 0.16 (at which every cell
+    would look twice too big and fall apart)."""
     from napari_hemato.api import analyze
     from napari_hemato.models.spec import load_spec
 
     assert load_spec(MODEL).assumed_input_mpp == BCCD_MPP
     bare = analyze(shared_data / "bccd" / "JPEGImages" / f"{STEM}.jpg", task="smear", model=MODEL,
-                   out=tmp_path / "bare.zarr", threads=2)
+                   out=tmp_path / "bare.zarr", threads=2, estimate_mpp=False)
     assert bare.grid.mpp_assumed and bare.grid.mpp0 == BCCD_MPP and bare.grid.factor == 2.0
     a, b = bare.table(), result.table()
     assert len(a) == len(b) and (a["cell_type"].value_counts() == b["cell_type"].value_counts()).all()

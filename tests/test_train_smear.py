@@ -86,6 +86,11 @@ def test_train_steps_export_and_onnx_matches_torch(shared_data, tmp_path):
     assert all(np.isfinite(losses))
 
     smear.export_model(net, tmp_path, check_images=[samples[0].image], extra={"test": True})
+    try:  # three steps find no red cells: the probe is refused, model.json left valid
+        probe = smear.add_red_cell_probe(tmp_path, bccd, fields=2, threads=1)
+        assert probe["reference_diameter_um"] > 0
+    except ValueError as err:
+        assert "red cells" in str(err)
     spec = load_spec(tmp_path)
     assert spec.task == "smear" and spec.class_names == ("RBC", "WBC", "Platelets")
     assert set(spec.outputs) == {"foreground", "distance", "class_probs"}

@@ -196,7 +196,9 @@ class AnalyzeWidget(Container):
             place = {"scale": transforms[0]["scale"], "translate": transforms[1]["translation"]}
             if attrs["multiscales"][0]["axes"][0]["unit"] == "micrometer":
                 place["units"] = ("um", "um")
-            place = in_image_world(place, self._last["layer"], self._last["slide"].mpp)
+            # the run's own pixel size: a smear field's may have been measured on its red cells
+            run = json.loads((Path(out) / "zarr.json").read_text())["attributes"]["napari_hemato"]
+            place = in_image_world(place, self._last["layer"], run["slide"]["mpp"])
             self._preview = self._viewer.add_labels(
                 zarr.open_array(str(labels_path), mode="r"), name=f"{self._last['task']} (running)",
                 opacity=0.4, metadata={KEY: {"role": "preview", "result": str(out)}}, **place,

@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--classifier", type=Path, help="smear: WBC classifier folder (default: bundled)")
     p.add_argument("--no-classifier", action="store_true", help="smear: skip WBC subtypes")
     p.add_argument("--mpp", type=positive_float, help="pixel size in µm/px (overrides metadata)")
+    p.add_argument("--no-estimate-mpp", action="store_true",
+                   help="smear fields without a pixel size: assume the training images' (0.08 µm/px) "
+                   "instead of measuring it on the red cells")
     p.add_argument("--roi", type=roi_arg, help="region y0,x0,y1,x1 in level-0 pixels (default: all)")
     p.add_argument("--tile", type=int, help="tile core size in model pixels (default: the model's)")
     p.add_argument("--batch", type=int, help="tiles per inference call (default: ~2.5 MP of input)")
@@ -74,13 +77,13 @@ def cmd_info(args) -> int:
 
 
 def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, classifier=None,
-                 mpp=None, roi=None, tile=None, batch=None, scheduler=None, resume=False,
-                 overwrite=False, providers="cpu", threads=None):
+                 mpp=None, estimate_mpp=True, roi=None, tile=None, batch=None, scheduler=None,
+                 resume=False, overwrite=False, providers="cpu", threads=None):
     """One analysis with a progress bar on stderr; returns the RunResult."""
     from napari_hemato.api import iter_analyze
 
     gen = iter_analyze(slide_path, task=task, model=model, classifier=classifier, mpp=mpp,
-                       providers=providers, threads=threads, out=out_store, roi=roi, tile=tile,
+                       estimate_mpp=estimate_mpp, providers=providers, threads=threads, out=out_store, roi=roi, tile=tile,
                        batch_size=batch, scheduler=scheduler, resume=resume, overwrite=overwrite)
     bar = None
     try:
@@ -115,6 +118,7 @@ def summary(result, slide_path: Path) -> dict:
         "megapixels": round(megapixels, 2),
         "megapixels_per_s": round(megapixels / result.elapsed, 3) if result.elapsed else None,
         "work_mpp": grid.mpp, "input_mpp": grid.mpp0, "mpp_assumed": grid.mpp_assumed,
+        "input_mpp_source": result.store.config["slide"].get("mpp_source"),
         **summarize(table),
     }
     if result.spec.task == "smear" and "cell_type" in table:
@@ -127,6 +131,9 @@ def print_summary(s: dict) -> None:
     out(f"  model     {s['model']}")
     assumed = (f" (the image states no pixel size: ASSUMED {s['input_mpp']:.3g} µm/px, as the "
                "model's training images; pass --mpp)") if s["mpp_assumed"] else ""
+    if s.get("input_mpp_source") == "red-cells":
+        assumed = (f" (the image states no pixel size: {s['input_mpp']:.3g} µm/px MEASURED on its "
+                   "red cells; pass --mpp)")
     out(f"  analysed  {s['megapixels']} MP at {s['work_mpp']:.3g} µm/px{assumed}")
     out(f"  time      {s['seconds']} s over {s['tiles']} tiles ({s['megapixels_per_s']} MP/s)")
     out(f"  objects   {s['n_objects']}")
@@ -165,7 +172,7 @@ def cmd_analyze(args) -> int:
         raise HematoError("several inputs: results go to --out-dir (use --labels without a path)")
     options = dict(task=args.task, model=args.model,
                    classifier=False if args.no_classifier else args.classifier, mpp=args.mpp,
-                   roi=args.roi, tile=args.tile, batch=args.batch, scheduler=args.scheduler,
+                   estimate_mpp=not args.no_estimate_mpp, roi=args.roi, tile=args.tile, batch=args.batch, scheduler=args.scheduler,
                    resume=args.resume, overwrite=args.overwrite, providers=args.providers,
                    threads=args.threads)
     summaries, failed = [], 0

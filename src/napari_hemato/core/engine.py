@@ -173,7 +173,8 @@ def iter_run(
     scale, translate = grid.napari_placement()
     config = {
         "kind": spec.kind,
-        "slide": {"path": str(slide.path), "shape": list(slide.shape), "mpp": slide.mpp},
+        "slide": {"path": str(slide.path), "shape": list(slide.shape), "mpp": slide.mpp,
+                  "mpp_source": slide.mpp_source},
         "model": {"name": spec.name, "version": spec.version, "fingerprint": spec.fingerprint,
                   "task": spec.task, "class_names": list(spec.class_names)},
         "spec": spec.to_dict(),

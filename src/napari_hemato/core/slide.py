@@ -31,7 +31,8 @@ __all__ = ["BACKENDS", "MPP_SOURCES", "Slide", "detect_backend", "open_slide", "
 
 log = logging.getLogger(__name__)
 
-MPP_SOURCES = ("svs", "ome", "tiff-resolution", "ome-zarr", "openslide", "user", "none")
+MPP_SOURCES = ("svs", "ome", "tiff-resolution", "ome-zarr", "openslide", "user", "red-cells",
+               "none")
 BACKENDS = {
     "tifffile": backends.open_tiff,
     "ome-zarr": backends.open_zarr,

@@ -305,6 +305,36 @@ def tune_postprocess(model, samples, div: int) -> tuple[dict, dict]:
 
 
 # -- export ----------------------------------------------------------------------
+def add_red_cell_probe(model_dir: str | Path, voc_dir: str | Path, *, fields: int = 60,
+                       threads: int = 2) -> dict:
+    """Calibrate the red-cell pixel-size probe (:mod:`napari_hemato.core.smear_scale`) of an
+    exported model on training fields (every 3rd, at most ``fields``) and store it in
+    ``model.json`` → ``extra.red_cell_probe``."""
+    from napari_hemato.core.slide import open_slide
+    from napari_hemato.core.smear_scale import calibrate_reference
+    from napari_hemato.models.onnx_backend import OnnxPredictor
+
+    model_dir, voc_dir = Path(model_dir), Path(voc_dir)
+    train, _, _ = split_stems(voc_dir)
+    stems = train[::3][:fields]
+    predictor = OnnxPredictor(model_dir, threads=threads)
+    slides = [open_slide(voc_dir / "JPEGImages" / f"{s}.jpg") for s in stems]
+    try:
+        probe = calibrate_reference(predictor, [(sl, ds.BCCD_MPP) for sl in slides])
+    finally:
+        for sl in slides:
+            sl.close()
+    probe["calibrated_on"] = (f"{len(stems)} training fields of {voc_dir.name} (every 3rd of the "
+                              f"training split, not tune or val) at {ds.BCCD_MPP} um/px")
+    path = model_dir / "model.json"
+    spec = json.loads(path.read_text())
+    spec.setdefault("extra", {})["red_cell_probe"] = probe
+    path.write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n")
+    log.info("red-cell probe: reference diameter %.3f um on %d fields", probe["reference_diameter_um"],
+             len(stems))
+    return probe
+
+
 def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
     """The ``model.json`` content for a trained network."""
     return {
@@ -508,6 +538,12 @@ def train_smear(
         }
         export_model(ema, out_dir, check_images=[s.image for s in (tune_set or train)],
                      postprocess=postprocess, extra=extra)
+        voc = [Path(d) for d in data_dirs if ds.is_voc_folder(Path(d))]
+        if voc:
+            try:
+                add_red_cell_probe(out_dir, voc[0], threads=threads)
+            except ValueError as err:  # an undertrained model: fields without µm/px get assumed
+                log.warning("no red-cell probe: %s", err)
     log.info("done in %.1f min training (%.1f min this session)", minutes,
              (time.perf_counter() - t_start) / 60)
     return result
