@@ -213,3 +213,18 @@ def test_current_view_region(make_napari_viewer, qtbot, field):
     y0, x0, y1, x1 = roi
     assert y0 <= 100 <= y1 and x0 <= 150 <= x1
     assert (y1 - y0) * (x1 - x0) < 400 * 520 / 4  # zoomed in: much less than the image
+
+
+def test_the_status_says_how_the_pixel_size_was_chosen():
+    from types import SimpleNamespace as NS
+
+    from napari_hemato._widgets.analyze import _pixel_size_note
+
+    def run(source, assumed, mpp0):
+        return [NS(grid=NS(mpp0=mpp0, mpp_assumed=assumed),
+                   store=NS(config={"slide": {"mpp_source": source}}))]
+
+    assert _pixel_size_note(run("red-cells", False, 0.0712)) == \
+        " (pixel size 0.0712 µm/px, measured on the red cells)"
+    assert _pixel_size_note(run("none", True, 0.08)) == " (pixel size unknown: 0.08 µm/px assumed)"
+    assert _pixel_size_note(run("svs", False, 0.499)) == ""

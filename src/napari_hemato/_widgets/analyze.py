@@ -228,7 +228,7 @@ class AnalyzeWidget(Container):
         self._remove_preview()
         params["slide"].close()
         n = sum(r.n_objects for r in results)
-        self.status.value = f"done: {n} objects"
+        self.status.value = f"done: {n} objects" + _pixel_size_note(results)
         self._last = None
 
     def _autosave(self, layer) -> None:
@@ -261,3 +261,15 @@ class AnalyzeWidget(Container):
         self.cancel_button.enabled = False
         if self._last is not None:
             self.resume_button.enabled = True
+
+
+def _pixel_size_note(results) -> str:
+    """How the pixel size of a run was chosen, when the image stated none."""
+    if not results:
+        return ""
+    grid, source = results[0].grid, results[0].store.config["slide"].get("mpp_source")
+    if source == "red-cells":
+        return f" (pixel size {grid.mpp0:.3g} µm/px, measured on the red cells)"
+    if grid.mpp_assumed:
+        return f" (pixel size unknown: {grid.mpp0:.3g} µm/px assumed)"
+    return ""
