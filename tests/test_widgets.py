@@ -221,10 +221,12 @@ def test_the_status_says_how_the_pixel_size_was_chosen():
     from napari_hemato._widgets.analyze import _pixel_size_note
 
     def run(source, assumed, mpp0):
-        return [NS(grid=NS(mpp0=mpp0, mpp_assumed=assumed),
+        return [NS(grid=NS(mpp0=mpp0, mpp_assumed=assumed), spec=NS(assumed_input_mpp=0.08),
                    store=NS(config={"slide": {"mpp_source": source}}))]
 
     assert _pixel_size_note(run("red-cells", False, 0.0712)) == \
         " (pixel size 0.0712 µm/px, measured on the red cells)"
+    assert _pixel_size_note(run("red-cells", False, 0.08)) == \
+        " (pixel size 0.08 µm/px, the training images', confirmed by the red cells)"
     assert _pixel_size_note(run("none", True, 0.08)) == " (pixel size unknown: 0.08 µm/px assumed)"
     assert _pixel_size_note(run("svs", False, 0.499)) == ""

@@ -268,6 +268,8 @@ def _pixel_size_note(results) -> str:
     if not results:
         return ""
     grid, source = results[0].grid, results[0].store.config["slide"].get("mpp_source")
+    if source == "red-cells" and grid.mpp0 == results[0].spec.assumed_input_mpp:
+        return f" (pixel size {grid.mpp0:.3g} µm/px, the training images', confirmed by the red cells)"
     if source == "red-cells":
         return f" (pixel size {grid.mpp0:.3g} µm/px, measured on the red cells)"
     if grid.mpp_assumed:

@@ -119,6 +119,7 @@ def summary(result, slide_path: Path) -> dict:
         "megapixels_per_s": round(megapixels / result.elapsed, 3) if result.elapsed else None,
         "work_mpp": grid.mpp, "input_mpp": grid.mpp0, "mpp_assumed": grid.mpp_assumed,
         "input_mpp_source": result.store.config["slide"].get("mpp_source"),
+        "assumed_input_mpp": result.spec.assumed_input_mpp,
         **summarize(table),
     }
     if result.spec.task == "smear" and "cell_type" in table:
@@ -131,7 +132,10 @@ def print_summary(s: dict) -> None:
     out(f"  model     {s['model']}")
     assumed = (f" (the image states no pixel size: ASSUMED {s['input_mpp']:.3g} µm/px, as the "
                "model's training images; pass --mpp)") if s["mpp_assumed"] else ""
-    if s.get("input_mpp_source") == "red-cells":
+    if s.get("input_mpp_source") == "red-cells" and s["input_mpp"] == s.get("assumed_input_mpp"):
+        assumed = (f" (the image states no pixel size: {s['input_mpp']:.3g} µm/px, the training "
+                   "images', which its red cells confirm; pass --mpp)")
+    elif s.get("input_mpp_source") == "red-cells":
         assumed = (f" (the image states no pixel size: {s['input_mpp']:.3g} µm/px MEASURED on its "
                    "red cells; pass --mpp)")
     out(f"  analysed  {s['megapixels']} MP at {s['work_mpp']:.3g} µm/px{assumed}")
