@@ -100,8 +100,26 @@ def summarize(table: pd.DataFrame) -> dict:
 STRING_COLUMNS = ("class", "class_auto", "cell_type", "model", "model_version", "provenance")
 # pandas 3 parses floats exactly by default (and deprecates the option)
 _EXACT = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
-_CANONICAL = {"id": "int64", "bbox_y0": "int64", "bbox_x0": "int64", "bbox_y1": "int64",
-              "bbox_x1": "int64"}
+#: columns that are integers whenever they are complete
+ID_DTYPES = {"id": "int64", "bbox_y0": "int64", "bbox_x0": "int64", "bbox_y1": "int64",
+             "bbox_x1": "int64"}
+
+
+def restore_dtypes(frame: pd.DataFrame, dtypes: dict | None = None, *,
+                   canonical: dict = ID_DTYPES) -> pd.DataFrame:
+    """Cast ``frame``'s complete ``canonical`` columns, then any ``dtypes`` given, in place.
+
+    A column that will not cast keeps its dtype (logged), so a foreign table still loads.
+    """
+    wanted = {c: t for c, t in canonical.items() if c in frame and frame[c].notna().all()}
+    wanted.update(dtypes or {})
+    for col, dtype in wanted.items():
+        if col in frame.columns and str(frame[col].dtype) != dtype:
+            try:
+                frame[col] = frame[col].astype(dtype)
+            except (TypeError, ValueError) as exc:
+                log.warning("column %r kept as %s (not %s): %s", col, frame[col].dtype, dtype, exc)
+    return frame
 
 
 def read_table_csv(path, dtypes: dict | None = None) -> pd.DataFrame:
@@ -123,13 +141,5 @@ def read_table_csv(path, dtypes: dict | None = None) -> pd.DataFrame:
         table[c] = table[c].astype(declared) if declared else table[c].fillna("").astype(object)
     if "reviewed" in table:
         table["reviewed"] = table["reviewed"].astype(str).str.lower().isin(["true", "1"])
-    wanted = {c: t for c, t in _CANONICAL.items() if c in table and table[c].notna().all()}
-    wanted.update({c: t for c, t in (dtypes or {}).items() if c in table and c not in strings
-                   and c != "reviewed"})
-    for col, dtype in wanted.items():
-        if str(table[col].dtype) != dtype:
-            try:
-                table[col] = table[col].astype(dtype)
-            except (TypeError, ValueError) as exc:
-                log.warning("column %r kept as %s (not %s): %s", col, table[col].dtype, dtype, exc)
-    return table
+    rest = {c: t for c, t in (dtypes or {}).items() if c not in strings and c != "reviewed"}
+    return restore_dtypes(table, rest)

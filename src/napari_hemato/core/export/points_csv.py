@@ -10,7 +10,6 @@ survive the round-trip bit for bit.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import zlib
@@ -27,15 +26,13 @@ from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check
 
 __all__ = ["export_points_csv", "import_points_csv"]
 
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 POINT_COLUMNS = ["id", "y_px", "x_px", "y_um", "x_um", "class", "score", "confidence",
                  "provenance", "reviewed"]
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
            (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127)]
-_CANONICAL = {"id": "int64", "bbox_y0": "int64", "bbox_x0": "int64", "bbox_y1": "int64",
-              "bbox_x1": "int64", "reviewed": "bool"}
+_CANONICAL = {**table_io.ID_DTYPES, "reviewed": "bool"}
 
 
 # -- shared helpers --------------------------------------------------------------------------
@@ -87,15 +84,7 @@ def restore_table(rows, columns: list[str], dtypes: dict | None = None) -> pd.Da
         frame = rows.reindex(columns=columns).reset_index(drop=True)
     else:
         frame = pd.DataFrame.from_records(list(rows), columns=columns)
-    wanted = {c: t for c, t in _CANONICAL.items() if c in frame and frame[c].notna().all()}
-    wanted.update(dtypes or {})
-    for col, dtype in wanted.items():
-        if col in frame.columns and str(frame[col].dtype) != dtype:
-            try:
-                frame[col] = frame[col].astype(dtype)
-            except (TypeError, ValueError) as exc:
-                log.warning("column %r kept as %s (not %s): %s", col, frame[col].dtype, dtype, exc)
-    return frame
+    return table_io.restore_dtypes(frame, dtypes, canonical=_CANONICAL)
 
 
 def write_table_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
