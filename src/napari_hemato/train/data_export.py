@@ -31,10 +31,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from napari_hemato.io.exporting import FORMATS
+
 log = logging.getLogger(__name__)
 
-#: export file names by format (the suffixes of :data:`napari_hemato.io.exporting.FORMATS`)
-SUFFIXES = {"tiff": "_labels.tif", "omezarr": ".ome.zarr", "coco": "_coco.json", "geojson": ".geojson"}
+#: export file names by format: the instance formats of the plugin's Export (crops train the
+#: WBC classifier instead)
+SUFFIXES = {f.name: f.suffix for f in FORMATS.values() if "instances" in f.kinds and f.name != "crops"}
 
 
 @dataclass
@@ -46,7 +49,6 @@ class ExportedRegion:
     labels: np.ndarray  # (H, W) int64, 0 = background
     classes: dict[int, str]  # label id -> class name
     mpp: float | None  # level-0 µm/px (None when the export did not know it)
-    reviewed: dict[int, bool]  # label id -> confirmed by a person
     table: pd.DataFrame  # the exported object table (``cell_type``, probabilities, ...)
 
 
@@ -101,7 +103,7 @@ def load_instance_export(path: str | Path, *, images: str | Path | None = None) 
     FileNotFoundError
         The image cannot be found (see module docstring).
     """
-    from napari_hemato.core.slide import open_slide
+    from napari_hemato.core.slide import open_slide, to_rgb8
 
     path = Path(path)
     ann = _import(path)
@@ -109,28 +111,17 @@ def load_instance_export(path: str | Path, *, images: str | Path | None = None) 
         raise ValueError(f"{path}: holds {ann.kind} without a label image; "
                          "the smear and nuclei trainers need instance masks")
     image_path = _find_image(ann.image_path, path, Path(images) if images else None)
-    slide = open_slide(image_path, mpp=ann.mpp)
-    y0, x0, y1, x1 = ann.box
-    image = np.asarray(slide.read_region(0, y0, x0, y1, x1))
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    if image.dtype != np.uint8:  # 16-bit or float slides: to the 8-bit scale the models use
-        scale = 257.0 if image.dtype == np.uint16 else 255.0 if image.dtype.kind == "f" else 1.0
-        image = np.clip(np.round(image / scale if scale != 255.0 else image * 255.0), 0, 255)
-        image = image.astype(np.uint8)
-    table = ann.table
-    ids = table["id"].to_numpy(np.int64)
-    classes = dict(zip(ids.tolist(), table["class"].astype(str).tolist(), strict=True))
-    reviewed = dict(zip(ids.tolist(), table["reviewed"].astype(bool).tolist(), strict=True)) \
-        if "reviewed" in table else {int(i): False for i in ids}
+    with open_slide(image_path, mpp=ann.mpp) as slide:
+        image = to_rgb8(slide.read_region(0, *ann.box))
+        mpp = slide.mpp  # the export's, else the image file's own
+    ids = ann.table["id"].to_numpy(np.int64).tolist()
     return ExportedRegion(
         key=f"export/{path.name}",
-        image=np.ascontiguousarray(image[..., :3]),
+        image=image,
         labels=np.asarray(ann.labels, np.int64),
-        classes=classes,
-        mpp=float(ann.mpp) if ann.mpp else (slide.mpp if getattr(slide, "mpp", None) else None),
-        reviewed=reviewed,
-        table=table,
+        classes=dict(zip(ids, ann.table["class"].astype(str).tolist(), strict=True)),
+        mpp=mpp,
+        table=ann.table,
     )
 
 
