@@ -63,10 +63,11 @@ class ScaleEstimate:
     rounds: list[dict] = field(default_factory=list)  # (mpp tried, diameter seen, cells)
 
 
-def _region(shape, size: int) -> tuple[int, int, int, int]:
-    h, w = shape
-    y0, x0 = max(0, (h - size) // 2), max(0, (w - size) // 2)
-    return (y0, x0, min(h, y0 + size), min(w, x0 + size))
+def _central_box(roi, size: int) -> tuple[int, int, int, int]:
+    """The central ``size`` x ``size`` box of ``roi`` (all of it when smaller)."""
+    y0, x0, y1, x1 = roi
+    cy, cx = y0 + max(0, (y1 - y0 - size) // 2), x0 + max(0, (x1 - x0 - size) // 2)
+    return (cy, cx, min(y1, cy + size), min(x1, cx + size))
 
 
 def red_cell_diameter_um(predictor, slide, mpp: float, *, roi=None) -> tuple[float, int]:
@@ -77,11 +78,7 @@ def red_cell_diameter_um(predictor, slide, mpp: float, *, roi=None) -> tuple[flo
     """
     spec = predictor.spec
     factor = spec.mpp / mpp
-    roi = roi or (0, 0, *slide.shape)
-    size = int(WINDOW * factor)
-    y0, x0, y1, x1 = roi
-    cy, cx = _region((y1 - y0, x1 - x0), size)[:2]
-    box = (y0 + cy, x0 + cx, min(y1, y0 + cy + size), min(x1, x0 + cx + size))
+    box = _central_box(roi or (0, 0, *slide.shape), int(WINDOW * factor))
     grid = WorkGrid(0, 1.0, float(factor), box, float(mpp), float(spec.mpp), True)
     h, w = grid.shape
     if min(h, w) < 16:
@@ -99,8 +96,9 @@ def red_cell_diameter_um(predictor, slide, mpp: float, *, roi=None) -> tuple[flo
     n = int(markers.max())
     if n < MIN_CELLS:
         return float("nan"), n
-    radii = ndi.maximum(edt, markers, np.arange(1, n + 1))
-    return float(2 * np.median(radii) * spec.mpp), n
+    radii = np.zeros(n + 1)
+    radii[markers[markers > 0]] = edt[markers > 0]  # a marker is a plateau: one value each
+    return float(2 * np.median(radii[1:]) * spec.mpp), n
 
 
 def estimate_smear_mpp(predictor, slide, *, reference_um: float | None = None, roi=None,
