@@ -215,18 +215,18 @@ def test_train_and_evaluate_show_the_trainers_progress_logs(monkeypatch, capsys)
     assert seen == {"argv": ["--data", "d", "--out", "o"], "info_enabled": True}
 
 
-@pytest.mark.parametrize("source, mpp, said", [
-    ("red-cells", 0.08, "0.08 µm/px, the training images', which its red cells confirm"),
-    ("red-cells", 0.0649, "0.0649 µm/px MEASURED on its red cells"),
-    ("none", 0.08, "ASSUMED 0.08 µm/px"),
-    ("svs", 0.499, None),
+@pytest.mark.parametrize("origin, mpp, said", [
+    ("confirmed", 0.08, "0.08 µm/px, the training images', which its red cells confirm"),
+    ("measured", 0.0649, "0.0649 µm/px MEASURED on its red cells"),
+    ("assumed", 0.08, "ASSUMED 0.08 µm/px"),
+    ("stated", 0.499, None),
 ])
-def test_summary_says_where_the_pixel_size_came_from(capsys, source, mpp, said):
+def test_summary_says_where_the_pixel_size_came_from(capsys, origin, mpp, said):
     from napari_hemato.cli.analyze import print_summary
 
     print_summary({"task": "smear", "image": "f.jpg", "model": "m 1", "megapixels": 0.3,
-                   "work_mpp": 0.16, "input_mpp": mpp, "mpp_assumed": source == "none",
-                   "input_mpp_source": source, "assumed_input_mpp": 0.08, "seconds": 1.0,
+                   "work_mpp": 0.16, "input_mpp": mpp, "mpp_assumed": origin == "assumed",
+                   "input_mpp_origin": origin, "seconds": 1.0,
                    "tiles": 1, "megapixels_per_s": 0.3, "n_objects": 0, "counts": {},
                    "percent": {}, "mean_confidence": None, "result": "r.zarr", "status": "complete"})
     line = [ln for ln in capsys.readouterr().out.splitlines() if "analysed" in ln][0]

@@ -9,16 +9,23 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Generator
 from pathlib import Path
 
 from napari_hemato.core.engine import Progress, RunResult, drain, iter_run
-from napari_hemato.core.errors import ModelError
+from napari_hemato.core.errors import ModelError, SlideError
 from napari_hemato.core.slide import Slide, open_slide
 from napari_hemato.models.onnx_backend import OnnxPredictor
 from napari_hemato.models.registry import resolve_model
 
 TASKS = ("nuclei", "smear", "mitosis")
+#: a red-cell estimate within this ratio of the spec's ``assumed_input_mpp`` confirms it: the
+#: estimate's p10-p90 spread on held-out BCCD fields (0.86-1.09 of the truth, see the smear card)
+AGREEMENT = (0.87, 1.15)
+
+log = logging.getLogger(__name__)
 
 
 def load_predictor(task: str, model=None, *, providers=None, threads=None) -> OnnxPredictor:
@@ -86,13 +93,8 @@ def with_red_cell_mpp(slide: Slide, predictor: OnnxPredictor, *, roi=None) -> Sl
     the field has too few red cells; the engine then assumes the model's
     ``assumed_input_mpp``.
     """
-    import dataclasses
-    import logging
-
-    from napari_hemato.core.errors import SlideError
     from napari_hemato.core.smear_scale import estimate_smear_mpp
 
-    log = logging.getLogger(__name__)
     try:
         est = estimate_smear_mpp(predictor, slide, roi=roi)
     except SlideError as err:
@@ -116,9 +118,15 @@ def with_red_cell_mpp(slide: Slide, predictor: OnnxPredictor, *, roi=None) -> Sl
     return dataclasses.replace(slide, mpp=mpp, mpp_source="red-cells")
 
 
-#: a red-cell estimate within this ratio of the spec's ``assumed_input_mpp`` confirms it: the
-#: estimate's p10-p90 spread on held-out BCCD fields (0.86-1.09 of the truth, see the smear card)
-AGREEMENT = (0.87, 1.15)
+def pixel_size_origin(result: RunResult) -> str:
+    """Where a run's pixel size came from: ``"stated"`` (file or user), ``"confirmed"`` (the
+    training images' value, which the red cells agreed with), ``"measured"`` (on the red
+    cells) or ``"assumed"`` (the image stated none)."""
+    if result.grid.mpp_assumed:
+        return "assumed"
+    if result.store.config["slide"].get("mpp_source") != "red-cells":
+        return "stated"
+    return "confirmed" if result.grid.mpp0 == result.spec.assumed_input_mpp else "measured"
 
 
 def add_wbc_subtypes(result: RunResult, slide: Slide, classifier) -> None:

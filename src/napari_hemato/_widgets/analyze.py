@@ -265,13 +265,13 @@ class AnalyzeWidget(Container):
 
 def _pixel_size_note(results) -> str:
     """How the pixel size of a run was chosen, when the image stated none."""
+    from napari_hemato.api import pixel_size_origin
+
     if not results:
         return ""
-    grid, source = results[0].grid, results[0].store.config["slide"].get("mpp_source")
-    if source == "red-cells" and grid.mpp0 == results[0].spec.assumed_input_mpp:
-        return f" (pixel size {grid.mpp0:.3g} µm/px, the training images', confirmed by the red cells)"
-    if source == "red-cells":
-        return f" (pixel size {grid.mpp0:.3g} µm/px, measured on the red cells)"
-    if grid.mpp_assumed:
-        return f" (pixel size unknown: {grid.mpp0:.3g} µm/px assumed)"
-    return ""
+    mpp = results[0].grid.mpp0
+    return {
+        "confirmed": f" (pixel size {mpp:.3g} µm/px, the training images', confirmed by the red cells)",
+        "measured": f" (pixel size {mpp:.3g} µm/px, measured on the red cells)",
+        "assumed": f" (pixel size unknown: {mpp:.3g} µm/px assumed)",
+    }.get(pixel_size_origin(results[0]), "")

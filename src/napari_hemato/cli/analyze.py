@@ -83,8 +83,8 @@ def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, cl
     from napari_hemato.api import iter_analyze
 
     gen = iter_analyze(slide_path, task=task, model=model, classifier=classifier, mpp=mpp,
-                       estimate_mpp=estimate_mpp, providers=providers, threads=threads, out=out_store, roi=roi, tile=tile,
-                       batch_size=batch, scheduler=scheduler, resume=resume, overwrite=overwrite)
+                       estimate_mpp=estimate_mpp, providers=providers, threads=threads,
+                       out=out_store, roi=roi, tile=tile, batch_size=batch, scheduler=scheduler, resume=resume, overwrite=overwrite)
     bar = None
     try:
         while True:
@@ -105,6 +105,7 @@ def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, cl
 
 
 def summary(result, slide_path: Path) -> dict:
+    from napari_hemato.api import pixel_size_origin
     from napari_hemato.core.summary import differential
     from napari_hemato.core.table import summarize
 
@@ -118,8 +119,7 @@ def summary(result, slide_path: Path) -> dict:
         "megapixels": round(megapixels, 2),
         "megapixels_per_s": round(megapixels / result.elapsed, 3) if result.elapsed else None,
         "work_mpp": grid.mpp, "input_mpp": grid.mpp0, "mpp_assumed": grid.mpp_assumed,
-        "input_mpp_source": result.store.config["slide"].get("mpp_source"),
-        "assumed_input_mpp": result.spec.assumed_input_mpp,
+        "input_mpp_origin": pixel_size_origin(result),
         **summarize(table),
     }
     if result.spec.task == "smear" and "cell_type" in table:
@@ -130,15 +130,13 @@ def summary(result, slide_path: Path) -> dict:
 def print_summary(s: dict) -> None:
     out(f"napari-hemato {s['task']}: {s['image']}")
     out(f"  model     {s['model']}")
-    assumed = (f" (the image states no pixel size: ASSUMED {s['input_mpp']:.3g} µm/px, as the "
-               "model's training images; pass --mpp)") if s["mpp_assumed"] else ""
-    if s.get("input_mpp_source") == "red-cells" and s["input_mpp"] == s.get("assumed_input_mpp"):
-        assumed = (f" (the image states no pixel size: {s['input_mpp']:.3g} µm/px, the training "
-                   "images', which its red cells confirm; pass --mpp)")
-    elif s.get("input_mpp_source") == "red-cells":
-        assumed = (f" (the image states no pixel size: {s['input_mpp']:.3g} µm/px MEASURED on its "
-                   "red cells; pass --mpp)")
-    out(f"  analysed  {s['megapixels']} MP at {s['work_mpp']:.3g} µm/px{assumed}")
+    said = {
+        "assumed": "ASSUMED {:.3g} µm/px, as the model's training images",
+        "confirmed": "{:.3g} µm/px, the training images', which its red cells confirm",
+        "measured": "{:.3g} µm/px MEASURED on its red cells",
+    }.get(s.get("input_mpp_origin"))
+    origin = f" (the image states no pixel size: {said.format(s['input_mpp'])}; pass --mpp)" if said else ""
+    out(f"  analysed  {s['megapixels']} MP at {s['work_mpp']:.3g} µm/px{origin}")
     out(f"  time      {s['seconds']} s over {s['tiles']} tiles ({s['megapixels_per_s']} MP/s)")
     out(f"  objects   {s['n_objects']}")
     for name, count in s["counts"].items():
@@ -176,7 +174,8 @@ def cmd_analyze(args) -> int:
         raise HematoError("several inputs: results go to --out-dir (use --labels without a path)")
     options = dict(task=args.task, model=args.model,
                    classifier=False if args.no_classifier else args.classifier, mpp=args.mpp,
-                   estimate_mpp=not args.no_estimate_mpp, roi=args.roi, tile=args.tile, batch=args.batch, scheduler=args.scheduler,
+                   estimate_mpp=not args.no_estimate_mpp, roi=args.roi, tile=args.tile,
+                   batch=args.batch, scheduler=args.scheduler,
                    resume=args.resume, overwrite=args.overwrite, providers=args.providers,
                    threads=args.threads)
     summaries, failed = [], 0
