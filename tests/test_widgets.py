@@ -230,3 +230,46 @@ def test_the_status_says_how_the_pixel_size_was_chosen():
         " (pixel size 0.08 µm/px, the training images', confirmed by the red cells)"
     assert _pixel_size_note(run("none", True, 0.08)) == " (pixel size unknown: 0.08 µm/px assumed)"
     assert _pixel_size_note(run("svs", False, 0.499)) == ""
+
+
+def test_live_preview_never_reads_the_store_being_written(make_napari_viewer, qtbot, field,
+                                                          two_class_model):
+    """The preview is placed from the run's events, not from the store the worker writes.
+
+    Reproduces the race of a progress signal that arrives while the worker thread
+    rewrites the store's ``zarr.json`` (seen as ``TypeError``/``KeyError`` in the Qt
+    event loop): the store's metadata is made unreadable before the event is handled.
+    """
+    import json
+
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato.api import iter_analyze
+
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(field, plugin="napari-hemato")
+    widget = AnalyzeWidget(viewer)
+    out = Path(field).parent / "run.zarr"
+    gen = iter_analyze(field, task="nuclei", model=two_class_model, out=out, tile=128)
+    event = next(gen)
+    assert event.run is not None and event.run.path == out and event.run.kind == "instances"
+    meta = out / "zarr.json"
+    saved = meta.read_text()
+    meta.write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    widget._last = {"layer": image, "task": "nuclei"}
+    widget._on_progress((0, 1, out, event))  # raised KeyError before the fix
+    preview = widget._preview
+    assert preview is not None and preview in viewer.layers
+    meta.write_text(saved)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+    scale, translate = result.grid.napari_placement()
+    assert tuple(preview.scale) == pytest.approx(scale)
+    assert tuple(preview.translate) == pytest.approx(translate)
+    preview.refresh()
+    assert np.array_equal(np.asarray(preview.data[:]), result.labels()[:])
+    widget._remove_preview()
+    assert preview not in viewer.layers

@@ -44,6 +44,21 @@ AUTO_BATCH_PIXELS = 2_500_000
 
 
 @dataclass(frozen=True)
+class RunInfo:
+    """What a consumer needs to follow a run while it goes on, without reading its store.
+
+    ``path`` is the result store, ``kind`` the model's output kind (``"instances"`` or
+    ``"points"``) and ``grid`` the work grid (placement in µm, the pixel size used).
+    The store's metadata is written by the engine's thread; a viewer must take these
+    from the events, never parse the store while the run writes it.
+    """
+
+    path: Path
+    kind: str
+    grid: WorkGrid
+
+
+@dataclass(frozen=True)
 class Progress:
     """One step of a run: ``done`` of ``total`` tiles are finished."""
 
@@ -53,6 +68,7 @@ class Progress:
     n_objects: int
     elapsed: float
     tiles: tuple[int, ...] = ()
+    run: RunInfo | None = None
 
     @property
     def fraction(self) -> float:
@@ -199,6 +215,7 @@ def iter_run(
     sink = TileSink(store, plan, spec.kind, timings=timings)
     skipped = len(sink.done)
     pending = [i for i in plan.order() if i not in sink.done]
+    info = RunInfo(out, spec.kind, grid)
     log.info("%s: %d tiles (%d already done), work grid %s at %.3f µm/px",
              slide.path, len(plan), skipped, grid.shape, grid.mpp)
     t0 = time.perf_counter()
@@ -214,7 +231,7 @@ def iter_run(
                                           pending, batch_size, cancel, sink)
         for outputs in batches:
             yield Progress(len(sink.done), len(plan), skipped, sink.n_objects,
-                           time.perf_counter() - t0, tuple(o.index for o in outputs))
+                           time.perf_counter() - t0, tuple(o.index for o in outputs), info)
         if cancel.cancelled or len(sink.done) < len(plan):
             raise Cancelled("run cancelled")
         n_objects = _finalize(store, plan, grid, spec, timings)
