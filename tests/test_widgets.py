@@ -33,14 +33,14 @@ def points_model(tmp_path_factory):
                                postprocess={"threshold": 0.5, "min_distance_um": 3.0})
 
 
-def run_analysis(qtbot, widget, *, task, model, timeout=60_000):
+def run_analysis(qtbot, widget, *, task, model, timeout=300_000):
     widget.task.value = task
     widget.model.value = str(model)
     widget.start()
     assert widget.worker is not None
     with qtbot.waitSignal(widget.worker.finished, timeout=timeout):
         pass
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
 
 
 def test_analyse_review_autosave_reopen(make_napari_viewer, qtbot, field, two_class_model, points_model):
@@ -153,18 +153,20 @@ def test_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, two_class_model
     widget.model.value = str(two_class_model)
     widget.tile.value = 64
     widget.start()
-    qtbot.waitUntil(lambda: widget.progress.value >= 8, timeout=30_000)
-    with qtbot.waitSignal(widget.worker.finished, timeout=5_000):  # stops within ~1 s
-        widget.cancel()
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=2000)
+    # cancel from the 8th tile's progress signal: no dependence on how fast the machine is
+    widget.worker.yielded.connect(lambda item: item[3].done >= 8 and widget.cancel())
+    # (how soon a cancel takes effect is a speed property: benchmarks, not this test)
+    with qtbot.waitSignal(widget.worker.finished, timeout=300_000):
+        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert widget.resume_button.enabled
     [result] = widget.results
     assert result.status == "cancelled" and 0 < result.n_done < len(result.plan)
     kept = set(result.store.done_tiles())
     widget.start(resume=True)
-    with qtbot.waitSignal(widget.worker.finished, timeout=120_000):
+    with qtbot.waitSignal(widget.worker.finished, timeout=300_000):
         pass
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=2000)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     [done] = widget.results
     assert done.status == "complete" and done.path == result.path
     assert kept <= set(done.store.done_tiles())
