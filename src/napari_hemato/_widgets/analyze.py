@@ -41,6 +41,7 @@ from napari_hemato.io.viewer import (
     slide_for_layer,
     view_roi,
 )
+from napari_hemato.tasks import task_names
 
 log = logging.getLogger(__name__)
 REGIONS = ("whole image", "current view", "drawn shapes")
@@ -53,7 +54,7 @@ class AnalyzeWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
-        self.task = ComboBox(choices=["smear", "nuclei", "mitosis"], value="nuclei", label="task")
+        self.task = ComboBox(choices=task_names(), value="nuclei", label="task")
         self.model = LineEdit(value="", label="model folder",
                               tooltip="empty: the bundled model of the task")
         self.mpp = FloatSpinBox(value=0.0, min=0.0, max=100.0, step=0.001, label="µm/px",
