@@ -34,6 +34,7 @@ from napari_hemato.core.executors import distributed_batches, local_batches
 from napari_hemato.core.geometry import WorkGrid
 from napari_hemato.core.objects import id_stride
 from napari_hemato.core.sink import TileSink
+from napari_hemato.core.spec import ModelSpec
 from napari_hemato.core.stitching import nms_points
 from napari_hemato.core.store import ResultStore
 from napari_hemato.core.table import table_columns, tile_table
@@ -81,7 +82,7 @@ class RunResult:
 
     store: ResultStore
     status: str
-    spec: object
+    spec: ModelSpec
     grid: WorkGrid
     plan: TilePlan
     n_done: int
@@ -104,8 +105,6 @@ class RunResult:
 
 def open_result(path) -> RunResult:
     """Reopen a finished (or cancelled) run from its result store."""
-    from napari_hemato.models.spec import ModelSpec
-
     store = ResultStore.open(path)
     cfg = store.config
     g = {k: v for k, v in cfg["grid"].items() if k != "shape"}
