@@ -225,15 +225,10 @@ class AnalyzeWidget(Container):
         self._last = None
 
     def _autosave(self, layer) -> None:
-        from napari_hemato.core.sidecar import save_annotations, sidecar_dir
+        from napari_hemato.core.sidecar import autosave
         from napari_hemato.io.layers import annotations_from_layer
 
-        ann = annotations_from_layer(layer)
-        if ann.labels is None and ann.kind == "instances" or not ann.image_path:
-            return
-        if not Path(ann.image_path).exists():
-            return
-        save_annotations(ann, sidecar_dir(ann.image_path, create=True) / layer.name)
+        autosave(annotations_from_layer(layer), layer.name)
 
     def _remove_preview(self) -> None:
         if self._preview is not None and self._preview in self._viewer.layers:

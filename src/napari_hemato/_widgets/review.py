@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 
 from napari_hemato._widgets.prob_bars import ProbabilityBars
 from napari_hemato.core.review import ReviewSession
-from napari_hemato.core.sidecar import save_annotations, sidecar_dir
+from napari_hemato.core.sidecar import autosave
 from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
 from napari_hemato.tasks import task_for
 
@@ -411,12 +411,11 @@ class ReviewWidget(QWidget):
             session = self.sessions.get(id(layer))
             if session is None or session.revision == self._saved_revision.get(id(layer)):
                 continue
-            image = session.annotations.image_path
-            if not image or not Path(image).exists():
-                continue
             name = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
-            saved = save_annotations(session.to_annotations(), sidecar_dir(image, create=True) / name)
-            self._saved_revision[id(layer)] = session.revision
+            path = autosave(session.to_annotations(), name)
+            if path is not None:
+                saved = path
+                self._saved_revision[id(layer)] = session.revision
         return saved
 
 
