@@ -12,8 +12,20 @@ import json
 import numpy as np
 import pytest
 
-from napari_hemato.core.export import export_tiff
-from tests.test_export_roundtrip import make_instances
+from napari_hemato.core.export import export_omezarr, export_tiff, import_omezarr
+from tests.synthetic import write_tiff
+from tests.test_export_roundtrip import ORIGIN, assert_same, make_instances
+
+
+@pytest.fixture
+def slide_cells(tmp_path):
+    """The synthetic annotation set on a real (random RGB) 400 x 500 slide at 0.5 µm/px."""
+    image = np.random.default_rng(4).integers(0, 256, (400, 500, 3), dtype=np.uint8)
+    ann = make_instances()
+    ann.image_path = str(write_tiff(tmp_path / "slide_A.tif", image, mpp=0.5))
+    y0, x0, y1, x1 = ann.box
+    return ann, image[y0:y1, x0:x1]
+
 
 # -- label TIFF --------------------------------------------------------------------------------
 
@@ -54,3 +66,84 @@ def test_cli_label_tiff_opens_in_tifffile_skimage_and_imageio(tmp_path):
     with tifffile.TiffFile(tmp_path / "l.tif") as tf:
         head = json.loads(tf.pages[0].description)["napari_hemato"]
     assert head["origin"] == [0, 0] and head["mpp"] == 0.5
+
+
+# -- OME-Zarr ----------------------------------------------------------------------------------
+
+
+def _label_table(ann):
+    return {int(r["id"]): r for r in ann.table.to_dict("records")}
+
+
+def test_omezarr_opens_in_ome_zarr_py(tmp_path, slide_cells):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    ann, region = slide_cells
+    path = export_omezarr(ann, tmp_path / "cells.ome.zarr", levels=2)
+    nodes = list(Reader(parse_url(str(path)))())
+    image, = (n for n in nodes if any(isinstance(s, Multiscales) for s in n.specs)
+              and not any(isinstance(s, Label) for s in n.specs))
+    assert [a.shape for a in image.data] == [(3, 120, 160), (3, 60, 80)]
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(image.data[0]), 0, -1), region)
+    label, = (n for n in nodes if any(isinstance(s, Label) for s in n.specs))
+    np.testing.assert_array_equal(np.asarray(label.data[0]), ann.labels)
+    np.testing.assert_array_equal(np.asarray(label.data[1]), ann.labels[::2, ::2])
+    rows = _label_table(ann)
+    assert set(label.metadata["color"]) == set(np.unique(ann.labels).tolist()) - {0}
+    for value, props in label.metadata["properties"].items():
+        assert props["class"] == rows[value]["class"]
+    # and the NGFF validator of ome-zarr-models accepts the whole image
+    import zarr
+    from ome_zarr_models.v05.image import Image
+
+    Image.from_zarr(zarr.open_group(str(path), mode="r"))
+    assert_same(import_omezarr(path), ann)
+
+
+def test_omezarr_opens_in_napari_ome_zarr(tmp_path, slide_cells):
+    from napari_ome_zarr import napari_get_reader
+
+    ann, region = slide_cells
+    path = export_omezarr(ann, tmp_path / "cells.ome.zarr")
+    layers = napari_get_reader(str(path))()
+    kinds = [kind for _, _, kind in layers]
+    assert kinds == ["image", "labels"]
+    (image, meta, _), (labels, lmeta, _) = layers
+    np.testing.assert_array_equal(np.moveaxis(np.asarray(image[0]), 0, -1), region)
+    assert meta["channel_axis"] == 0 and meta["scale"] == [0.5, 0.5]
+    np.testing.assert_array_equal(np.asarray(labels[0]), ann.labels)
+    assert lmeta["scale"] == [0.5, 0.5]
+    # napari-ome-zarr 0.10 applies only a dataset's first transform (the scale), to the
+    # image and the labels alike: they stay aligned (our own reader keeps the origin)
+    np.testing.assert_array_equal(lmeta["affine"].translate, meta["affine"].translate)
+    rows = _label_table(ann)
+    values = set(np.unique(ann.labels).tolist()) - {0}
+    assert set(lmeta["colormap"]) == values
+    props = lmeta["properties"]
+    by_value = dict(zip(props["index"], props["class"], strict=True))
+    assert by_value == {v: rows[v]["class"] for v in values}
+    assert dict(zip(props["index"], props["prob_neutrophil"], strict=True))[1] == rows[1]["prob_neutrophil"]
+    from napari_hemato.core.export.points_csv import class_color
+
+    colour = [c / 255 for c in (*class_color(rows[1]["class"], ann.class_names), 255)]
+    assert lmeta["colormap"][1] == colour
+
+
+def test_omezarr_image_given_or_missing(tmp_path, caplog):
+    ann = make_instances()  # its image_path does not exist
+    with caplog.at_level("WARNING"):
+        path = export_omezarr(ann, tmp_path / "no_image.ome.zarr")
+    assert "without the image" in caplog.text
+    assert_same(import_omezarr(path), ann)
+    region = np.full((*ann.labels.shape, 3), 200, np.uint16) * 257
+    path = export_omezarr(ann, tmp_path / "given.ome.zarr", image=region)
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    assert root.attrs["ome"]["multiscales"][0]["axes"][0] == {"name": "c", "type": "channel"}
+    assert (np.asarray(root["0"][...]) == 200).all()
+    from napari_hemato.core.export import ExportError
+
+    with pytest.raises(ExportError, match="the image is"):
+        export_omezarr(ann, tmp_path / "bad.ome.zarr", image=region[:10])
