@@ -147,3 +147,62 @@ def test_omezarr_image_given_or_missing(tmp_path, caplog):
 
     with pytest.raises(ExportError, match="the image is"):
         export_omezarr(ann, tmp_path / "bad.ome.zarr", image=region[:10])
+
+
+# -- COCO --------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools
+def test_coco_decodes_with_pycocotools_on_its_png(tmp_path, slide_cells):
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    from napari_hemato.core.export import export_coco, import_coco
+
+    ann, region = slide_cells
+    ann.labels[50:55, 140:145] = 77  # painted, not in the table yet: exported too
+    path = export_coco(ann, tmp_path / "cells_coco.json")
+    coco = COCO(str(path))
+    (img,) = coco.loadImgs(coco.getImgIds())
+    assert img["file_name"] == "cells_coco.png"
+    assert img["napari_hemato"] == {"slide": ann.image_path, "origin": list(ORIGIN),
+                                    "slide_shape": [400, 500]}
+    png = np.asarray(Image.open(tmp_path / img["file_name"]))
+    assert png.shape == (img["height"], img["width"], 3) == (*ann.labels.shape, 3)
+    np.testing.assert_array_equal(png, region)
+    import imageio.v3 as iio
+
+    np.testing.assert_array_equal(iio.imread(tmp_path / img["file_name"]), region)
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    rows = {int(r["id"]): r for r in ann.table.to_dict("records")}
+    rebuilt = np.zeros_like(ann.labels)
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))
+    assert len(anns) == len(np.unique(ann.labels)) - 1
+    for a in anns:
+        mask = coco.annToMask(a).astype(bool)
+        value = a["napari_hemato_id"]
+        np.testing.assert_array_equal(mask, ann.labels == value)
+        assert a["area"] == mask.sum()
+        x, y, w, h = a["bbox"]
+        ys, xs = np.nonzero(mask)
+        assert (x, y, w, h) == (xs.min(), ys.min(), np.ptp(xs) + 1, np.ptp(ys) + 1)
+        if value in rows:
+            assert names[a["category_id"]] == rows[value]["class"]
+        rebuilt[mask] = value
+    np.testing.assert_array_equal(rebuilt, ann.labels)
+    assert_same(import_coco(path), ann)
+
+
+def test_coco_without_a_readable_image_keeps_slide_coordinates(tmp_path, caplog):
+    from napari_hemato.core.export import export_coco, import_coco
+
+    ann = make_instances()  # its image_path does not exist
+    with caplog.at_level("WARNING"):
+        path = export_coco(ann, tmp_path / "c.json")
+    assert "without the image" in caplog.text and not (tmp_path / "c.png").exists()
+    doc = json.loads(path.read_text())
+    assert doc["images"][0]["file_name"] == "slide_A.svs" and doc["images"][0]["height"] == 400
+    assert_same(import_coco(path), ann)
+    given = export_coco(ann, tmp_path / "g.json", image=np.zeros((*ann.labels.shape, 3), np.uint8))
+    assert json.loads(given.read_text())["images"][0]["file_name"] == "g.png"
+    assert_same(import_coco(given), ann)
