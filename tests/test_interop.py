@@ -206,3 +206,64 @@ def test_coco_without_a_readable_image_keeps_slide_coordinates(tmp_path, caplog)
     given = export_coco(ann, tmp_path / "g.json", image=np.zeros((*ann.labels.shape, 3), np.uint8))
     assert json.loads(given.read_text())["images"][0]["file_name"] == "g.png"
     assert_same(import_coco(given), ann)
+
+
+# -- QuPath GeoJSON ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("object_type", ["detection", "annotation", "cell"])
+def test_geojson_is_valid_and_follows_qupath_conventions(tmp_path, object_type):
+    import uuid
+
+    import shapely.geometry
+
+    from napari_hemato.core.export import export_geojson, import_geojson, rasterize
+
+    ann = make_instances()
+    ann.labels[50:55, 140:145] = 77  # painted, not in the table yet
+    path = export_geojson(ann, tmp_path / "cells.geojson", object_type=object_type)
+    doc = json.loads(path.read_text())
+    rows = {int(r["id"]): r for r in ann.table.to_dict("records")}
+    assert doc["type"] == "FeatureCollection"
+    ids = [uuid.UUID(f["id"]) for f in doc["features"]]  # QuPath 0.4+: a UUID per object
+    assert len(set(ids)) == len(ids) == len(np.unique(ann.labels)) - 1
+    oy, ox = ann.origin
+    for feat in doc["features"]:
+        geom = shapely.geometry.shape(feat["geometry"])
+        assert geom.is_valid, feat["properties"]["metadata"]
+        props = feat["properties"]
+        assert props["objectType"] == object_type
+        assert all(isinstance(v, str) for v in props["metadata"].values())
+        value = int(props["metadata"]["id"])
+        assert geom.area == (ann.labels == value).sum()  # pixel-exact outlines
+        y0, x0, y1, x1 = (int(v) for v in (geom.bounds[1] - oy, geom.bounds[0] - ox,
+                                            geom.bounds[3] - oy, geom.bounds[2] - ox))
+        rings = [np.asarray(r) - (ox, oy) for r in _rings_of(feat["geometry"])]
+        np.testing.assert_array_equal(rasterize(rings, (y0, x0, y1, x1)),
+                                      ann.labels[y0:y1, x0:x1] == value)
+        if value not in rows:
+            assert props["metadata"]["in_table"] == "false" and "classification" not in props
+            continue
+        row = rows[value]
+        cls = props["classification"]
+        assert cls["name"] == row["class"]
+        assert len(cls["color"]) == 3 and all(isinstance(c, int) and 0 <= c <= 255
+                                              for c in cls["color"])
+        measurements = props["measurements"]
+        assert {"confidence", "score", "area_px", "area_um2"} <= set(measurements)
+        assert all(isinstance(v, float) and np.isfinite(v) for v in measurements.values())
+        assert measurements["area_um2"] == row["area_um2"]
+        probs = {c: row[f"prob_{c}"] for c in ann.class_names if np.isfinite(row[f"prob_{c}"])}
+        assert {k[len("prob_"):]: v for k, v in measurements.items() if k.startswith("prob_")} == probs
+        meta = props["metadata"]
+        assert meta["model"] == row["model"] and meta["model_version"] == row["model_version"]
+        assert meta["provenance"] == row["provenance"]
+        assert meta["reviewed"] == ("true" if row["reviewed"] else "false")
+    back = import_geojson(path)
+    assert_same(back, ann)
+
+
+def _rings_of(geom: dict) -> list:
+    if geom["type"] == "Polygon":
+        return geom["coordinates"]
+    return [ring for poly in geom["coordinates"] for ring in poly]
