@@ -256,6 +256,7 @@ def test_geojson_is_valid_and_follows_qupath_conventions(tmp_path, object_type):
         probs = {c: row[f"prob_{c}"] for c in ann.class_names if np.isfinite(row[f"prob_{c}"])}
         assert {k[len("prob_"):]: v for k, v in measurements.items() if k.startswith("prob_")} == probs
         meta = props["metadata"]
+        assert set(meta) == {"id", "model", "model_version", "provenance", "reviewed"}
         assert meta["model"] == row["model"] and meta["model_version"] == row["model_version"]
         assert meta["provenance"] == row["provenance"]
         assert meta["reviewed"] == ("true" if row["reviewed"] else "false")

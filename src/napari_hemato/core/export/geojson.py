@@ -13,8 +13,8 @@ Properties follow QuPath's GeoJSON (what QuPath 0.4+ reads and shows):
 - ``classification``: ``{"name": class, "color": [r, g, b]}``;
 - ``measurements``: the numeric columns (``confidence``, ``score``, ``area_px``,
   ``area_um2``, ``prob_<CLASS>``), shown in QuPath's measurement table;
-- ``metadata``: every other column as text (``model``, ``model_version``,
-  ``provenance``, ``reviewed``, ``id``, ...), QuPath's string map per object;
+- ``metadata``: the object ``id`` and the non-numeric columns as text (``model``,
+  ``model_version``, ``provenance``, ``reviewed``, ...), QuPath's string map per object;
 - the Feature's ``id`` is a UUID derived from the image and the object id
   (stable across exports), which QuPath takes as the object's ID.
 
@@ -214,6 +214,9 @@ def export_geojson(annotations: AnnotationSet, path: str | os.PathLike, *,
     measured = [c for c in table.columns
                 if (c in MEASUREMENTS or str(c).startswith("prob_")) and table[c].dtype.kind in "iuf"]
     others = [c for c in table.columns if c not in measured and c != "class"]
+    # QuPath's metadata: the object id and the non-numeric columns (model, provenance, ...);
+    # positions and boxes QuPath measures itself
+    described = [c for c in others if c == "id" or table[c].dtype.kind not in "iuf"]
     scope = f"napari-hemato:{Path(ann.image_path or '').name}:"
     features = []
     for k, row in enumerate(table.to_dict("records"), start=1):
@@ -222,7 +225,7 @@ def export_geojson(annotations: AnnotationSet, path: str | os.PathLike, *,
         if cls is not None:
             props["classification"] = {"name": cls, "color": class_color(cls, ann.class_names)}
         props["measurements"] = {c: v for c in measured if (v := json_value(row[c])) is not None}
-        props["metadata"] = _metadata({c: json_value(row[c]) for c in others})
+        props["metadata"] = _metadata({c: json_value(row[c]) for c in described})
         props["napari_hemato"] = {c: json_value(row[c]) for c in others}
         if points:
             geom = {"type": "Point", "coordinates": [float(row["x"]) + 0.5, float(row["y"]) + 0.5]}
