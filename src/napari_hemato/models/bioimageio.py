@@ -115,19 +115,32 @@ def onnx_opset(path: str | os.PathLike) -> int:
 
 
 def _test_image(spec: ModelSpec, shape: tuple[int, int]) -> np.ndarray:
-    """A (1, H, W, 3) uint8 crop of a bundled sample, resampled to the model's µm/px."""
+    """A (1, H, W, 3) uint8 crop of a bundled sample, resampled to the model's µm/px.
+
+    Tiled models get the sample's centre; a crop classifier gets a square around
+    the sample's darkest spot (a stained nucleus: the smear field's white cell).
+    """
     from PIL import Image
+    from scipy import ndimage
 
     from napari_hemato.core.slide import open_slide, to_rgb8
     from napari_hemato.samples import sample_path
 
     h, w = shape
     with open_slide(sample_path(_SAMPLES.get(spec.task, "he_slide"))) as slide:
-        have = slide.mpp or spec.assumed_input_mpp or spec.mpp
-        factor = (spec.mpp / have) if spec.mpp and have else 1.0
-        sh, sw = (max(1, round(v * factor)) for v in (h, w))
-        sh, sw = min(sh, slide.shape[0]), min(sw, slide.shape[1])
-        y0, x0 = (slide.shape[0] - sh) // 2, (slide.shape[1] - sw) // 2
+        big_h, big_w = slide.shape
+        if spec.kind == "classifier":
+            grey = to_rgb8(np.asarray(slide.levels[-1])).mean(axis=-1)
+            f = big_h / grey.shape[0]
+            smooth = ndimage.uniform_filter(grey, max(3, grey.shape[0] // 20))
+            cy, cx = (int(v * f) for v in np.unravel_index(np.argmin(smooth), smooth.shape))
+            sh = sw = max(1, int(0.4 * min(big_h, big_w)))
+        else:
+            have = slide.mpp or spec.assumed_input_mpp or spec.mpp
+            factor = (spec.mpp / have) if spec.mpp and have else 1.0
+            sh, sw = (min(max(1, round(v * factor)), big) for v, big in ((h, big_h), (w, big_w)))
+            cy, cx = big_h // 2, big_w // 2
+        y0, x0 = min(max(cy - sh // 2, 0), big_h - sh), min(max(cx - sw // 2, 0), big_w - sw)
         rgb = to_rgb8(slide.read_region(0, y0, x0, y0 + sh, x0 + sw))
     if rgb.shape[:2] != (h, w):
         rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR))
