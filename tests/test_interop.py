@@ -268,3 +268,28 @@ def _rings_of(geom: dict) -> list:
     if geom["type"] == "Polygon":
         return geom["coordinates"]
     return [ring for poly in geom["coordinates"] for ring in poly]
+
+
+def test_coco_json_and_png_are_written_together_or_not_at_all(tmp_path, slide_cells, monkeypatch):
+    import os
+
+    from napari_hemato.core.export import ExportError, export_coco
+
+    ann, _ = slide_cells
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "c.png").write_text("keep")
+    with pytest.raises(ExportError, match="c.png"):
+        export_coco(ann, out / "c.json")
+    assert sorted(p.name for p in out.iterdir()) == ["c.png"]
+    export_coco(ann, out / "c.json", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["c.json", "c.png"]
+
+    def boom(*args, **kwargs):
+        raise PermissionError(13, "Permission denied (simulated)")
+
+    monkeypatch.setattr(os, "replace", boom)
+    monkeypatch.setattr(os, "link", boom)
+    with pytest.raises(ExportError, match="Permission denied"):
+        export_coco(ann, out / "d.json")
+    assert sorted(p.name for p in out.iterdir()) == ["c.json", "c.png"]
