@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from napari_hemato.cli import main
+from napari_hemato.core.spec import load_spec
 from napari_hemato.models.bioimageio import onnx_opset
 from napari_hemato.models.registry import bundled_models
-from napari_hemato.models.spec import load_spec
 
 
 def _rdf(pkg) -> dict:

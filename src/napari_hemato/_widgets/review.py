@@ -278,7 +278,7 @@ class ReviewWidget(QWidget):
             if colormap is not None:
                 layer.colormap = colormap
         else:
-            from napari_hemato.core.colors import class_color_float
+            from napari_hemato.core.class_colors import class_color_float
 
             colors = [class_color_float(c) for c in session.table["class"].astype(str)]
             if colors:

@@ -1,5 +1,6 @@
 """Live summaries from the object table (never from pixels).
 
+- Counts and percent per class, mean confidence (every task).
 - WBC differential: counts and percent per white-cell class, against the
   100- or 200-cell target of a manual differential; RBC and platelet counts.
 - Mitotic count per 10 high-power fields (HPF) and per 2 mm², and the densest
@@ -16,6 +17,24 @@ from scipy.spatial import cKDTree
 WBC_CLASSES = ("SNE", "BNE", "EO", "BA", "LY", "MO", "MMY", "MY", "PMY", "ERB", "PLT")
 HPF_MM2 = 0.237
 EXCLUDED = ("rejected", "unassigned")
+
+
+def class_summary(table: pd.DataFrame) -> dict:
+    """Counts per class (and percent) and the mean confidence, for every task's summary.
+
+    Examples
+    --------
+    >>> class_summary(pd.DataFrame({"class": ["a", "b", "a"], "confidence": [0.5, 1.0, 0.9]}))
+    {'n_objects': 3, 'counts': {'a': 2, 'b': 1}, 'percent': {'a': 66.7, 'b': 33.3}, 'mean_confidence': 0.8}
+    """
+    counts = table["class"].value_counts().sort_index() if len(table) else pd.Series(dtype=int)
+    total = int(counts.sum())
+    return {
+        "n_objects": total,
+        "counts": {str(k): int(v) for k, v in counts.items()},
+        "percent": {str(k): round(100.0 * v / total, 1) for k, v in counts.items()} if total else {},
+        "mean_confidence": round(float(table["confidence"].mean()), 6) if total else None,
+    }
 
 
 def differential(table: pd.DataFrame, *, target: int = 100) -> dict:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from napari_hemato.core.annotations import AnnotationSet
-from napari_hemato.core.colors import class_color_float
+from napari_hemato.core.class_colors import class_color_float
 
 KEY = "napari_hemato"
 POINT_DIAMETER_UM = 12.0

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_hemato.core.errors import ModelError
-from napari_hemato.models.spec import ModelSpec, load_spec
+from napari_hemato.core.spec import ModelSpec, load_spec
 
 __all__ = ["export_bioimageio", "onnx_opset"]
 

@@ -7,7 +7,7 @@ works whatever the magnification: a square window of side
 border), resized to the model's ``input_size`` and classified. Training uses
 exactly the same functions (:func:`cell_window`, :func:`normalize_cell`,
 :func:`segment_center_cell`), and the colour standardisation the spec's
-``preprocess["colour"]`` names (:mod:`napari_hemato.models.colour`).
+``preprocess["colour"]`` names (:mod:`napari_hemato.models.colour_standardize`).
 
 Examples
 --------
@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_hemato.core.errors import ModelError
-from napari_hemato.models.colour import COLOUR_MODES, apply_colour_mode
+from napari_hemato.models.colour_standardize import COLOUR_MODES, apply_colour_mode
 
 log = logging.getLogger(__name__)
 
