@@ -185,6 +185,11 @@ def test_default_outputs_carry_the_task(tmp_path, field, model_dir, mitosis_mode
     assert (tmp_path / "field.tif.mitosis.hemato.zarr" / "objects.csv").read_bytes() == mitosis_table
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "field.nuclei_labels.tif", "field.tif.mitosis.hemato.zarr", "field.tif.nuclei.hemato.zarr"]
+    for task in ("nuclei", "mitosis"):  # their exports sit side by side too
+        assert main(["export", f"field.tif.{task}.hemato.zarr", "--format", "geojson",
+                     "--out-dir", "ex"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == ["field.mitosis.geojson",
+                                                                  "field.nuclei.geojson"]
 
 
 def test_one_image_honours_out_dir(tmp_path, field, model_dir, monkeypatch, capsys):
