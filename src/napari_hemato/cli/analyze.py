@@ -208,7 +208,7 @@ def cmd_analyze(args) -> int:
     if batch:
         stems = {}
         for path in inputs:
-            stems.setdefault(path.stem, []).append(path.name)
+            stems.setdefault(path.stem, []).append(str(path))
         same = [names for names in stems.values() if len(names) > 1]
         if same:
             raise HematoError(f"inputs {', '.join(same[0])} would write the same results in "
@@ -242,7 +242,8 @@ def cmd_analyze(args) -> int:
         if labels and result.labels() is not None:
             from napari_hemato.core.labels_tiff import write_labels_tiff
 
-            rewrite = args.overwrite or args.out_dir is not None  # folder mode rewrites its own
+            # folder mode rewrites its own default TIFF (e.g. after --resume); a given path needs --overwrite
+            rewrite = args.overwrite or (args.out_dir is not None and not args.labels)
             s["labels"] = str(write_labels_tiff(result, labels, overwrite=rewrite))
         summaries.append(s)
         if not args.json:
