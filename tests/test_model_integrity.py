@@ -51,6 +51,14 @@ def test_weights_that_do_not_match_the_spec_are_refused(tmp_path):
         OnnxPredictor(folder)
 
 
+def test_a_malformed_sha256_is_a_spec_error(tmp_path):
+    folder = dark_blob_model_dir(tmp_path / "model")
+    raw = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps({**raw, "sha256": 12}))
+    with pytest.raises(ModelError, match="'sha256' must be 64 hex digits"):
+        load_spec(folder)
+
+
 def test_cli_names_the_mismatched_model_in_one_line(tmp_path, capsys):
     from napari_hemato.cli import main
 

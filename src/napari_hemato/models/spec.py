@@ -137,6 +137,10 @@ class ModelSpec:
             raise ModelError(f"{where}: 'tile' and 'size_divisor' must be positive")
         if not self.class_names:
             raise ModelError(f"{where}: 'class_names' is empty")
+        if self.sha256 is not None and not (
+                isinstance(self.sha256, str) and len(self.sha256) == 64
+                and all(c in "0123456789abcdefABCDEF" for c in self.sha256)):
+            raise ModelError(f"{where}: 'sha256' must be 64 hex digits (of {self.onnx})")
         norm = self.normalization
         for key in ("mean", "std"):
             if key in norm and len(norm[key]) != 3:
@@ -212,8 +216,8 @@ def file_sha256(path: str | Path) -> str:
 def write_spec(folder: str | Path, spec: dict[str, Any]) -> Path:
     """Write ``spec`` as ``folder/model.json`` with the ``sha256`` of its ONNX file.
 
-    The one place a spec is written (trainers, :meth:`ModelSpec.save`): write
-    ``model.onnx`` first, then the spec, so the hash is that of the final weights.
+    What trainers and :meth:`ModelSpec.save` write specs with: write ``model.onnx``
+    first, then the spec, so the hash is that of the final weights.
     Without an ONNX file in ``folder`` the spec is written without ``sha256``.
 
     Examples
