@@ -76,6 +76,8 @@ def test_analyze_roi_and_human_summary(tmp_path, field, model_dir, capsys):
         (["analyze", "FIELD", "--task", "mitosis", "--model", "MODEL"], "is for task 'nuclei'"),
         (["analyze", "FIELD", "--task", "nuclei", "--model", "MODEL", "--roi", "900,900,990,990"],
          "outside the image"),
+        (["analyze", "FIELD", "--task", "nuclei", "--model", "MODEL", "--tile", "16"],
+         "use a tile of at least"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, field, model_dir, capsys, argv, message):
