@@ -130,20 +130,26 @@ def layout(
         y, x = letters.index("Y"), letters.index("X")
         rest = [i for i in big if i not in (y, x)]
         stack = [i for i in rest if letters[i] not in "CS"]
-    else:
+    else:  # (..., Y, X, C) when the last size is <= 4, else (..., C, Y, X) or (..., Y, X)
         cand = big if len(big) >= 2 else list(range(len(shape)))[-2:]
-        y, x, rest, stack = cand[-2], cand[-1], cand[:-2], cand[:-2]
-        if len(cand) == 3 and shape[cand[2]] <= 4:
-            y, x, rest, stack = cand[0], cand[1], [cand[2]], []
-        elif len(cand) == 3 and shape[cand[0]] <= 4:
-            rest, stack = [cand[0]], []
-    if len(rest) > 1 or stack:
-        what = f"axes {axes}, " if axes else ""
+        if len(cand) >= 3 and shape[cand[-1]] <= 4:
+            y, x, channel = cand[-3], cand[-2], [cand[-1]]
+        elif len(cand) >= 3 and shape[cand[-3]] <= 4:
+            y, x, channel = cand[-2], cand[-1], [cand[-3]]
+        else:
+            y, x, channel = cand[-2], cand[-1], []
+        stack = [i for i in cand if i not in (y, x, *channel)]
+        rest = channel + stack
+    what = f"axes {axes}, " if axes else ""
+    if stack:  # planes: the image count, whatever the channels
         raise fail(
             path,
-            f"a stack of {math.prod(shape[i] for i in rest)} planes ({what}shape "
+            f"a stack of {math.prod(shape[i] for i in stack)} planes ({what}shape "
             f"{shape}) is not supported; need one 2-D image with 1, 3 or 4 channels",
         )
+    if len(rest) > 1:
+        raise fail(path, f"{len(rest)} channel axes ({what}shape {shape}) are not supported; "
+                         "need one 2-D image with 1, 3 or 4 channels")
     c = rest[0] if rest else None
     if c is not None and shape[c] not in (1, 3, 4):
         raise fail(path, f"unsupported channel layout: {shape[c]} channels (need 1, 3 or 4)")
