@@ -419,7 +419,7 @@ def test_openslide_missing_says_how_to_install(
 ])
 def test_stack_error_counts_planes_not_rows(tmp_path: Path, shape, metadata, planes) -> None:
     """The message counts images in the stack; rows and channels are not planes."""
-    from napari_hemato.core._slide_backends import layout
+    from napari_hemato.core.slide_layout import layout
 
     path = tmp_path / "stack.tif"
     rgb = {"photometric": "rgb"} if shape[-1] == 3 else {"photometric": "minisblack"}
