@@ -33,8 +33,11 @@ N_TILES = 64  # a 512 x 512 field at the model's 0.5 µm/px, 64 px tiles
 
 
 def env() -> dict:
-    """Environment for child processes: this checkout's sources, one inference thread."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
+    """Environment for child processes: the sources this test imports, one inference thread."""
+    import napari_hemato
+
+    src = Path(napari_hemato.__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), str(ROOT)]),
             "NAPARI_HEMATO_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
