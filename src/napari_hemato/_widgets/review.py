@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 
 from napari_hemato._widgets.prob_bars import ProbabilityBars
 from napari_hemato.core.review import ReviewSession
-from napari_hemato.core.sidecar import save_annotations, sidecar_dir
+from napari_hemato.core.sidecar import REVISION, save_annotations, sidecar_dir
 from napari_hemato.core.summary import differential, hotspot, mitotic_count
 from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
 
@@ -425,6 +425,17 @@ class ReviewWidget(QWidget):
             if not image or not Path(image).exists():
                 continue
             name = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
-            saved = save_annotations(session.to_annotations(), sidecar_dir(image, create=True) / name)
+            ann = session.to_annotations()
+            saved = save_annotations(ann, sidecar_dir(image, create=True) / name)
+            # the revision saved is the base of the next save; another viewer's newer save
+            # made this one a copy: keep saving this layer there (nothing is overwritten)
+            session.annotations.metadata[REVISION] = ann.metadata[REVISION]
+            layer.metadata.setdefault(KEY, {}).update(
+                {REVISION: ann.metadata[REVISION], "sidecar_name": saved.name})
+            if saved.name != name:
+                from napari.utils.notifications import show_warning
+
+                show_warning(
+                    f"{name} was changed by another viewer: your corrections are saved as {saved.name}")
             self._saved_revision[id(layer)] = session.revision
         return saved
