@@ -183,3 +183,57 @@ def fresh_copy(reference: Path, where: Path) -> Path:
     target = where / f"r-{uuid.uuid4().hex[:6]}.zarr"
     shutil.copytree(reference, target)
     return target
+
+
+EXPORT_FORMATS = ["crops", "tiff", "omezarr", "coco", "geojson"]
+
+
+def read_exports(folder: Path, name: str) -> dict:
+    """Each export in ``folder`` read back with its importer (raises if partial or unreadable)."""
+    from napari_hemato.core import export as ex
+
+    files = {"crops": f"{name}_crops", "tiff": f"{name}_labels.tif", "omezarr": f"{name}.ome.zarr",
+             "coco": f"{name}_coco.json", "geojson": f"{name}.geojson"}
+    readers = {"crops": ex.import_crops, "tiff": ex.import_tiff, "omezarr": ex.import_omezarr,
+               "coco": ex.import_coco, "geojson": ex.import_geojson}
+    out = {}
+    for fmt, fname in files.items():
+        ann = readers[fmt](folder / fname)
+        out[fmt] = (ann.table.sort_values("id")["id"].tolist(),
+                    None if ann.labels is None or fmt == "crops" else np.asarray(ann.labels))
+    return out
+
+
+def assert_same_exports(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for fmt in want:
+        assert got[fmt][0] == want[fmt][0], fmt
+        if want[fmt][1] is not None:
+            np.testing.assert_array_equal(got[fmt][1], want[fmt][1], err_msg=fmt)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 2 MiB tmpfs (skips when this sandbox may not mount one); unmounted after."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("disk-full faults need root to mount a small tmpfs")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip()}): disk-full faults not run")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(mnt: Path, leave: int) -> Path:
+    """Fill the file system at ``mnt`` with a ballast file until ``leave`` bytes are free."""
+    ballast = mnt / "ballast"
+    st = os.statvfs(mnt)
+    size = st.f_bavail * st.f_frsize - leave
+    with open(ballast, "wb") as fh:
+        fh.write(b"\0" * max(size, 0))
+    return ballast

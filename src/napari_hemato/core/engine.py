@@ -232,7 +232,7 @@ def iter_run(
         try:
             store.set_status(status, n_done=len(sink.done))
         except WriteError as err:  # e.g. the disk is full: keep the error that stopped the run
-            log.warning("%s", err)
+            log.info("status not recorded: %s", err)
     return RunResult(store, status, spec, grid, plan, len(sink.done), n_objects,
                      time.perf_counter() - t0, timings)
 

@@ -4,6 +4,12 @@ Exporters build their output under a temporary name beside the destination
 (same folder, so the final :func:`os.replace` is an atomic rename on the same
 file system) and only rename it into place once everything is written. A
 failure removes the temporary output, so no partial file or folder is left.
+
+A process killed with SIGKILL cannot clean up: its temporary names carry its pid
+(``.<pid>-<random>.tmp-<name>``, ``.<pid>-<random>.old-<name>`` for a folder being
+replaced), and the next export to the same destination removes those of
+processes that no longer run, after renaming a lone ``.old-`` folder back when
+the kill came between its two renames (the previous export is restored whole).
 """
 
 from __future__ import annotations
@@ -82,7 +88,32 @@ def check_destination(dest: str | os.PathLike, *, overwrite: bool = False,
 
 def _temp_name(dest: Path, tag: str) -> Path:
     # The real name stays at the end so writers that look at the suffix behave.
-    return dest.with_name(f".{secrets.token_hex(4)}.{tag}-{dest.name}")
+    return dest.with_name(f".{os.getpid()}-{secrets.token_hex(4)}.{tag}-{dest.name}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_leftovers(dest: Path) -> None:
+    """Remove what killed exports to ``dest`` left behind (see the module notes)."""
+    for tag in ("old", "tmp"):  # "old" first: a lone previous version is restored
+        for path in sorted(dest.parent.glob(f".*.{tag}-{dest.name}")):
+            pid = path.name[1:].split("-", 1)[0]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if tag == "old" and not os.path.lexists(dest):
+                with contextlib.suppress(OSError):
+                    os.replace(path, dest)
+                    log.warning("%s: restored the previous export (an export was interrupted)", dest)
+                    continue
+            _remove(path)
 
 
 def _remove(path: Path) -> None:
@@ -157,7 +188,11 @@ def atomic_outputs(dests: Sequence[str | os.PathLike], *, overwrite: bool = Fals
     >>> with atomic_outputs(["cells.csv"]) as (tmp,):  # doctest: +SKIP
     ...     table.to_csv(tmp)
     """
-    finals = [check_destination(d, overwrite=overwrite, base_dir=base_dir) for d in dests]
+    finals = [check_destination(d, overwrite=True, base_dir=base_dir) for d in dests]
+    for dest in finals:
+        clean_leftovers(dest)
+    if not overwrite:
+        finals = [check_destination(d, overwrite=False, base_dir=base_dir) for d in dests]
     is_dir = [folders] * len(finals) if isinstance(folders, bool) else list(folders)
     temps = [_temp_name(d, "tmp") for d in finals]
     try:
