@@ -300,7 +300,10 @@ def _read_coco(path) -> AnnotationSet:
                 total += len(seg["counts"])
                 if total > g.MAX_TOTAL_VERTICES:
                     raise ExportError(f"{path}: more than {g.MAX_TOTAL_VERTICES} vertices and runs in all")
-                py, px = _pixels(seg["counts"], seg["size"], box)
+                try:
+                    py, px = _pixels(seg["counts"], seg["size"], box)
+                except ExportError as exc:
+                    raise ExportError(f"{path}: annotation {oid}: {exc}") from None
                 labels[py - y0, px - x0] = oid
             else:
                 total = g.check_vertices(sum(len(p) // 2 for p in seg), path, oid, total)

@@ -246,6 +246,7 @@ def _read_points_csv(path, *, mpp, image_path) -> AnnotationSet:
 
     frame = read_table_csv(path)
     frame = frame.rename(columns={"y_px": "y", "x_px": "x"})
+    written_ids = "id" in frame
     if not {"y", "x"} <= set(frame.columns):
         raise ExportError(f"{path}: needs y_px and x_px columns, found {list(frame.columns)}")
     n = len(frame)
@@ -265,6 +266,8 @@ def _read_points_csv(path, *, mpp, image_path) -> AnnotationSet:
     bad = ~np.isfinite(yx).all(axis=1) | (np.abs(yx) > 2**31).any(axis=1)
     if bad.any():
         raise ExportError(f"{path}: row {int(np.argmax(bad)) + 1} has no finite y_px, x_px")
-    g.check_ids(table["id"], path, label=False)
+    # the table reader casts ids to integers (1.5 would become 1): check them as written
+    g.check_ids(pd.read_csv(path, usecols=["id"])["id"] if written_ids else table["id"], path,
+                label=False)
     return AnnotationSet(kind="points", table=table, class_names=class_names_from(table),
                          mpp=mpp, image_path=image_path, metadata={"source": str(path)})
