@@ -6,8 +6,8 @@ finished tile is on disk before its progress event is yielded, so stopping the
 generator (``close()``), a :class:`CancelToken`, Ctrl-C or a killed process
 loses at most the tiles in flight, and ``resume=True`` continues where the run
 stopped (after checking the store: damaged tiles are redone, damaged label
-chunks assembled again, see :meth:`ResultStore.verify`). Memory is bounded by tile size × batch size (plus a prefetched batch),
-not by slide size.
+chunks assembled again, see :meth:`ResultStore.verify`). Memory is bounded by
+tile size × batch size (plus a prefetched batch), not by slide size.
 
 Example
 -------
@@ -20,6 +20,7 @@ Example
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Generator
@@ -232,6 +233,8 @@ def iter_run(
         try:
             store.set_status(status, n_done=len(sink.done))
         except WriteError as err:  # e.g. the disk is full: keep the error that stopped the run
+            if sys.exc_info()[1] is None:
+                raise
             log.info("status not recorded: %s", err)
     return RunResult(store, status, spec, grid, plan, len(sink.done), n_objects,
                      time.perf_counter() - t0, timings)

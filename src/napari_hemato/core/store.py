@@ -15,7 +15,8 @@ and a resumed run skips every tile that has a file. The store itself is built
 under a temporary name and renamed into place, so it exists whole or not at all.
 
 A resume first checks the store (:meth:`ResultStore.verify`): a tile file that
-does not open as a complete archive is removed (the tile is redone), and an
+does not open as a complete archive is removed (the tile is redone; damage inside
+an archive member fails its CRC when read, a StoreError naming the file), and an
 ``assembled/`` marker records the SHA-256 of its labels chunk file (or that the
 chunk is all background), so a deleted, truncated or altered chunk loses its
 marker and is assembled again. Temporary files left by a killed process are
@@ -330,10 +331,15 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _tile_file_ok(path: Path) -> bool:
-    """A tile file is whole: its archive opens, its members' CRCs match, it has a box."""
+    """A tile file is whole: its archive's directory (at the end) reads, it has a box, and
+    every member lies inside the file. Cheap (no decompression): a truncated file always
+    fails; damage inside a member is caught by its CRC when the tile is read."""
     try:
+        size = path.stat().st_size
         with zipfile.ZipFile(path) as zf:
-            return "box.npy" in zf.namelist() and zf.testzip() is None
+            infos = zf.infolist()
+            return any(i.filename == "box.npy" for i in infos) and all(
+                i.header_offset + i.compress_size <= size for i in infos)
     except (OSError, zipfile.BadZipFile, EOFError, ValueError):
         return False
 
