@@ -16,7 +16,7 @@ from napari_hemato.samples import sample_path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="nuclei", choices=nh.TASKS)
+    parser.add_argument("--task", default="nuclei", choices=nh.task_names())
     parser.add_argument("--image", type=Path, default=sample_path("he_slide"))
     parser.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()) / "result.zarr")
     parser.add_argument("--roi", type=int, nargs=4, default=[0, 0, 1024, 1024],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_hemato.models.spec import ModelSpec
+from napari_hemato.core.spec import ModelSpec
 
 
 def build_dark_blob_onnx(path: Path, *, radius: int = 2, channels: int = 3,

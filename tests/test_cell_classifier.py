@@ -73,7 +73,7 @@ def _tiny_classifier_dir(folder: Path, size: int = 32) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from napari_hemato.models.spec import ModelSpec
+    from napari_hemato.core.spec import ModelSpec
 
     rng = np.random.default_rng(0)
     w = rng.normal(0, 1, (len(CLASS_NAMES), 3, 1, 1)).astype(np.float32)
@@ -132,7 +132,7 @@ def test_tiny_model_crops_and_in_image_agree(tmp_path):
 @pytest.fixture(scope="module")
 def pbc_val(shared_data):
     """Two held-out images per class, as recorded in the bundled spec."""
-    from napari_hemato.models.spec import load_spec
+    from napari_hemato.core.spec import load_spec
     from napari_hemato.train.data_wbc import load_rgb
 
     spec = load_spec(WBC_DIR)

@@ -8,7 +8,7 @@ import pytest
 
 from napari_hemato.core.slide import slide_from_array
 from napari_hemato.core.summary import differential
-from napari_hemato.models.spec import ModelSpec
+from napari_hemato.core.spec import ModelSpec
 
 NAMES = ("SNE", "BNE", "EO", "BA", "LY", "MO", "MMY", "MY", "PMY", "ERB", "PLT")
 
@@ -50,6 +50,10 @@ def test_classify_wbcs_only_touches_white_cells():
     # crops are centred on the cell and sized from its area (diameter ~22.6 px)
     (shape, diameter), _ = fake.seen
     assert diameter == pytest.approx(2 * np.sqrt(400 / np.pi))
-    assert shape[0] == shape[1] and shape[0] >= 2 * diameter
+    # ... and hold the classifier's whole window (side diameter * context) around their centre
+    from napari_hemato.models.cell_classifier import cell_window
+
+    y0, x0, side = cell_window(((shape[0] - 1) / 2, (shape[1] - 1) / 2), diameter, 1.5)
+    assert shape[0] == shape[1] and y0 >= 0 and x0 >= 0 and y0 + side <= shape[0]
     d = differential(out)
     assert d["wbc_total"] == 2 and d["counts"]["LY"] == 1 and d["rbc"] == 1

@@ -25,9 +25,9 @@ def analyse(qtbot, widget, task, roi_shape=None, mpp=None):
         widget.region.value = "drawn shapes"
         widget.shapes.value = roi_shape
     widget.start()
-    with qtbot.waitSignal(widget.worker.finished, timeout=180_000):
+    with qtbot.waitSignal(widget.worker.finished, timeout=600_000):
         pass
-    qtbot.waitUntil(lambda: widget.worker is None, timeout=5000)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
 
 
 def save(viewer, name, *, canvas_only=False):

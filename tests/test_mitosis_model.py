@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_hemato.models.registry import BUNDLED
-from napari_hemato.models.spec import load_spec
+from napari_hemato.core.spec import load_spec
 
 BUNDLED_MITOSIS = BUNDLED / "mitosis"
 

@@ -95,7 +95,7 @@ def test_a_field_without_pixel_size_is_read_at_the_training_images_scale(result,
     ``assumed_input_mpp`` (BCCD's 0.08) is used, not the model's own 0.16 (at which every cell
     would look twice too big and fall apart)."""
     from napari_hemato.api import analyze
-    from napari_hemato.models.spec import load_spec
+    from napari_hemato.core.spec import load_spec
 
     assert load_spec(MODEL).assumed_input_mpp == BCCD_MPP
     bare = analyze(shared_data / "bccd" / "JPEGImages" / f"{STEM}.jpg", task="smear", model=MODEL,

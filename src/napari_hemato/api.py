@@ -1,121 +1,153 @@
 """Python API: analyse an image or slide with a task's model, headless.
 
+The task (``"nuclei"``, ``"smear"``, ``"mitosis"`` or any registered one, see
+:mod:`napari_hemato.tasks`) decides the default model, the pixel-size policy and
+the second stages; the engine (:mod:`napari_hemato.core.engine`) does the tiling.
+
 Examples
 --------
->>> import napari_hemato as nh                                  # doctest: +SKIP
->>> result = nh.analyze("slide.svs", task="nuclei", out="slide.hemato.zarr")
->>> result.table()["class"].value_counts()
+>>> import napari_hemato as nh
+>>> from napari_hemato.samples import sample_path
+>>> result = nh.analyze(sample_path("he_slide"), task="nuclei", roi=(1500, 850, 1756, 1106))
+>>> result.status, len(result.table()) > 20  # nuclei in a 256² px region
+('complete', True)
+>>> gen = nh.api.iter_analyze(sample_path("he_slide"), task="nuclei", roi=(1500, 850, 1756, 1106))
+>>> first = next(gen); first.total
+1
+>>> gen.close()
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+import os
 from collections.abc import Generator
-from pathlib import Path
 
+from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.engine import Progress, RunResult, drain, iter_run
-from napari_hemato.core.errors import ModelError, SlideError
 from napari_hemato.core.slide import Slide, open_slide
-from napari_hemato.models.onnx_backend import OnnxPredictor
-from napari_hemato.models.registry import resolve_model
+from napari_hemato.tasks import Task, get_task, task_names
 
-TASKS = ("nuclei", "smear", "mitosis")
-#: a red-cell estimate within this ratio of the spec's ``assumed_input_mpp`` confirms it: the
-#: estimate's p10-p90 spread on held-out BCCD fields (0.86-1.09 of the truth, see the smear card)
-AGREEMENT = (0.87, 1.15)
+__all__ = ["Progress", "RunResult", "analyze", "iter_analyze", "load_predictor",
+           "pixel_size_origin", "task_names"]
 
-log = logging.getLogger(__name__)
+PathLike = str | os.PathLike
 
 
-def load_predictor(task: str, model=None, *, providers=None, threads=None) -> OnnxPredictor:
-    """The ONNX predictor for ``task`` (bundled) or a given model folder."""
-    if task not in TASKS:
-        raise ModelError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    predictor = OnnxPredictor(resolve_model(task, model), providers=providers, threads=threads)
-    if predictor.spec.task != task:
-        raise ModelError(
-            f"{predictor.spec.folder}: model {predictor.spec.name!r} is for task "
-            f"{predictor.spec.task!r}, not {task!r}"
-        )
-    return predictor
+def load_predictor(task: str | Task, model: PathLike | None = None, *, providers=None,
+                   threads: int | None = None):
+    """The ONNX predictor of ``task``: its bundled model, or the model folder ``model``.
 
-
-def load_classifier(classifier=None, *, providers=None, threads=None):
-    """The WBC classifier for the smear task: a folder, ``False`` for none, None for bundled.
-
-    Returns None when no classifier is wanted or none is bundled.
+    Raises :class:`~napari_hemato.core.errors.ModelError` for an unknown task or a
+    model made for another task.
     """
-    if classifier is False:
-        return None
-    from napari_hemato.models.cell_classifier import CellClassifier
-    from napari_hemato.models.registry import bundled_models
-
-    if classifier is None and "wbc" not in bundled_models():
-        return None
-    return CellClassifier(classifier, providers=providers, threads=threads)
+    return get_task(task).load_predictor(model, providers=providers, threads=threads)
 
 
 def iter_analyze(
-    image: str | Path | Slide,
+    image: PathLike | Slide,
     *,
-    task: str = "nuclei",
-    model=None,
-    classifier=None,
+    task: str | Task = "nuclei",
+    model: PathLike | None = None,
+    classifier: PathLike | bool | None = None,
     mpp: float | None = None,
     estimate_mpp: bool = True,
+    out: PathLike | None = None,
+    roi: tuple[int, int, int, int] | None = None,
+    tile: int | None = None,
+    batch_size: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    scheduler=None,
+    cancel: CancelToken | None = None,
     providers=None,
     threads: int | None = None,
-    **engine_options,
 ) -> Generator[Progress, None, RunResult]:
-    """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result."""
-    predictor = load_predictor(task, model, providers=providers, threads=threads)
-    wbc = load_classifier(classifier, providers=providers, threads=threads) if task == "smear" else None
+    """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result.
+
+    Closing the generator (or cancelling ``cancel``) stops the run; finished tiles
+    stay in ``out`` and ``resume=True`` continues them.
+    """
+    task = get_task(task)
+    predictor = task.load_predictor(model, providers=providers, threads=threads)
+    stages = task.load_stages(classifier=classifier, providers=providers, threads=threads)
     owned = not isinstance(image, Slide)
     opened = open_slide(image, mpp=mpp) if owned else image
     try:
-        slide = opened
-        if task == "smear" and estimate_mpp and opened.mpp is None:
-            slide = with_red_cell_mpp(opened, predictor, roi=engine_options.get("roi"))
-        result = yield from iter_run(slide, predictor, **engine_options)
-        if wbc is not None and result.status == "complete":
-            add_wbc_subtypes(result, slide, wbc)
+        slide = task.prepare_slide(opened, predictor, roi=roi, estimate_mpp=estimate_mpp)
+        result = yield from iter_run(slide, predictor, out=out, roi=roi, tile=tile,
+                                     batch_size=batch_size, resume=resume, overwrite=overwrite,
+                                     scheduler=scheduler, cancel=cancel)
+        if result.status == "complete":
+            task.finish(result, slide, stages)
     finally:
         if owned:
             opened.close()
     return result
 
 
-def with_red_cell_mpp(slide: Slide, predictor: OnnxPredictor, *, roi=None) -> Slide:
-    """``slide`` with the pixel size its red cells show (smear fields that state none).
+def analyze(
+    image: PathLike | Slide,
+    *,
+    task: str | Task = "nuclei",
+    model: PathLike | None = None,
+    classifier: PathLike | bool | None = None,
+    mpp: float | None = None,
+    estimate_mpp: bool = True,
+    out: PathLike | None = None,
+    roi: tuple[int, int, int, int] | None = None,
+    tile: int | None = None,
+    batch_size: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    scheduler=None,
+    cancel: CancelToken | None = None,
+    providers=None,
+    threads: int | None = None,
+) -> RunResult:
+    """Run a task's model over an image or slide, tiled, and return the result.
 
-    Returns ``slide`` itself, unchanged, when the model has no red-cell reference or
-    the field has too few red cells; the engine then assumes the model's
-    ``assumed_input_mpp``.
+    Parameters
+    ----------
+    image : path or Slide
+        Any format :func:`napari_hemato.core.slide.open_slide` reads.
+    task : str or Task
+        ``"nuclei"``, ``"smear"``, ``"mitosis"`` or a registered task
+        (:func:`napari_hemato.tasks.task_names`).
+    model : path, optional
+        A model folder (ONNX + ``model.json``); default: the task's bundled model.
+    classifier : path or False, optional
+        Smear: the WBC classifier folder (default bundled; ``False`` for none).
+    mpp : float, optional
+        Level-0 µm/px, overriding the file's.
+    estimate_mpp : bool
+        Smear fields that state no pixel size: measure it on the red cells (else the
+        model's ``assumed_input_mpp`` is assumed and flagged).
+    out : path, optional
+        The result store (``.zarr`` folder); a temporary one by default.
+    roi : (y0, x0, y1, x1), optional
+        Region in level-0 pixels; default the whole image.
+    tile, batch_size : int, optional
+        Tile core (model pixels) and tiles per inference call; default from the model.
+    resume, overwrite : bool
+        Continue the run in ``out`` / replace it.
+    scheduler : distributed.Client or str, optional
+        Run the tiles on a dask.distributed cluster.
+    cancel : CancelToken, optional
+        Cancelling it stops the run within about a second.
+    providers : {"cpu", "cuda", "auto"} or list, optional
+        onnxruntime execution providers.
+    threads : int, optional
+        onnxruntime intra-op threads.
+
+    Returns
+    -------
+    RunResult
+        ``.table()`` is the per-object table, ``.labels()`` the instance labels.
     """
-    from napari_hemato.core.smear_scale import estimate_smear_mpp
-
-    try:
-        est = estimate_smear_mpp(predictor, slide, roi=roi)
-    except SlideError as err:
-        log.info("%s: %s", slide.path, err)
-        return slide
-    if est.mpp is None:
-        log.warning("%s: too few red cells to measure the pixel size (%d found)", slide.path,
-                    est.n_cells)
-        return slide
-    assumed = predictor.spec.assumed_input_mpp
-    if assumed and AGREEMENT[0] <= est.mpp / assumed <= AGREEMENT[1]:
-        # the red cells agree with the training images' pixel size, known more precisely
-        log.warning("%s: pixel size unknown; its red cells (%.4f µm/px on %d cells) agree with the "
-                    "model's training images: %.4f µm/px used", slide.path, est.mpp, est.n_cells,
-                    assumed)
-        mpp = assumed
-    else:
-        log.warning("%s: pixel size unknown; %.4f µm/px measured on %d red cells (pass the real one "
-                    "to be sure)", slide.path, est.mpp, est.n_cells)
-        mpp = est.mpp
-    return dataclasses.replace(slide, mpp=mpp, mpp_source="red-cells")
+    return drain(iter_analyze(
+        image, task=task, model=model, classifier=classifier, mpp=mpp, estimate_mpp=estimate_mpp,
+        out=out, roi=roi, tile=tile, batch_size=batch_size, resume=resume, overwrite=overwrite,
+        scheduler=scheduler, cancel=cancel, providers=providers, threads=threads))
 
 
 def pixel_size_origin(result: RunResult) -> str:
@@ -127,43 +159,3 @@ def pixel_size_origin(result: RunResult) -> str:
     if result.store.config["slide"].get("mpp_source") != "red-cells":
         return "stated"
     return "confirmed" if result.grid.mpp0 == result.spec.assumed_input_mpp else "measured"
-
-
-def add_wbc_subtypes(result: RunResult, slide: Slide, classifier) -> None:
-    """Classify the white cells of a finished smear run; rewrites its table."""
-    from napari_hemato.core.cells import classify_wbcs
-
-    table = classify_wbcs(result.table(), slide, classifier)
-    names = list(result.spec.class_names) + list(classifier.spec.class_names)
-    result.store.write_table([table], list(table.columns))
-    cfg = result.store.config
-    result.store.set_status(
-        result.status,
-        model={**cfg["model"], "class_names": names},
-        classifier={"name": classifier.spec.name, "version": classifier.spec.version},
-    )
-
-
-def analyze(image, *, task: str = "nuclei", **options) -> RunResult:
-    """Run a task's model over an image or slide, tiled, and return the result.
-
-    Parameters
-    ----------
-    image : path or Slide
-        Any format :func:`napari_hemato.core.slide.open_slide` reads.
-    task : {"nuclei", "smear", "mitosis"}
-        Which bundled model to use (or pass ``model=`` a model folder).
-    **options
-        ``model``, ``classifier`` (smear: WBC classifier folder, False for none,
-        default bundled), ``mpp`` (override the pixel size), ``estimate_mpp`` (smear
-        fields that state no pixel size: measure it on the red cells, default True;
-        else the model's ``assumed_input_mpp``), ``providers``, ``threads``,
-        and the engine's options: ``out``, ``roi``, ``tile``, ``batch_size``,
-        ``resume``, ``overwrite``, ``scheduler``, ``cancel``.
-
-    Returns
-    -------
-    RunResult
-        ``.table()`` is the per-object table, ``.labels()`` the instance labels.
-    """
-    return drain(iter_analyze(image, task=task, **options))

@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 
 import napari
-import zarr
 from magicgui.widgets import (
     ComboBox,
     Container,
@@ -35,12 +34,14 @@ from napari_hemato.io.layers import KEY
 from napari_hemato.io.viewer import (
     in_image_world,
     layer_mpp,
+    preview_layer_data,
     result_layer_data,
     run_store_path,
     shape_rois,
     slide_for_layer,
     view_roi,
 )
+from napari_hemato.tasks import task_names
 
 log = logging.getLogger(__name__)
 REGIONS = ("whole image", "current view", "drawn shapes")
@@ -53,7 +54,7 @@ class AnalyzeWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
-        self.task = ComboBox(choices=["smear", "nuclei", "mitosis"], value="nuclei", label="task")
+        self.task = ComboBox(choices=task_names(), value="nuclei", label="task")
         self.model = LineEdit(value="", label="model folder",
                               tooltip="empty: the bundled model of the task")
         self.mpp = FloatSpinBox(value=0.0, min=0.0, max=100.0, step=0.001, label="µm/px",
@@ -174,7 +175,7 @@ class AnalyzeWidget(Container):
         self.status.value = "cancelling…"
 
     def _on_progress(self, item) -> None:
-        k, n_rois, out, event = item
+        k, n_rois, _out, event = item
         if self._pbar is None:
             self._pbar = napari_progress(total=event.total * n_rois, desc=f"napari-hemato {self._last['task']}")
         self._pbar.n = k * event.total + event.done
@@ -182,29 +183,21 @@ class AnalyzeWidget(Container):
         self.progress.max = event.total
         self.progress.value = event.done
         self.status.value = f"region {k + 1}/{n_rois}: {event.done}/{event.total} tiles, {event.n_objects} objects"
-        self._show_preview(out)
+        self._show_preview(event)
 
-    def _show_preview(self, out: Path) -> None:
-        labels_path = Path(out) / "labels" / "0"
-        if not labels_path.exists():
+    def _show_preview(self, event) -> None:
+        if event.run is None:
             return
-        if self._preview is None or self._preview not in self._viewer.layers:
-            import json
-
-            attrs = json.loads((Path(out) / "labels" / "zarr.json").read_text())["attributes"]
-            transforms = attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"]
-            place = {"scale": transforms[0]["scale"], "translate": transforms[1]["translation"]}
-            if attrs["multiscales"][0]["axes"][0]["unit"] == "micrometer":
-                place["units"] = ("um", "um")
-            # the run's own pixel size: a smear field's may have been measured on its red cells
-            run = json.loads((Path(out) / "zarr.json").read_text())["attributes"]["napari_hemato"]
-            place = in_image_world(place, self._last["layer"], run["slide"]["mpp"])
-            self._preview = self._viewer.add_labels(
-                zarr.open_array(str(labels_path), mode="r"), name=f"{self._last['task']} (running)",
-                opacity=0.4, metadata={KEY: {"role": "preview", "result": str(out)}}, **place,
-            )
-        else:
-            self._preview.refresh()
+        if self._preview is not None and self._preview in self._viewer.layers:
+            if self._preview.metadata[KEY]["result"] == str(event.run.path):
+                self._preview.refresh()
+                return
+            self._remove_preview()  # the next region of a multi-region run
+        preview = preview_layer_data(event.run, self._last["layer"],
+                                     name=f"{self._last['task']} (running)")
+        if preview is not None:
+            data, kwargs = preview
+            self._preview = self._viewer.add_labels(data, **kwargs)
 
     def _on_done(self, results) -> None:
         self.results = results

@@ -31,8 +31,8 @@ from qtpy.QtWidgets import (
 from napari_hemato._widgets.prob_bars import ProbabilityBars
 from napari_hemato.core.review import ReviewSession
 from napari_hemato.core.sidecar import REVISION, save_annotations, sidecar_dir
-from napari_hemato.core.summary import differential, hotspot, mitotic_count
 from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
+from napari_hemato.tasks import task_for
 
 log = logging.getLogger(__name__)
 CLASS_KEYS = [f"Alt-{k}" for k in "1234567890"] + ["Alt-Minus"]
@@ -53,6 +53,7 @@ class ReviewWidget(QWidget):
         self.layer = None
         self.selected: int | None = None
         self._saved_revision: dict[int, int] = {}
+        self._summary: dict = {}
         self._build()
         self._autosave_timer = QTimer(self)
         self._autosave_timer.setSingleShot(True)
@@ -256,12 +257,11 @@ class ReviewWidget(QWidget):
 
     def _show_cam(self, row) -> None:
         self.cam.clear()
-        if "prob_SNE" not in row.index or str(row.get("cell_type", "WBC")) != "WBC":
+        task = task_for(self.session.annotations)
+        if not task.has_cam(row):
             return
         try:
-            from napari_hemato.io.cam import cell_cam
-
-            crop, cam = cell_cam(self.session.annotations, row)
+            crop, cam = task.cam(self.session.annotations, row)
         except Exception as err:  # noqa: BLE001 - the CAM is an aid; never break review
             log.info("no CAM for object %s: %s", row["id"], err)
             return
@@ -379,39 +379,29 @@ class ReviewWidget(QWidget):
         self.progress_label.setText(f"reviewed {done} / {total}")
 
     # -- summaries --------------------------------------------------------------
-    def _update_summary(self) -> None:
+    def _update_summary(self, extra: dict | None = None) -> None:
         session = self.session
         if session is None:
             return
         self._update_progress()
-        table = session.table
-        meta = self.layer.metadata.get(KEY, {})
-        if session.annotations.kind == "points":
-            mpp = session.annotations.mpp
-            shape = meta.get("image_shape") or [0, 0]
-            area = shape[0] * shape[1] * (mpp or 0) ** 2 / 1e6
-            c = mitotic_count(table, area_mm2=area)
-            self.summary.setText(f"<b>{c['mitoses']}</b> mitoses in {c['area_mm2']} mm²: "
-                                 f"{c['per_10_hpf']} / 10 HPF, {c['per_2_mm2']} / 2 mm²")
-        elif any(c in session.class_names for c in ("SNE", "LY")) or "cell_type" in table:
-            d = differential(table)
-            lines = [f"WBC differential: {d['wbc_total']} / {d['target']} cells"]
-            lines += [f"{k}: {n} ({d['percent'][k]} %)" for k, n in d["counts"].items() if n]
-            lines.append(f"RBC {d['rbc']}, platelets {d['platelets']}")
-            self.summary.setText("<br>".join(lines))
-        else:
-            counts = table["class"].value_counts()
-            self.summary.setText(", ".join(f"{k}: {v}" for k, v in counts.items()))
+        ann = session.annotations
+        task = task_for(ann)
+        summary = task.summary(session.table, area_mm2=_area_mm2(ann), mpp=ann.mpp)
+        lines = task.summary_lines({**summary, **(extra or {})})
+        if not lines:
+            counts = session.table["class"].value_counts()
+            lines = [", ".join(f"{k}: {v}" for k, v in counts.items())]
+        self.summary.setText("<br>".join(lines))
+        self._summary = summary
 
     def jump_to_hotspot(self) -> None:
         session = self.session
-        if session is None or session.annotations.kind != "points" or not session.annotations.mpp:
+        if session is None:
             return
-        spot = hotspot(session.table, mpp=session.annotations.mpp)
+        self._update_summary()
+        spot = self._summary.get("hotspot")
         if spot is not None:
             self.select(spot["id"])
-            self.summary.setText(self.summary.text() + f"<br>hotspot: {spot['count']} in "
-                                 f"{spot['side_um']:.0f} µm square")
 
     # -- autosave ---------------------------------------------------------------
     def autosave(self) -> Path | None:
@@ -439,3 +429,9 @@ class ReviewWidget(QWidget):
                     f"{name} was changed by another viewer: your corrections are saved as {saved.name}")
             self._saved_revision[id(layer)] = session.revision
         return saved
+
+
+def _area_mm2(ann) -> float | None:
+    """Area of the image the objects were found on, in mm² (None without a pixel size)."""
+    shape = ann.image_shape or (0, 0)
+    return shape[0] * shape[1] * ann.mpp**2 / 1e6 if ann.mpp and shape[0] else None

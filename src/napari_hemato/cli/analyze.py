@@ -10,6 +10,7 @@ from pathlib import Path
 
 from napari_hemato.cli._util import out, positive_float, progress_bar, roi_arg
 from napari_hemato.core.errors import HematoError
+from napari_hemato.tasks import get_task, task_names
 
 IMAGE_SUFFIXES = {".svs", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".ndpi", ".mrxs",
                   ".scn", ".btf"}
@@ -27,7 +28,8 @@ def register(sub) -> None:
         description="Analyse one image/slide (results in --out, --table, --labels) or several "
                     "images / a folder (one table and label image per input in --out-dir).")
     p.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE", help="image(s), slide(s) or a folder")
-    p.add_argument("--task", choices=("smear", "nuclei", "mitosis"), required=True)
+    p.add_argument("--task", choices=task_names(), required=True,
+                   help="; ".join(f"{n}: {get_task(n).title}" for n in task_names()))
     p.add_argument("--out", type=Path, help="result store (.zarr; one input; default IMAGE.hemato.zarr here)")
     p.add_argument("--out-dir", type=Path, help="folder for per-input results (several inputs or a folder)")
     p.add_argument("--table", type=Path, help="write the object table to this CSV (one input)")
@@ -106,28 +108,32 @@ def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, cl
 
 def summary(result, slide_path: Path) -> dict:
     from napari_hemato.api import pixel_size_origin
-    from napari_hemato.core.summary import differential
     from napari_hemato.core.table import summarize
+    from napari_hemato.tasks import task_of
 
     table = result.table()
     grid = result.grid
     megapixels = (grid.roi[2] - grid.roi[0]) * (grid.roi[3] - grid.roi[1]) / 1e6
+    area_mm2 = None if grid.mpp_assumed else megapixels * 1e6 * grid.mpp0**2 / 1e6
     s = {
         "image": str(slide_path), "task": result.spec.task,
         "model": f"{result.spec.name} {result.spec.version}", "status": result.status,
         "result": str(result.path), "tiles": len(result.plan), "seconds": round(result.elapsed, 2),
         "megapixels": round(megapixels, 2),
+        "area_mm2": None if area_mm2 is None else round(area_mm2, 4),
         "megapixels_per_s": round(megapixels / result.elapsed, 3) if result.elapsed else None,
         "work_mpp": grid.mpp, "input_mpp": grid.mpp0, "mpp_assumed": grid.mpp_assumed,
         "input_mpp_origin": pixel_size_origin(result),
         **summarize(table),
     }
-    if result.spec.task == "smear" and "cell_type" in table:
-        s["differential"] = differential(table)
+    s.update(task_of(result.spec.task).summary(table, area_mm2=area_mm2,
+                                              mpp=None if grid.mpp_assumed else grid.mpp0))
     return s
 
 
 def print_summary(s: dict) -> None:
+    from napari_hemato.tasks import task_of
+
     out(f"napari-hemato {s['task']}: {s['image']}")
     out(f"  model     {s['model']}")
     said = {
@@ -136,18 +142,14 @@ def print_summary(s: dict) -> None:
         "measured": "{:.3g} µm/px MEASURED on its red cells",
     }.get(s.get("input_mpp_origin"))
     origin = f" (the image states no pixel size: {said.format(s['input_mpp'])}; pass --mpp)" if said else ""
-    out(f"  analysed  {s['megapixels']} MP at {s['work_mpp']:.3g} µm/px{origin}")
+    area = f" ({s['area_mm2']} mm²)" if s.get("area_mm2") is not None else ""
+    out(f"  analysed  {s['megapixels']} MP{area} at {s['work_mpp']:.3g} µm/px{origin}")
     out(f"  time      {s['seconds']} s over {s['tiles']} tiles ({s['megapixels_per_s']} MP/s)")
     out(f"  objects   {s['n_objects']}")
     for name, count in s["counts"].items():
         out(f"    {name:<12} {count:>7}  {s['percent'][name]:5.1f} %")
-    if "differential" in s:
-        d = s["differential"]
-        out(f"  WBC differential ({d['wbc_total']} cells; a manual differential counts {d['target']}):")
-        for name, n in d["counts"].items():
-            if n:
-                out(f"    {name:<6} {n:>5}  {d['percent'][name]:5.1f} %")
-        out(f"  RBC {d['rbc']}, platelets {d['platelets']}")
+    for line in task_of(s["task"]).summary_lines(s):
+        out(f"  {line}")
     if s["mean_confidence"] is not None:
         out(f"  mean confidence {s['mean_confidence']:.3f}")
     out(f"  result    {s['result']}")

@@ -39,7 +39,7 @@ def register(sub) -> None:
 
 def cmd_models(args) -> int:
     from napari_hemato.models.registry import bundled_models
-    from napari_hemato.models.spec import load_spec
+    from napari_hemato.core.spec import load_spec
 
     models = bundled_models()
     if not models:

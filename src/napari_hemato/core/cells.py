@@ -19,15 +19,27 @@ import pandas as pd
 WBC = "WBC"
 
 
-def _crops(slide, rows: pd.DataFrame, margin: float) -> Iterator[tuple[np.ndarray, float]]:
+def cell_crop(slide, y: float, x: float, area_px: float, context: float) -> tuple[np.ndarray, float]:
+    """``(crop, diameter)``: the level-0 square the classifier's window covers, and the
+    cell's equivalent diameter (px).
+
+    The classifier cuts a window of side ``diameter * context`` around the crop's
+    centre (:func:`napari_hemato.models.cell_classifier.cell_window`); the crop is that
+    window plus one pixel, centred on the cell, white outside the image. The smear
+    task's second stage and the review panel's CAM both read cells through this.
+    """
     from napari_hemato.core.slide import to_rgb8
 
+    diameter = 2.0 * math.sqrt(max(float(area_px), 1.0) / math.pi)
+    half = int(math.ceil(diameter * context / 2)) + 1
+    cy, cx = int(round(float(y))), int(round(float(x)))
+    crop = slide.read_region(0, cy - half, cx - half, cy + half + 1, cx + half + 1, fill=255)
+    return to_rgb8(crop), diameter
+
+
+def _crops(slide, rows: pd.DataFrame, context: float) -> Iterator[tuple[np.ndarray, float]]:
     for y, x, area in rows[["y", "x", "area_px"]].itertuples(index=False):
-        diameter = 2.0 * math.sqrt(max(float(area), 1.0) / math.pi)
-        r = int(math.ceil(diameter * margin / 2))
-        cy, cx = int(round(y)), int(round(x))
-        crop = slide.read_region(0, cy - r, cx - r, cy + r + 1, cx + r + 1, fill=255)
-        yield to_rgb8(crop), diameter
+        yield cell_crop(slide, y, x, area, context)
 
 
 def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 64) -> pd.DataFrame:
@@ -53,11 +65,11 @@ def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 6
     wbc = out.index[out["cell_type"] == WBC]
     if len(wbc) == 0:
         return out
-    margin = 2.0 * float(classifier.spec.preprocess.get("context", 1.5))
+    context = float(classifier.spec.preprocess.get("context", 1.5))
     probs = []
     rows = out.loc[wbc]
     for start in range(0, len(rows), batch_size):
-        chunk = list(_crops(slide, rows.iloc[start : start + batch_size], margin))
+        chunk = list(_crops(slide, rows.iloc[start : start + batch_size], context))
         p, _ = classifier.classify_crops([c for c, _ in chunk], [d for _, d in chunk])
         probs.append(np.asarray(p, np.float64))
     probs = np.concatenate(probs)

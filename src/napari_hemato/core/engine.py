@@ -36,6 +36,7 @@ from napari_hemato.core.executors import distributed_batches, local_batches
 from napari_hemato.core.geometry import WorkGrid
 from napari_hemato.core.objects import id_stride
 from napari_hemato.core.sink import TileSink
+from napari_hemato.core.spec import ModelSpec
 from napari_hemato.core.stitching import nms_points
 from napari_hemato.core.store import ResultStore
 from napari_hemato.core.table import table_columns, tile_table
@@ -43,6 +44,21 @@ from napari_hemato.core.tiling import TilePlan, plan_tiles
 
 log = logging.getLogger(__name__)
 AUTO_BATCH_PIXELS = 2_500_000
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a consumer needs to follow a run while it goes on, without reading its store.
+
+    ``path`` is the result store, ``kind`` the model's output kind (``"instances"`` or
+    ``"points"``) and ``grid`` the work grid (placement in µm, the pixel size used).
+    The store's metadata is written by the engine's thread; a viewer must take these
+    from the events, never parse the store while the run writes it.
+    """
+
+    path: Path
+    kind: str
+    grid: WorkGrid
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,7 @@ class Progress:
     n_objects: int
     elapsed: float
     tiles: tuple[int, ...] = ()
+    run: RunInfo | None = None
 
     @property
     def fraction(self) -> float:
@@ -67,7 +84,7 @@ class RunResult:
 
     store: ResultStore
     status: str
-    spec: object
+    spec: ModelSpec
     grid: WorkGrid
     plan: TilePlan
     n_done: int
@@ -90,8 +107,6 @@ class RunResult:
 
 def open_result(path) -> RunResult:
     """Reopen a finished (or cancelled) run from its result store."""
-    from napari_hemato.models.spec import ModelSpec
-
     store = ResultStore.open(path)
     cfg = store.config
     g = {k: v for k, v in cfg["grid"].items() if k != "shape"}
@@ -202,6 +217,7 @@ def iter_run(
     sink = TileSink(store, plan, spec.kind, timings=timings)
     skipped = len(sink.done)
     pending = [i for i in plan.order() if i not in sink.done]
+    info = RunInfo(out, spec.kind, grid)
     log.info("%s: %d tiles (%d already done), work grid %s at %.3f µm/px",
              slide.path, len(plan), skipped, grid.shape, grid.mpp)
     t0 = time.perf_counter()
@@ -217,7 +233,7 @@ def iter_run(
                                           pending, batch_size, cancel, sink)
         for outputs in batches:
             yield Progress(len(sink.done), len(plan), skipped, sink.n_objects,
-                           time.perf_counter() - t0, tuple(o.index for o in outputs))
+                           time.perf_counter() - t0, tuple(o.index for o in outputs), info)
         if cancel.cancelled or len(sink.done) < len(plan):
             raise Cancelled("run cancelled")
         n_objects = _finalize(store, plan, grid, spec, timings)

@@ -19,7 +19,7 @@ from napari_hemato.core.postprocess import postprocess_instances, postprocess_po
 from napari_hemato.core.tiling import Box, Tile, TilePlan, intersect
 
 if TYPE_CHECKING:
-    from napari_hemato.models.spec import ModelSpec
+    from napari_hemato.core.spec import ModelSpec
 
 #: raw table columns every tile writes (work-grid pixel coordinates, ROI-relative)
 BASE_COLUMNS = ("id", "y", "x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "area_px", "score")

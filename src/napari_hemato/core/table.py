@@ -26,7 +26,7 @@ from napari_hemato.core.objects import TileOutput
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from napari_hemato.models.spec import ModelSpec
+    from napari_hemato.core.spec import ModelSpec
 
 GEOMETRY_COLUMNS = ["id", "y", "x", "y_um", "x_um", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1",
                     "area_px", "area_um2"]

@@ -118,6 +118,31 @@ def result_layer_data(result, *, name: str, roi=None) -> list[tuple]:
     return [(result.labels(), kwargs, "labels")]
 
 
+def preview_layer_data(info, image_layer, *, name: str) -> tuple | None:
+    """``(data, kwargs)`` of a live preview of a running instance run (None for points).
+
+    Everything comes from the run's :class:`~napari_hemato.core.engine.RunInfo`, which the
+    engine hands out with its progress events: the store's own metadata is being written by
+    the engine's thread and is never parsed here. The labels array exists (with its final
+    shape) from the first event on; its chunks are written atomically, so a refresh reads
+    either the old or the new chunk, never a half-written one.
+    """
+    import zarr
+
+    if info is None or info.kind != "instances":
+        return None
+    grid = info.grid
+    scale, translate = grid.napari_placement()
+    kwargs = {"scale": scale, "translate": translate, "name": name, "opacity": 0.4,
+              "metadata": {KEY: {"role": "preview", "result": str(info.path)}}}
+    if not grid.mpp_assumed:
+        kwargs["units"] = ("um", "um")
+    # the run's own pixel size: a smear field's may have been measured on its red cells
+    kwargs = in_image_world(kwargs, image_layer, None if grid.mpp_assumed else grid.mpp0)
+    data = zarr.open_array(str(Path(info.path) / "labels" / "0"), mode="r")
+    return data, kwargs
+
+
 def restore_saved_layers(image_path: str | Path) -> list[tuple]:
     """Layer data for every annotation set autosaved next to an image."""
     layers = []

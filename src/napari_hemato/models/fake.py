@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_hemato.core.cancel import CancelToken
-from napari_hemato.models.spec import ModelSpec
+from napari_hemato.core.spec import ModelSpec
 
 
 def fake_spec(**overrides) -> ModelSpec:

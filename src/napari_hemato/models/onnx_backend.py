@@ -15,7 +15,7 @@ import numpy as np
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import Cancelled, ModelError
-from napari_hemato.models.spec import ModelSpec, load_spec
+from napari_hemato.core.spec import ModelSpec, load_spec
 
 
 def available_providers() -> list[str]:

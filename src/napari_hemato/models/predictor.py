@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from napari_hemato.core.cancel import CancelToken
-from napari_hemato.models.spec import ModelSpec
+from napari_hemato.core.spec import ModelSpec
 
 
 @runtime_checkable

@@ -44,7 +44,6 @@ import numpy as np
 from napari_hemato.core.errors import ModelError
 
 KINDS = ("instances", "points", "classifier")
-TASKS = ("nuclei", "smear", "mitosis", "wbc")
 _ROLES = {
     "instances": ({"foreground"}, {"distance", "class_probs"}),
     "points": ({"heatmap"}, {"class_probs"}),
@@ -61,7 +60,8 @@ class ModelSpec:
     name, version : str
         Identify the model; both are written into every result table row.
     task : str
-        One of ``nuclei``, ``smear``, ``mitosis``, ``wbc``.
+        The task its outputs serve: ``nuclei``, ``smear``, ``mitosis``, ``wbc`` (the smear
+        task's classifier) or a registered task's name (:mod:`napari_hemato.tasks`).
     kind : str
         ``instances``, ``points`` or ``classifier`` (see module docstring).
     mpp : float or None
@@ -105,8 +105,8 @@ class ModelSpec:
         where = f"model {self.name!r}"
         if self.kind not in KINDS:
             raise ModelError(f"{where}: kind {self.kind!r} is not one of {KINDS}")
-        if self.task not in TASKS:
-            raise ModelError(f"{where}: task {self.task!r} is not one of {TASKS}")
+        if not isinstance(self.task, str) or not self.task.isidentifier():
+            raise ModelError(f"{where}: task {self.task!r} is not a task name")
         if self.channels not in ("RGB",):
             raise ModelError(f"{where}: channels {self.channels!r} unsupported (only 'RGB')")
         required, optional = _ROLES[self.kind]

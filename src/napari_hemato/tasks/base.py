@@ -1,0 +1,102 @@
+"""The task protocol: what makes nuclei, smear or mitosis analysis what it is.
+
+A :class:`Task` holds everything specific to one kind of analysis: its default
+model, its pixel-size policy, second stages run on a finished result, its
+summary, and hints for review (a CAM for an object, the default queue). The API,
+the CLI and the widgets ask the registry (:mod:`napari_hemato.tasks`) for a task
+and call these methods; none of them names a class or branches on a task name.
+
+The base class is a complete, generic task: a new task overrides only what
+differs (see :mod:`napari_hemato.tasks.nuclei`, the smallest one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from napari_hemato.core.errors import ModelError
+
+
+class Task:
+    """One kind of analysis. Subclass, set :attr:`name`, override what differs.
+
+    Attributes
+    ----------
+    name : str
+        The task's name on the command line, in the API and in the widgets.
+    title : str
+        One line for menus and ``--help``.
+    model_task : str
+        The ``task`` field its models' ``model.json`` must carry (default: ``name``).
+    bundled : str
+        The folder name of its bundled model under ``models/bundled/`` (default: ``name``).
+    """
+
+    name: str = ""
+    title: str = ""
+    model_task: str | None = None
+    bundled: str | None = None
+
+    # -- models ---------------------------------------------------------------
+    def model_folder(self, model: str | Path | None = None) -> Path:
+        """The model folder to use: ``model`` if given, else the task's bundled one."""
+        from napari_hemato.models.registry import resolve_model
+
+        return resolve_model(self.bundled or self.name, model)
+
+    def load_predictor(self, model=None, *, providers=None, threads: int | None = None):
+        """The ONNX predictor of ``model`` (default: bundled), checked to be for this task."""
+        from napari_hemato.models.onnx_backend import OnnxPredictor
+
+        predictor = OnnxPredictor(self.model_folder(model), providers=providers, threads=threads)
+        want = self.model_task or self.name
+        if predictor.spec.task != want:
+            raise ModelError(
+                f"{predictor.spec.folder}: model {predictor.spec.name!r} is for task "
+                f"{predictor.spec.task!r}, not {want!r}"
+            )
+        return predictor
+
+    def load_stages(self, *, providers=None, threads: int | None = None, **options) -> dict:
+        """Second-stage models for :meth:`finish` (none by default)."""
+        return {}
+
+    # -- running ----------------------------------------------------------------
+    def prepare_slide(self, slide, predictor, *, roi=None, estimate_mpp: bool = True):
+        """The slide as the run should see it (the pixel-size policy). Default: unchanged.
+
+        A slide without a pixel size is then analysed at the model's
+        ``assumed_input_mpp`` (flagged in the result)."""
+        return slide
+
+    def finish(self, result, slide, stages: dict) -> None:
+        """Second stages on a complete result (rewrite its table in place). Default: none."""
+
+    # -- summaries ----------------------------------------------------------------
+    def summary(self, table: pd.DataFrame, *, area_mm2: float | None = None,
+                mpp: float | None = None) -> dict[str, Any]:
+        """Task-specific numbers from an object table (JSON-able). Default: none."""
+        return {}
+
+    def summary_lines(self, summary: dict[str, Any]) -> list[str]:
+        """:meth:`summary` as plain text lines, for the CLI and the review panel."""
+        return []
+
+    # -- review hints ---------------------------------------------------------------
+    def claims(self, annotations) -> bool:
+        """Whether objects saved without their model's task (older files) are this task's."""
+        return False
+
+    def has_cam(self, row: pd.Series) -> bool:
+        """Whether :meth:`cam` can explain this object."""
+        return False
+
+    def cam(self, annotations, row: pd.Series):
+        """``(crop, cam)``: what the classifier saw and where it looked (when :meth:`has_cam`)."""
+        raise NotImplementedError(f"task {self.name!r} has no class activation maps")
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r}>"

@@ -1,0 +1,151 @@
+"""Blood smears: red cells, white cells and platelets, then the WBC differential.
+
+- **Pixel size.** A smear field that states none is measured on its red cells
+  (the ruler every smear carries, :mod:`napari_hemato.core.smear_scale`); an estimate
+  that agrees with the model's training images keeps their value.
+- **Second stage.** Every white cell the detector found is classified into the 11
+  PBC classes (:mod:`napari_hemato.core.cells`); the detector's call stays in ``cell_type``.
+- **Summary.** The WBC differential against the 100-cell target; RBC and platelet counts.
+- **Review.** The classifier's class activation map for a white cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import numpy as np
+
+from napari_hemato.core.errors import SlideError
+from napari_hemato.core.summary import differential
+from napari_hemato.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+#: a red-cell estimate within this ratio of the spec's ``assumed_input_mpp`` confirms it: the
+#: estimate's p10-p90 spread on held-out BCCD fields (0.86-1.09 of the truth, see the smear card)
+AGREEMENT = (0.87, 1.15)
+
+
+@functools.lru_cache(maxsize=2)
+def _cam_classifier(model_dir: str | None):
+    from napari_hemato.models.cell_classifier import CellClassifier
+
+    return CellClassifier(model_dir)
+
+
+def with_red_cell_mpp(slide, predictor, *, roi=None):
+    """``slide`` with the pixel size its red cells show (smear fields that state none).
+
+    Returns ``slide`` itself, unchanged, when the model has no red-cell reference or
+    the field has too few red cells; the engine then assumes the model's
+    ``assumed_input_mpp``.
+    """
+    from napari_hemato.core.smear_scale import estimate_smear_mpp
+
+    try:
+        est = estimate_smear_mpp(predictor, slide, roi=roi)
+    except SlideError as err:
+        log.info("%s: %s", slide.path, err)
+        return slide
+    if est.mpp is None:
+        log.warning("%s: too few red cells to measure the pixel size (%d found)", slide.path,
+                    est.n_cells)
+        return slide
+    assumed = predictor.spec.assumed_input_mpp
+    if assumed and AGREEMENT[0] <= est.mpp / assumed <= AGREEMENT[1]:
+        # the red cells agree with the training images' pixel size, known more precisely
+        log.warning("%s: pixel size unknown; its red cells (%.4f µm/px on %d cells) agree with the "
+                    "model's training images: %.4f µm/px used", slide.path, est.mpp, est.n_cells,
+                    assumed)
+        mpp = assumed
+    else:
+        log.warning("%s: pixel size unknown; %.4f µm/px measured on %d red cells (pass the real one "
+                    "to be sure)", slide.path, est.mpp, est.n_cells)
+        mpp = est.mpp
+    return dataclasses.replace(slide, mpp=mpp, mpp_source="red-cells")
+
+
+def add_wbc_subtypes(result, slide, classifier) -> None:
+    """Classify the white cells of a finished smear run; rewrites its table."""
+    from napari_hemato.core.cells import classify_wbcs
+
+    table = classify_wbcs(result.table(), slide, classifier)
+    names = list(result.spec.class_names) + list(classifier.spec.class_names)
+    result.store.write_table([table], list(table.columns))
+    cfg = result.store.config
+    result.store.set_status(
+        result.status,
+        model={**cfg["model"], "class_names": names},
+        classifier={"name": classifier.spec.name, "version": classifier.spec.version},
+    )
+
+
+class SmearTask(Task):
+    name = "smear"
+    title = "Blood smear cells (RBC / WBC / platelets) and the WBC differential"
+
+    def load_stages(self, *, classifier=None, providers=None, threads=None, **options) -> dict:
+        """``{"wbc": CellClassifier}``: ``classifier`` a folder, None for the bundled one,
+        ``False`` for none (also when no WBC model is bundled)."""
+        from napari_hemato.models.registry import bundled_models
+
+        if classifier is False or (classifier is None and "wbc" not in bundled_models()):
+            return {}
+        from napari_hemato.models.cell_classifier import CellClassifier
+
+        return {"wbc": CellClassifier(classifier, providers=providers, threads=threads)}
+
+    def prepare_slide(self, slide, predictor, *, roi=None, estimate_mpp=True):
+        if estimate_mpp and slide.mpp is None:
+            return with_red_cell_mpp(slide, predictor, roi=roi)
+        return slide
+
+    def finish(self, result, slide, stages) -> None:
+        if "wbc" in stages:
+            add_wbc_subtypes(result, slide, stages["wbc"])
+
+    def summary(self, table, *, area_mm2=None, mpp=None) -> dict:
+        return {"differential": differential(table)} if "cell_type" in table else {}
+
+    def summary_lines(self, summary) -> list[str]:
+        if "differential" not in summary:
+            return []
+        d = summary["differential"]
+        lines = [f"WBC differential: {d['wbc_total']} cells (a manual differential counts "
+                 f"{d['target']})"]
+        lines += [f"  {k:<6} {n:>5}  {d['percent'][k]:5.1f} %" for k, n in d["counts"].items() if n]
+        lines.append(f"RBC {d['rbc']}, platelets {d['platelets']}")
+        return lines
+
+    def claims(self, annotations) -> bool:
+        return "cell_type" in annotations.table
+
+    def has_cam(self, row) -> bool:
+        subtype_probs = [k for k in row.index if k.startswith("prob_")]
+        return (str(row.get("cell_type", "")) == "WBC" and len(subtype_probs) > 3
+                and np.isfinite(float(row.get("confidence", np.nan))))
+
+    def cam(self, annotations, row, *, model_dir: str | None = None):
+        """``(crop, cam)`` for the white cell in ``row``: the crop the classifier saw and
+        its class activation map in [0, 1] (bundled WBC model unless ``model_dir``)."""
+        from napari_hemato.core.cells import cell_crop
+        from napari_hemato.core.slide import open_slide
+
+        if not annotations.image_path:
+            raise ValueError("the annotation set does not say which image it came from")
+        classifier = _cam_classifier(model_dir)
+        context = float(classifier.spec.preprocess.get("context", 1.5))
+        with open_slide(annotations.image_path, mpp=annotations.mpp) as slide:
+            crop, diameter = cell_crop(slide, row["y"], row["x"], row["area_px"], context)
+        _, cams = classifier.classify_crops([crop], [diameter])
+        cam = np.asarray(cams[0], np.float32)
+        if cam.shape != crop.shape[:2]:
+            from skimage.transform import resize
+
+            cam = resize(cam, crop.shape[:2], order=1)
+        return crop, cam
+
+
+TASK = SmearTask()
