@@ -8,6 +8,8 @@ to the same folder, which removes them (and restores a folder caught between its
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,8 @@ from napari_hemato.cli import main
 from .conftest import EXPORT_FORMATS, assert_same_exports, leftovers, read_exports, report
 
 RNG = np.random.default_rng(7)
-DELAYS = RNG.uniform(0.0, 0.6, 5).tolist()
+# kill once the k-th temporary output has appeared (k = 1..5, one per format), plus a delay
+POINTS = list(zip(RNG.integers(1, 6, 5).tolist(), RNG.uniform(0.0, 0.05, 5).tolist(), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def first_export(tmp_path_factory, reference):
     return dest, read_exports(dest, "r")
 
 
-@pytest.mark.parametrize("trial", range(len(DELAYS)))
+@pytest.mark.parametrize("trial", range(len(POINTS)))
 def test_kill9_during_export_keeps_whole_outputs(trial, tmp_path, reference, first_export, procs):
     import shutil
 
@@ -36,20 +39,27 @@ def test_kill9_during_export_keeps_whole_outputs(trial, tmp_path, reference, fir
     shutil.copytree(src, dest)
     argv = ["export", str(reference), "--format", *EXPORT_FORMATS, "--out-dir", str(dest),
             "--name", "r", "--overwrite"]
-    res = procs.kill_when(argv, lambda: bool(leftovers(dest)), extra_delay=DELAYS[trial])
+    seen: set[str] = set()
+    target, delay = POINTS[trial]
+
+    def progress():  # the child renames and deletes meanwhile: list the folder, do not walk it
+        seen.update(name for name in os.listdir(dest) if name.startswith("."))
+        return len(seen) >= target
+
+    res = procs.kill_when(argv, progress, extra_delay=delay)
     assert "Traceback" not in res["stderr"], res["stderr"]
     left = leftovers(dest)
     assert_same_exports(read_exports(dest, "r"), want)  # whole and readable, old or new
     assert main(argv) == 0  # the next export cleans up after the killed one
     assert leftovers(dest) == []
     assert_same_exports(read_exports(dest, "r"), want)
-    report("kill -9 export", trial=trial, killed=res["killed"], leftovers_after_kill=len(left),
+    report("kill -9 export", trial=trial, target=target, killed=res["killed"],
+           leftovers_after_kill=len(left),
            survived=True)
 
 
 def test_folder_caught_between_its_renames_is_restored(tmp_path, reference, first_export):
     """The state a kill inside a folder's replace leaves: the old folder aside, the new one a temp."""
-    import os
     import shutil
     import subprocess
     import sys
