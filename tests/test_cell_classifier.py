@@ -215,7 +215,11 @@ def test_estimate_diameter_on_pbc(shared_data):
 
 
 def test_colour_standardisation_removes_background_tint_and_stain_density():
-    from napari_hemato.models.colour import SCALE_LIMITS, apply_colour_mode, standardize_colour
+    from napari_hemato.models.colour_standardize import (
+        SCALE_LIMITS,
+        apply_colour_mode,
+        standardize_colour,
+    )
 
     od_cell = np.array([0.5, 0.9, 0.4])  # a violet cell: optical density per channel
     yy, xx = np.mgrid[:64, :64]

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from napari_hemato.core.slide import slide_from_array
-from napari_hemato.core.summary import differential
 from napari_hemato.core.spec import ModelSpec
+from napari_hemato.tasks.smear import differential
 
 NAMES = ("SNE", "BNE", "EO", "BA", "LY", "MO", "MMY", "MY", "PMY", "ERB", "PLT")
 

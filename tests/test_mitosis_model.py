@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_hemato.models.registry import BUNDLED
 from napari_hemato.core.spec import load_spec
+from napari_hemato.models.registry import BUNDLED
 
 BUNDLED_MITOSIS = BUNDLED / "mitosis"
 

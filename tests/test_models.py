@@ -11,9 +11,9 @@ from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.engine import run
 from napari_hemato.core.errors import ModelError
 from napari_hemato.core.slide import open_slide
+from napari_hemato.core.spec import load_spec
 from napari_hemato.models.fake import DarkBlobPredictor
 from napari_hemato.models.onnx_backend import OnnxPredictor, load_session, resolve_providers
-from napari_hemato.core.spec import load_spec
 
 from .onnx_models import build_dark_blob_onnx, dark_blob_model_dir
 from .synthetic import disk_image, write_tiff

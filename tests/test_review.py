@@ -8,7 +8,8 @@ import pytest
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.review import REJECTED, UNASSIGNED, ReviewSession
-from napari_hemato.core.summary import differential, hotspot, mitotic_count
+from napari_hemato.tasks.mitosis import hotspot, mitotic_count
+from napari_hemato.tasks.smear import differential
 
 CLASSES = ["SNE", "LY", "MO"]
 

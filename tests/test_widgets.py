@@ -199,6 +199,11 @@ def test_large_results_stay_lazy_and_class_review_works(make_napari_viewer, qtbo
     review.set_class("B")
     assert labels.features.set_index("id").loc[obj, "class"] == "B"
     assert not review.split_button.isEnabled()
+    # the correction is autosaved (table only) and comes back over the run's lazy labels
+    assert review.autosave() is not None
+    [(data, kwargs, kind)] = glue.restore_saved_layers(field)
+    assert kind == "labels" and isinstance(data, zarr.Array)
+    assert kwargs["features"].set_index("id").loc[obj, "class"] == "B"
 
 
 def test_current_view_region(make_napari_viewer, qtbot, field):
@@ -209,9 +214,10 @@ def test_current_view_region(make_napari_viewer, qtbot, field):
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     camera.center = (100 * 0.5, 150 * 0.5)
     camera.zoom = 8.0 / 0.5  # 8 screen px per image px
-    qtbot.wait(200)
+    # the layer's corner pixels follow the camera at the next draw: wait for that, not a delay
+    qtbot.waitUntil(lambda: (r := view_roi(image)) is not None
+                    and (r[2] - r[0]) * (r[3] - r[1]) < 400 * 520 / 4, timeout=60_000)
     roi = view_roi(image)
-    assert roi is not None
     y0, x0, y1, x1 = roi
     assert y0 <= 100 <= y1 and x0 <= 150 <= x1
     assert (y1 - y0) * (x1 - x0) < 400 * 520 / 4  # zoomed in: much less than the image

@@ -225,17 +225,13 @@ class AnalyzeWidget(Container):
         self._last = None
 
     def _autosave(self, layer) -> None:
-        from napari_hemato.core.sidecar import REVISION, save_annotations, sidecar_dir
+        from napari_hemato.core.sidecar import REVISION, autosave
         from napari_hemato.io.layers import annotations_from_layer
 
         ann = annotations_from_layer(layer)
-        if ann.labels is None and ann.kind == "instances" or not ann.image_path:
-            return
-        if not Path(ann.image_path).exists():
-            return
-        saved = save_annotations(ann, sidecar_dir(ann.image_path, create=True) / layer.name)
-        # the revision is the base of the Review widget's saves of this layer
-        layer.metadata[KEY].update({REVISION: ann.metadata[REVISION], "sidecar_name": saved.name})
+        saved = autosave(ann, layer.name)
+        if saved is not None:  # the revision is the base of the Review widget's saves of this layer
+            layer.metadata[KEY].update({REVISION: ann.metadata[REVISION], "sidecar_name": saved.name})
 
     def _remove_preview(self) -> None:
         if self._preview is not None and self._preview in self._viewer.layers:

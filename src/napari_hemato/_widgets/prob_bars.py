@@ -7,7 +7,7 @@ import math
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import QGridLayout, QLabel, QProgressBar, QWidget
 
-from napari_hemato.core.colors import class_color
+from napari_hemato.core.class_colors import class_color
 
 
 class ProbabilityBars(QWidget):

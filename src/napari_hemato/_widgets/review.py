@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 
 from napari_hemato._widgets.prob_bars import ProbabilityBars
 from napari_hemato.core.review import ReviewSession
-from napari_hemato.core.sidecar import REVISION, save_annotations, sidecar_dir
+from napari_hemato.core.sidecar import REVISION, autosave
 from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
 from napari_hemato.tasks import task_for
 
@@ -278,7 +278,7 @@ class ReviewWidget(QWidget):
             if colormap is not None:
                 layer.colormap = colormap
         else:
-            from napari_hemato.core.colors import class_color_float
+            from napari_hemato.core.class_colors import class_color_float
 
             colors = [class_color_float(c) for c in session.table["class"].astype(str)]
             if colors:
@@ -411,23 +411,22 @@ class ReviewWidget(QWidget):
             session = self.sessions.get(id(layer))
             if session is None or session.revision == self._saved_revision.get(id(layer)):
                 continue
-            image = session.annotations.image_path
-            if not image or not Path(image).exists():
-                continue
             name = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
             ann = session.to_annotations()
-            saved = save_annotations(ann, sidecar_dir(image, create=True) / name)
-            # the revision saved is the base of the next save; another viewer's newer save
-            # made this one a copy: keep saving this layer there (nothing is overwritten)
-            session.annotations.metadata[REVISION] = ann.metadata[REVISION]
-            layer.metadata.setdefault(KEY, {}).update(
-                {REVISION: ann.metadata[REVISION], "sidecar_name": saved.name})
-            if saved.name != name:
-                from napari.utils.notifications import show_warning
+            path = autosave(ann, name)
+            if path is not None:
+                saved = path
+                # the revision saved is the base of the next save; another viewer's newer save
+                # made this one a copy: keep saving this layer there (nothing is overwritten)
+                session.annotations.metadata[REVISION] = ann.metadata[REVISION]
+                layer.metadata.setdefault(KEY, {}).update(
+                    {REVISION: ann.metadata[REVISION], "sidecar_name": path.name})
+                if path.name != name:
+                    from napari.utils.notifications import show_warning
 
-                show_warning(
-                    f"{name} was changed by another viewer: your corrections are saved as {saved.name}")
-            self._saved_revision[id(layer)] = session.revision
+                    show_warning(f"{name} was changed by another viewer: your corrections are "
+                                 f"saved as {path.name}")
+                self._saved_revision[id(layer)] = session.revision
         return saved
 
 

@@ -108,7 +108,7 @@ def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, cl
 
 def summary(result, slide_path: Path) -> dict:
     from napari_hemato.api import pixel_size_origin
-    from napari_hemato.core.table import summarize
+    from napari_hemato.core.summary import class_summary
     from napari_hemato.tasks import task_of
 
     table = result.table()
@@ -124,7 +124,7 @@ def summary(result, slide_path: Path) -> dict:
         "megapixels_per_s": round(megapixels / result.elapsed, 3) if result.elapsed else None,
         "work_mpp": grid.mpp, "input_mpp": grid.mpp0, "mpp_assumed": grid.mpp_assumed,
         "input_mpp_origin": pixel_size_origin(result),
-        **summarize(table),
+        **class_summary(table),
     }
     s.update(task_of(result.spec.task).summary(table, area_mm2=area_mm2,
                                               mpp=None if grid.mpp_assumed else grid.mpp0))

@@ -16,8 +16,21 @@ TRAINABLE = ("smear", "wbc", "nuclei", "mitosis")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("models", help="list the bundled models")
+    p = sub.add_parser("models", help="list the bundled models (export one with models export-bioimageio)")
     p.set_defaults(func=cmd_models)
+    msub = p.add_subparsers(dest="models_command", metavar="COMMAND")
+    e = msub.add_parser(
+        "export-bioimageio", help="write a model as a bioimage.io package (rdf.yaml 0.5 + ONNX zip)",
+        description="MODEL_DIR_OR_TASK is a model folder (model.onnx + model.json, e.g. a "
+                    "fine-tuned one) or a task with a bundled model. The package holds the ONNX "
+                    "weights, a test input/output pair, a cover, the model card and the spec under "
+                    "config.napari_hemato; check it with `bioimageio test PKG.zip` (bioimageio.core).")
+    e.add_argument("model", metavar="MODEL_DIR_OR_TASK")
+    e.add_argument("--out", type=Path, required=True, metavar="PKG.zip")
+    e.add_argument("--license", default=None,
+                   help="SPDX licence id of the package (default: the project's, BSD-3-Clause)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export_bioimageio)
 
     p = sub.add_parser("classify-cells", help="classify single-cell images into the 11 WBC classes")
     p.add_argument("images", type=Path, nargs="+", metavar="IMAGE",
@@ -38,8 +51,8 @@ def register(sub) -> None:
 
 
 def cmd_models(args) -> int:
-    from napari_hemato.models.registry import bundled_models
     from napari_hemato.core.spec import load_spec
+    from napari_hemato.models.registry import bundled_models
 
     models = bundled_models()
     if not models:
@@ -50,6 +63,15 @@ def cmd_models(args) -> int:
         out(f"{task:<8} {spec.name} {spec.version}  {spec.kind}, {mpp}; "
             f"classes: {', '.join(spec.class_names)}")
         out(f"         {folder}")
+    return 0
+
+
+def cmd_export_bioimageio(args) -> int:
+    from napari_hemato.models.bioimageio import LICENSE, export_bioimageio
+
+    path = export_bioimageio(args.model, args.out, overwrite=args.overwrite,
+                             license=args.license or LICENSE)
+    out(f"bioimage.io package {path}")
     return 0
 
 

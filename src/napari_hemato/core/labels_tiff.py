@@ -3,12 +3,13 @@
 The run's labels live on the model's work grid; this maps them tile by tile
 onto level 0 (nearest neighbour), so whole slides are written with bounded
 memory. ``labels[0, 0]`` of the TIFF is level-0 pixel ``(roi_y0, roi_x0)``
-(the origin is also recorded in the ImageDescription JSON).
+(the origin is also recorded in the ImageDescription: tifffile's own JSON
+description, ``{"shape": [H, W], "napari_hemato": {...}}``, which tifffile,
+scikit-image and imageio read as the plain label array).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -58,13 +59,13 @@ def write_labels_tiff(result, path: str | os.PathLike, *, overwrite: bool = Fals
     kwargs = {}
     if not grid.mpp_assumed:
         kwargs = dict(resolution=(1e4 / grid.mpp0, 1e4 / grid.mpp0), resolutionunit="CENTIMETER")
-    description = json.dumps({"napari_hemato": {
+    head = {"napari_hemato": {
         "origin": [ry0, rx0], "mpp": None if grid.mpp_assumed else grid.mpp0,
         "image_path": result.store.config["slide"]["path"], "result": str(result.path),
-    }})
+    }}
     with atomic_outputs([dest], overwrite=overwrite) as (tmp,):
         tifffile.imwrite(tmp, _level0_tiles(result, tile), shape=shape, dtype=np.uint32,
                          tile=(tile, tile), compression="zlib", photometric="minisblack",
-                         bigtiff=shape[0] * shape[1] * 4 > 2**31, description=description,
-                         metadata=None, **kwargs)
+                         bigtiff=shape[0] * shape[1] * 4 > 2**31, metadata=head,
+                         software="napari-hemato", **kwargs)
     return dest

@@ -264,3 +264,18 @@ def saved_sets(image_path: str | Path) -> dict[str, Path]:
                 _recover(folder / name)
     return {p.name: p for p in sorted(folder.iterdir())
             if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").exists()}
+
+
+def autosave(ann: AnnotationSet, name: str) -> Path | None:
+    """Save ``ann`` as the set ``name`` beside its image; None when it cannot be placed.
+
+    The one autosave of the plugin: the Analyse widget saves new results with it and
+    the Review widget every batch of corrections. Sets without an existing image are
+    skipped; a lazy whole-slide set (``metadata["lazy"]``) saves its table only, its
+    labels stay in the run's store (``metadata["result"]``).
+    """
+    if not ann.image_path or not Path(ann.image_path).exists():
+        return None
+    if ann.kind == "instances" and ann.labels is None and not ann.metadata.get("lazy"):
+        return None
+    return save_annotations(ann, sidecar_dir(ann.image_path, create=True) / name)

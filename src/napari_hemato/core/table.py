@@ -85,18 +85,6 @@ def tile_table(out: TileOutput, grid: WorkGrid, spec: ModelSpec) -> pd.DataFrame
     return pd.DataFrame(frame, index=pd.RangeIndex(n))[table_columns(names)]
 
 
-def summarize(table: pd.DataFrame) -> dict:
-    """Counts per class (and percent), for CLI summaries and widgets."""
-    counts = table["class"].value_counts().sort_index() if len(table) else pd.Series(dtype=int)
-    total = int(counts.sum())
-    return {
-        "n_objects": total,
-        "counts": {str(k): int(v) for k, v in counts.items()},
-        "percent": {str(k): round(100.0 * v / total, 1) for k, v in counts.items()} if total else {},
-        "mean_confidence": float(table["confidence"].mean()) if total else None,
-    }
-
-
 STRING_COLUMNS = ("class", "class_auto", "cell_type", "model", "model_version", "provenance")
 # pandas 3 parses floats exactly by default (and deprecates the option)
 _EXACT = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}

@@ -20,8 +20,8 @@ FORMATS = {
     "crops": Format("crops", "_crops", ("instances", "points"),
                     "cell crops + manifest.csv (napari-hemato train reads it)"),
     "tiff": Format("tiff", "_labels.tif", ("instances",), "uint32 label TIFF + CSV table"),
-    "omezarr": Format("omezarr", ".ome.zarr", ("instances", "points"), "OME-Zarr labels + class table"),
-    "coco": Format("coco", "_coco.json", ("instances",), "COCO JSON, RLE masks"),
+    "omezarr": Format("omezarr", ".ome.zarr", ("instances", "points"), "OME-Zarr image region + labels + class table"),
+    "coco": Format("coco", "_coco.json", ("instances",), "COCO JSON (RLE masks) + the image region as PNG"),
     "geojson": Format("geojson", ".geojson", ("instances", "points"), "QuPath GeoJSON"),
     "points_csv": Format("points_csv", "_points.csv", ("points",), "points CSV (px and µm)"),
 }

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from napari_hemato.core.annotations import AnnotationSet
-from napari_hemato.core.colors import class_color_float
+from napari_hemato.core.class_colors import class_color_float
 
 KEY = "napari_hemato"
 POINT_DIAMETER_UM = 12.0
@@ -113,8 +113,8 @@ def annotations_from_data(data, metadata: dict, features, *, name: str = "layer"
         if len(data):
             yx = np.asarray(data, float)[:, -2:] + np.asarray(origin, float)
             table["y"], table["x"] = yx[:, 0], yx[:, 1]
-    else:
-        labels = data
+    elif not meta.get("lazy"):
+        labels = data  # a lazy whole-slide layer's labels stay in its run's store, unread
     extra = {k: v for k, v in meta.items()
              if k not in {"role", "kind", "class_names", "origin", "mpp", "image_path", "image_shape"}}
     return AnnotationSet(

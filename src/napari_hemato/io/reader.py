@@ -126,3 +126,20 @@ def _is_ome_zarr(path: Path) -> bool:
         ):
             return True
     return False
+
+
+def _sample(name: str, mpp: float | None = None) -> list[tuple]:
+    from napari_hemato.core.slide import open_slide
+    from napari_hemato.samples import sample_path
+
+    return [slide_to_layer_data(open_slide(sample_path(name), mpp=mpp))]
+
+
+def sample_he_slide() -> list[tuple]:
+    """npe2 sample: Aperio SVS H&E region, 0.499 µm/px (OpenSlide CMU-1-Small-Region, CC0)."""
+    return _sample("he_slide")
+
+
+def sample_smear_field() -> list[tuple]:
+    """npe2 sample: peripheral blood smear field (cbc sample, MIT-style licence); no pixel size."""
+    return _sample("smear_field")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_hemato.core.annotations import AnnotationSet, from_result
+from napari_hemato.core.errors import HematoError
 from napari_hemato.core.sidecar import load_annotations, saved_sets, sidecar_dir
 from napari_hemato.core.slide import Slide, open_slide, slide_from_array
 from napari_hemato.io.layers import KEY, annotation_layer_data
@@ -144,12 +145,27 @@ def preview_layer_data(info, image_layer, *, name: str) -> tuple | None:
 
 
 def restore_saved_layers(image_path: str | Path) -> list[tuple]:
-    """Layer data for every annotation set autosaved next to an image."""
+    """Layer data for every annotation set autosaved next to an image.
+
+    A lazy whole-slide set saved its table only: its labels are reopened from the
+    run's store, with the saved (corrected) table as features.
+    """
+    from napari_hemato.io.layers import features_of
+
     layers = []
     for name, folder in saved_sets(image_path).items():
         try:
-            layers.append(annotation_layer_data(load_annotations(folder), name=name))
-        except (OSError, ValueError, KeyError) as err:
+            ann = load_annotations(folder)
+            if ann.kind == "instances" and ann.labels is None:
+                from napari_hemato.core.engine import open_result
+
+                data, kwargs, kind = result_layer_data(open_result(ann.metadata["result"]),
+                                                       name=name)[0]
+                kwargs["features"] = features_of(ann.table)
+                layers.append((data, kwargs, kind))
+            else:
+                layers.append(annotation_layer_data(ann, name=name))
+        except (OSError, ValueError, KeyError, HematoError) as err:
             log.warning("could not restore %s: %s", folder, err)
     return layers
 

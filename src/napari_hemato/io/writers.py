@@ -1,8 +1,10 @@
 """npe2 writers: save a napari-hemato Labels or Points layer in an exchange format.
 
 ``File > Save Selected Layer(s)`` offers them by extension: ``.geojson``
-(QuPath), ``.json`` (COCO, labels only), ``.zarr`` (OME-Zarr labels + table),
-``.csv`` (points with px and µm coordinates).
+(QuPath), ``.json`` (COCO, labels only; the image region as a PNG beside it),
+``.zarr`` (OME-Zarr: the image region with the labels + table under it),
+``.csv`` (points with px and µm coordinates). The image region is read from the
+layer's source image; when it cannot be read, the labels are written alone.
 """
 
 from __future__ import annotations

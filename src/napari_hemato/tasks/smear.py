@@ -16,9 +16,10 @@ import functools
 import logging
 
 import numpy as np
+import pandas as pd
 
 from napari_hemato.core.errors import SlideError
-from napari_hemato.core.summary import differential
+from napari_hemato.models.cell_classifier import CLASS_NAMES
 from napari_hemato.tasks.base import Task
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,33 @@ log = logging.getLogger(__name__)
 #: a red-cell estimate within this ratio of the spec's ``assumed_input_mpp`` confirms it: the
 #: estimate's p10-p90 spread on held-out BCCD fields (0.86-1.09 of the truth, see the smear card)
 AGREEMENT = (0.87, 1.15)
+
+
+def differential(table: pd.DataFrame, *, target: int = 100) -> dict:
+    """WBC differential from a smear table (``class`` holds the WBC subtype).
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"class": ["SNE", "SNE", "LY", "RBC"], "cell_type": ["WBC", "WBC", "WBC", "RBC"]})
+    >>> differential(t)["percent"]["SNE"]
+    66.7
+    """
+    classes = table["class"].astype(str)
+    wbc = classes[classes.isin(CLASS_NAMES)]
+    if "cell_type" in table:  # a platelet seen by the detector is not a WBC-classifier PLT
+        wbc = wbc[table.loc[wbc.index, "cell_type"].astype(str) == "WBC"]
+    counts = {c: int((wbc == c).sum()) for c in CLASS_NAMES}
+    total = int(sum(counts.values()))
+    cell_type = table["cell_type"].astype(str) if "cell_type" in table else classes
+    return {
+        "wbc_total": total,
+        "target": target,
+        "target_reached": total >= target,
+        "counts": counts,
+        "percent": {c: round(100.0 * n / total, 1) if total else 0.0 for c, n in counts.items()},
+        "rbc": int((cell_type == "RBC").sum()),
+        "platelets": int((cell_type == "Platelets").sum()),
+    }
 
 
 @functools.lru_cache(maxsize=2)

@@ -1,6 +1,15 @@
-"""COCO JSON with RLE masks (no pycocotools needed).
+"""COCO JSON with RLE masks (no pycocotools needed), and the image they are drawn on as a PNG.
 
-Masks are COCO run-length encodings over the whole level-0 image, in
+For instances with a label image, the image region under the labels is written
+as ``<name>.png`` beside the JSON, and ``images[0]`` describes that PNG
+(``file_name``, ``height``, ``width``): masks and boxes are in its pixels, so
+any COCO loader (pycocotools, torchvision, detectron2, ...) pairs them. The
+slide and the region's level-0 offset are kept in ``images[0]["napari_hemato"]``
+(``slide``, ``origin`` (y, x), ``slide_shape``). When the image cannot be read,
+or for points, ``images[0]`` is the whole slide (``file_name`` its name) and
+coordinates are level-0 pixels.
+
+Masks are COCO run-length encodings over the whole COCO image, in
 column-major (Fortran) order: ``counts`` alternate background / foreground
 run lengths, starting with background. They are written as compressed
 strings with pycocotools' LEB128-like code (6 bits per character, ASCII
@@ -20,6 +29,7 @@ import numpy as np
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
+from napari_hemato.core.export._region import region_rgb
 from napari_hemato.core.export.geojson import rasterize
 from napari_hemato.core.export.points_csv import (
     class_names_from,
@@ -154,16 +164,18 @@ def _categories(ann: AnnotationSet, unlisted: bool) -> list[str]:
     return names + extra
 
 
-def export_coco(annotations: AnnotationSet, path: str | os.PathLike, *, overwrite: bool = False,
-                base_dir: str | os.PathLike | None = None) -> Path:
-    """Write objects as COCO JSON: one image, RLE masks in full-image coordinates.
+def export_coco(annotations: AnnotationSet, path: str | os.PathLike, *, image=None,
+                overwrite: bool = False, base_dir: str | os.PathLike | None = None) -> Path:
+    """Write objects as COCO JSON (one image, RLE masks) and the image region as a PNG beside it.
 
     Parameters
     ----------
     annotations : AnnotationSet
         Instances (RLE masks) or points (COCO keypoints, no mask).
     path : path
-        The ``.json`` file to write.
+        The ``.json`` file to write; the PNG is ``path.with_suffix(".png")``.
+    image : array, optional
+        The pixels under the labels; default: read from ``annotations.image_path``.
     overwrite : bool
         Replace an existing file.
     base_dir : path, optional
@@ -182,16 +194,28 @@ def export_coco(annotations: AnnotationSet, path: str | os.PathLike, *, overwrit
     dest = check_destination(path, overwrite=overwrite, base_dir=base_dir)
     ann, table = annotations, annotations.table
     box = ann.box
-    shape = ann.image_shape or ((box[2], box[3]) if box else None)
-    if shape is None:
-        raise ExportError(f"cannot write {dest}: image_shape is unknown and there are no labels")
+    instances = ann.kind == "instances" and ann.labels is not None
+    rgb = region_rgb(ann, image, what=str(dest)) if instances else None
+    outputs = [dest]
+    if rgb is not None:  # the COCO image is the region: coordinates relative to its origin
+        png = check_destination(dest.with_suffix(".png"), overwrite=overwrite, base_dir=base_dir)
+        if png == dest:
+            raise ExportError(f"cannot write {dest}: the JSON needs a suffix other than .png")
+        outputs.append(png)
+        fy, fx = box[:2]
+        shape = ann.labels.shape
+    else:  # the COCO image is the whole slide (level-0 coordinates)
+        fy = fx = 0
+        shape = ann.image_shape or ((box[2], box[3]) if box else None)
+        if shape is None:
+            raise ExportError(f"cannot write {dest}: image_shape is unknown and there are no labels")
     big_h, big_w = (int(v) for v in shape)
-    if box and (min(box[:2]) < 0 or box[2] > big_h or box[3] > big_w):
+    if rgb is None and box and (min(box[:2]) < 0 or box[2] > big_h or box[3] > big_w):
         raise ExportError(f"cannot write {dest}: labels {box} reach outside the image {shape}")
     masks = {}
-    if ann.kind == "instances" and ann.labels is not None:
+    if instances:
         for value, (rows, cols), mask in iter_objects(ann.labels):
-            masks[value] = (mask, box[0] + rows.start, box[1] + cols.start)
+            masks[value] = (mask, box[0] - fy + rows.start, box[1] - fx + cols.start)
     unlisted = sorted(set(masks) - set(table.get("id", [])))
     cat_id = {name: k for k, name in enumerate(_categories(ann, bool(unlisted)), start=1)}
     probs = prob_columns(table)
@@ -212,6 +236,7 @@ def export_coco(annotations: AnnotationSet, path: str | os.PathLike, *, overwrit
             item["area"] = int(mask.sum())
         else:
             x, y = json_value(row.get("x")), json_value(row.get("y"))
+            x, y = (None if x is None else x - fx), (None if y is None else y - fy)
             item["segmentation"], item["area"] = [], 0
             item["bbox"] = [x or 0.0, y or 0.0, 0.0, 0.0]
             if ann.kind == "points" and x is not None and y is not None:
@@ -230,17 +255,28 @@ def export_coco(annotations: AnnotationSet, path: str | os.PathLike, *, overwrit
         out.append(item)
     if ann.kind == "instances" and (n_empty := sum(1 for a in out if not a["segmentation"])):
         log.warning("%d object(s) in the table have no mask in the labels", n_empty)
+    entry = {"id": 1, "file_name": Path(ann.image_path or "image").name,
+             "height": big_h, "width": big_w}
+    if rgb is not None:
+        entry["file_name"] = outputs[1].name
+        entry["napari_hemato"] = {
+            "slide": None if ann.image_path is None else str(ann.image_path),
+            "origin": [int(fy), int(fx)],
+            "slide_shape": None if ann.image_shape is None else [int(v) for v in ann.image_shape]}
     doc = {
         "info": {"description": "napari-hemato annotations", "version": "1.0"},
         "licenses": [],
-        "images": [{"id": 1, "file_name": Path(ann.image_path or "image").name,
-                    "height": big_h, "width": big_w}],
+        "images": [entry],
         "categories": [{"id": k, "name": n, "supercategory": "object"} for n, k in cat_id.items()],
         "annotations": out,
         "napari_hemato": header(ann),
     }
-    with atomic_outputs([dest], overwrite=overwrite) as (tmp,):
-        tmp.write_text(json.dumps(doc, allow_nan=False, separators=(",", ":")))
+    with atomic_outputs(outputs, overwrite=overwrite) as tmps:
+        tmps[0].write_text(json.dumps(doc, allow_nan=False, separators=(",", ":")))
+        if rgb is not None:
+            from PIL import Image
+
+            Image.fromarray(rgb).save(tmps[1], format="PNG")
     return dest
 
 
@@ -279,12 +315,16 @@ def _read_coco(path) -> AnnotationSet:
         raise ExportError(f"cannot read COCO JSON {path}: {exc}") from exc
     g.check_count(len(items), path, "annotations")
     head = dict(doc.get("napari_hemato") or {})
+    try:  # our COCO image may be a region of the slide, at this level-0 offset
+        fy, fx = g.check_origin((image.get("napari_hemato") or {}).get("origin") or (0, 0), path)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ExportError(f"cannot read COCO JSON {path}: bad image origin ({exc})") from exc
     if head.get("shape"):
         (y0, x0), (h, w) = g.check_origin(head["origin"], path), g.check_label_shape(head["shape"], path)
     else:
         y0, x0, h, w = 0, 0, big_h, big_w
     labels = np.zeros((h, w), np.uint32) if head.get("shape") or not head else None
-    box = (y0, x0, y0 + h, x0 + w)
+    box = (y0 - fy, x0 - fx, y0 - fy + h, x0 - fx + w)  # the labels, in COCO image pixels
     rows, total = [], 0
     for item in items:
         oid = g.check_id(item.get("napari_hemato_id", item["id"]), path)
@@ -304,7 +344,7 @@ def _read_coco(path) -> AnnotationSet:
                     py, px = _pixels(seg["counts"], seg["size"], box)
                 except ExportError as exc:
                     raise ExportError(f"{path}: annotation {oid}: {exc}") from None
-                labels[py - y0, px - x0] = oid
+                labels[py - box[0], px - box[1]] = oid
             else:
                 total = g.check_vertices(sum(len(p) // 2 for p in seg), path, oid, total)
                 rings = g.check_rings([g.check_coords(p, path, oid) for p in seg], path, oid)

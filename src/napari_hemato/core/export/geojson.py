@@ -5,8 +5,21 @@ Coordinates are level-0 pixels in QuPath's convention: ``[x, y]`` order, pixel
 along pixel edges (holes as interior rings, 4-connected parts as a
 MultiPolygon), and :func:`rasterize` (even-odd rule sampled at pixel centres)
 turns those rings back into exactly the same pixels. Points are written at
-the pixel centre (``x + 0.5``) with their exact table values kept in
-``properties.napari_hemato``.
+the pixel centre (``x + 0.5``).
+
+Properties follow QuPath's GeoJSON (what QuPath 0.4+ reads and shows):
+
+- ``objectType``: ``"detection"`` (default), ``"annotation"`` or ``"cell"``;
+- ``classification``: ``{"name": class, "color": [r, g, b]}``;
+- ``measurements``: the numeric columns (``confidence``, ``score``, ``area_px``,
+  ``area_um2``, ``prob_<CLASS>``), shown in QuPath's measurement table;
+- ``metadata``: the object ``id`` and the non-numeric columns as text (``model``,
+  ``model_version``, ``provenance``, ``reviewed``, ...), QuPath's string map per object;
+- the Feature's ``id`` is a UUID derived from the image and the object id
+  (stable across exports), which QuPath takes as the object's ID.
+
+``properties.napari_hemato`` keeps the typed table values (ignored by QuPath)
+so that :func:`import_geojson` restores the table exactly.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +50,7 @@ __all__ = ["export_geojson", "import_geojson", "rasterize", "trace_polygons"]
 log = logging.getLogger(__name__)
 
 MEASUREMENTS = ("confidence", "score", "area_px", "area_um2")
+OBJECT_TYPES = ("detection", "annotation", "cell")
 _STEP = ((0, 1), (1, 0), (0, -1), (-1, 0))  # (dy, dx) of +x, +y, -x, -y edges
 
 
@@ -169,8 +184,9 @@ def export_geojson(annotations: AnnotationSet, path: str | os.PathLike, *,
         The ``.geojson`` file to write.
     overwrite : bool
         Replace an existing file.
-    object_type : {"detection", "annotation"}
-        QuPath object type of every feature.
+    object_type : {"detection", "annotation", "cell"}
+        QuPath object type of every feature (a ``"cell"`` has the object's outline
+        as its cell boundary and no separate nucleus).
     base_dir : path, optional
         Refuse destinations resolving outside this folder.
 
@@ -184,8 +200,9 @@ def export_geojson(annotations: AnnotationSet, path: str | os.PathLike, *,
     >>> export_geojson(cells, "cells.geojson")  # doctest: +SKIP
     >>> import_geojson("cells.geojson").labels.max()  # doctest: +SKIP
     """
-    if object_type not in ("detection", "annotation"):
-        raise ExportError(f"object_type must be 'detection' or 'annotation', not {object_type!r}")
+    if object_type not in OBJECT_TYPES:
+        raise ExportError(f"object_type must be one of {', '.join(OBJECT_TYPES)}, "
+                          f"not {object_type!r}")
     dest = check_destination(path, overwrite=overwrite, base_dir=base_dir)
     ann, table = annotations, annotations.table
     points = ann.kind == "points" or ann.labels is None
@@ -197,28 +214,47 @@ def export_geojson(annotations: AnnotationSet, path: str | os.PathLike, *,
     measured = [c for c in table.columns
                 if (c in MEASUREMENTS or str(c).startswith("prob_")) and table[c].dtype.kind in "iuf"]
     others = [c for c in table.columns if c not in measured and c != "class"]
+    # QuPath's metadata: the object id and the non-numeric columns (model, provenance, ...);
+    # positions and boxes QuPath measures itself
+    described = [c for c in others if c == "id" or table[c].dtype.kind not in "iuf"]
+    scope = f"napari-hemato:{Path(ann.image_path or '').name}:"
     features = []
-    for row in table.to_dict("records"):
+    for k, row in enumerate(table.to_dict("records"), start=1):
         props = {"objectType": object_type}
         cls = json_value(row.get("class"))
         if cls is not None:
             props["classification"] = {"name": cls, "color": class_color(cls, ann.class_names)}
         props["measurements"] = {c: v for c in measured if (v := json_value(row[c])) is not None}
+        props["metadata"] = _metadata({c: json_value(row[c]) for c in described})
         props["napari_hemato"] = {c: json_value(row[c]) for c in others}
         if points:
             geom = {"type": "Point", "coordinates": [float(row["x"]) + 0.5, float(row["y"]) + 0.5]}
         else:
             geom = geoms.pop(int(row["id"]), None)
-        features.append({"type": "Feature", "geometry": geom, "properties": props})
+        oid = json_value(row.get("id", k))
+        features.append({"type": "Feature", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{scope}{oid}")),
+                         "geometry": geom, "properties": props})
     for value, geom in geoms.items():  # painted objects without a table row
-        props = {"objectType": object_type, "napari_hemato": {"id": value, "in_table": False}}
-        features.append({"type": "Feature", "geometry": geom, "properties": props})
+        props = {"objectType": object_type, "metadata": {"id": str(value), "in_table": "false"},
+                 "napari_hemato": {"id": value, "in_table": False}}
+        features.append({"type": "Feature", "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{scope}{value}")),
+                         "geometry": geom, "properties": props})
     if geoms:
         log.warning("%d label(s) without a table row exported as unclassified", len(geoms))
     doc = {"type": "FeatureCollection", "features": features, "napari_hemato": header(ann)}
     with atomic_outputs([dest], overwrite=overwrite) as (tmp,):
         tmp.write_text(json.dumps(doc, allow_nan=False, separators=(",", ":")))
     return dest
+
+
+def _metadata(values: dict) -> dict[str, str]:
+    """QuPath's per-object metadata: a map of strings (booleans as true / false)."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        out[str(key)] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out
 
 
 def _rings(geom: dict) -> list:

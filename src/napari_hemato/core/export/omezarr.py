@@ -1,17 +1,26 @@
-"""OME-Zarr (NGFF 0.5, zarr v3) labels with a class table.
+"""OME-Zarr (NGFF 0.5, zarr v3): the image region as the root image, labels and a class table under it.
 
-Layout of ``cells.zarr``::
+Layout of ``cells.ome.zarr``::
 
-    zarr.json                     attributes["napari_hemato"]: origin, classes, dtypes ...
+    zarr.json                     attributes["ome"]: multiscales of the RGB image region
+                                  (axes c, y, x) and omero channels R, G, B;
+                                  attributes["napari_hemato"]: origin, classes, dtypes ...
+    0/, 1/, ...                   the uint8 (3, H, W) image region and its 2x pyramid
     labels/zarr.json              attributes["ome"] = {"version": "0.5", "labels": [name]}
-    labels/<name>/zarr.json       "ome": multiscales (axes y, x; scale + translation)
-                                  and "image-label" (colors, properties per label value)
-    labels/<name>/0/              the uint32 label array (dimension names y, x)
+    labels/<name>/zarr.json       "ome": multiscales (axes y, x; as many levels as the
+                                  image) and "image-label" (source "../../", colors and
+                                  properties: class, confidence, ... per label value)
+    labels/<name>/0/, 1/, ...     the uint32 label array (level 0 exact, then every
+                                  other pixel of the level before)
     labels/<name>/objects.csv     the full object table (exact round-trip)
 
+ome-zarr-py and napari-ome-zarr open it as an image with a labels layer.
 Coordinates are in micrometres when the pixel size is known (scale = mpp,
-translation = origin x mpp), else in level-0 pixels. A points set becomes a
-group holding only ``objects.csv``.
+translation = origin x mpp), else in level-0 pixels; pyramid levels shift by
+half a (coarser) pixel so that every level lands on the same place. The image
+region comes from ``image=`` or is read from ``ann.image_path``; when neither
+is available the root holds only the labels group (a warning says so). A points
+set becomes a group holding only ``objects.csv``.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import pandas as pd
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
+from napari_hemato.core.export._region import region_rgb
 from napari_hemato.core.export.points_csv import (
     class_color,
     class_names_from,
@@ -42,17 +52,59 @@ log = logging.getLogger(__name__)
 
 NGFF_VERSION = "0.5"
 _CHUNK = 1024
-_PROPERTIES = ("class", "confidence", "score", "area_px", "provenance", "reviewed")
+_PROPERTIES = ("class", "confidence", "score", "area_px", "area_um2", "provenance", "reviewed")
+_PYRAMID_UNTIL = 1024  # halve until the largest side is at most this
 
 
-def _multiscales(name: str, ann: AnnotationSet) -> list[dict]:
+def _multiscales(name: str, ann: AnnotationSet, n_levels: int, channels: bool) -> list[dict]:
     s = float(ann.mpp) if ann.mpp else 1.0
     unit = {"unit": "micrometer"} if ann.mpp else {}
     axes = [{"name": ax, "type": "space", **unit} for ax in "yx"]
-    transforms = [{"type": "scale", "scale": [s, s]},
-                  {"type": "translation", "translation": [ann.origin[0] * s, ann.origin[1] * s]}]
-    return [{"name": name, "axes": axes,
-             "datasets": [{"path": "0", "coordinateTransformations": transforms}]}]
+    lead_axes, lead = ([{"name": "c", "type": "channel"}], [1.0]) if channels else ([], [])
+    lead_shift = [0.0] if channels else []
+    datasets = []
+    for k in range(n_levels):
+        f = 2**k
+        shift = [(ann.origin[i] + (f - 1) / 2) * s for i in range(2)]
+        datasets.append({"path": str(k), "coordinateTransformations": [
+            {"type": "scale", "scale": [*lead, s * f, s * f]},
+            {"type": "translation", "translation": [*lead_shift, *shift]}]})
+    return [{"name": name, "axes": lead_axes + axes, "datasets": datasets}]
+
+
+def _n_levels(shape, levels: int | None) -> int:
+    if levels is not None:
+        if levels < 1:
+            raise ExportError(f"levels must be at least 1, not {levels}")
+        return int(levels)
+    n, side = 1, max(shape)
+    while side > _PYRAMID_UNTIL:
+        side, n = (side + 1) // 2, n + 1
+    return n
+
+
+def _halve_rgb(rgb: np.ndarray) -> np.ndarray:
+    """(3, H, W) uint8 -> (3, ceil(H/2), ceil(W/2)): mean of 2 x 2 blocks (edge replicated)."""
+    _, h, w = rgb.shape
+    padded = np.pad(rgb, ((0, 0), (0, h % 2), (0, w % 2)), mode="edge").astype(np.uint16)
+    blocks = padded.reshape(3, (h + 1) // 2, 2, (w + 1) // 2, 2).sum(axis=(2, 4))
+    return ((blocks + 2) // 4).astype(np.uint8)
+
+
+def _omero() -> dict:
+    window = {"start": 0, "end": 255, "min": 0, "max": 255}
+    return {"channels": [{"label": label, "color": color, "window": window, "active": True}
+                         for label, color in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))],
+            "rdefs": {"model": "color"}}
+
+
+def _write_levels(group, arrays, dims: list[str]) -> None:
+    for k, arr in enumerate(arrays):
+        chunks = tuple(max(1, min(_CHUNK if d != "c" else s, s)) for d, s in zip(dims, arr.shape,
+                                                                            strict=True))
+        out = group.create_array(str(k), shape=arr.shape, dtype=arr.dtype, chunks=chunks,
+                                 fill_value=0, dimension_names=dims)
+        out[...] = arr
 
 
 def _image_label(ann: AnnotationSet, values: np.ndarray) -> dict:
@@ -64,14 +116,15 @@ def _image_label(ann: AnnotationSet, values: np.ndarray) -> dict:
         row = rows.get(v)
         cls = None if row is None else json_value(row.get("class"))
         colors.append({"label-value": v, "rgba": [*class_color(cls, ann.class_names), 255]})
-        if row is not None:
-            props.append({"label-value": v, **{c: json_value(row[c]) for c in cols}})
-    return {"colors": colors, "properties": props}
+        props.append({"label-value": v} if row is None else
+                     {"label-value": v, **{c: json_value(row[c]) for c in cols}})
+    return {"source": {"image": "../../"}, "colors": colors, "properties": props}
 
 
 def export_omezarr(annotations: AnnotationSet, path: str | os.PathLike, *, name: str = "cells",
-                   overwrite: bool = False, base_dir: str | os.PathLike | None = None) -> Path:
-    """Write labels and table as an OME-Zarr (NGFF 0.5) labels group.
+                   image=None, levels: int | None = None, overwrite: bool = False,
+                   base_dir: str | os.PathLike | None = None) -> Path:
+    """Write the image region, its labels and the table as an OME-Zarr (NGFF 0.5) image.
 
     Parameters
     ----------
@@ -81,6 +134,11 @@ def export_omezarr(annotations: AnnotationSet, path: str | os.PathLike, *, name:
         The ``.zarr`` folder to create.
     name : str
         Name of the label image under ``labels/``.
+    image : array, optional
+        The pixels under the labels ((H, W) or (H, W, C), any dtype a slide
+        may have); default: read from ``annotations.image_path``.
+    levels : int, optional
+        Pyramid levels (default: halve until the largest side is at most 1024).
     overwrite : bool
         Replace an existing folder (swapped in only once the new one is complete).
     base_dir : path, optional
@@ -107,22 +165,30 @@ def export_omezarr(annotations: AnnotationSet, path: str | os.PathLike, *, name:
     head = header(ann)
     head["table"] = f"labels/{name}/objects.csv" if instances else "objects.csv"
     head["label_name"] = name if instances else None
+    rgb = region_rgb(ann, image, what=str(dest)) if instances else None
     with atomic_outputs([dest], overwrite=overwrite, folders=True) as (tmp,):
         root = zarr.open_group(store=str(tmp), mode="w", zarr_format=3)
-        root.attrs["napari_hemato"] = head
         if instances:
             labels = np.ascontiguousarray(ann.labels, np.uint32)
+            n = _n_levels(labels.shape, levels) if rgb is not None else 1
+            if rgb is not None:
+                pyramid = [np.ascontiguousarray(np.moveaxis(rgb, -1, 0))]
+                for _ in range(1, n):
+                    pyramid.append(_halve_rgb(pyramid[-1]))
+                root.attrs["ome"] = {"version": NGFF_VERSION,
+                                     "multiscales": _multiscales("image", ann, n, True),
+                                     "omero": _omero()}
+                _write_levels(root, pyramid, ["c", "y", "x"])
             group = root.create_group("labels")
             group.attrs["ome"] = {"version": NGFF_VERSION, "labels": [name]}
             sub = group.create_group(name)
             values = np.unique(labels)
             sub.attrs["ome"] = {"version": NGFF_VERSION,
-                                "multiscales": _multiscales(name, ann),
+                                "multiscales": _multiscales(name, ann, n, False),
                                 "image-label": _image_label(ann, values[values != 0])}
-            chunks = tuple(max(1, min(_CHUNK, s)) for s in labels.shape)
-            arr = sub.create_array("0", shape=labels.shape, dtype="uint32", chunks=chunks,
-                                   fill_value=0, dimension_names=["y", "x"])
-            arr[...] = labels
+            _write_levels(sub, [labels[::2**k, ::2**k] for k in range(n)], ["y", "x"])
+        head["image"] = rgb is not None
+        root.attrs["napari_hemato"] = head
         write_table_csv(ann.table, tmp / head["table"])
     return dest
 

@@ -1,8 +1,11 @@
 """uint32 label TIFF plus the object table as a CSV beside it.
 
 ``labels.tif`` holds the label image (zlib-compressed, tiled when large) with
-its resolution in µm when the pixel size is known; its ImageDescription is a
-JSON document with the origin, class names, pixel size and table dtypes.
+its resolution in µm when the pixel size is known. Its ImageDescription is
+tifffile's own JSON ("shaped") description, ``{"shape": [H, W], "napari_hemato":
+{...}}``, so ``tifffile.imread`` (and scikit-image and imageio through it) read
+the plain label array; the ``napari_hemato`` key holds the origin, class names,
+pixel size and table dtypes.
 ``labels.csv`` holds the table (one row per label value).
 """
 
@@ -74,11 +77,10 @@ def export_tiff(annotations: AnnotationSet, path: str | os.PathLike, *, overwrit
         kwargs = dict(resolution=(1e4 / ann.mpp, 1e4 / ann.mpp), resolutionunit="CENTIMETER")
     if max(labels.shape) > 2 * _TILE:
         kwargs["tile"] = (_TILE, _TILE)
-    description = json.dumps({"napari_hemato": header(ann)}, ensure_ascii=True)
     with atomic_outputs([csv, dest], overwrite=overwrite) as (tmp_csv, tmp_tif):
         write_table_csv(ann.table, tmp_csv)
         tifffile.imwrite(tmp_tif, labels, photometric="minisblack", compression="zlib",
-                         description=description, metadata=None, software="napari-hemato",
+                         metadata={"napari_hemato": header(ann)}, software="napari-hemato",
                          bigtiff=labels.nbytes > 2**31, **kwargs)
     return dest
 

@@ -1,10 +1,14 @@
-"""Paths of the sample images bundled with the package (see samples/ATTRIBUTION.md)."""
+"""The sample images bundled with the package (files beside this module; ATTRIBUTION.md).
+
+:func:`sample_path` gives their paths; napari's ``File > Open Sample`` entries
+(:func:`napari_hemato.io.reader.sample_he_slide`, ``sample_smear_field``) open them.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-SAMPLES = Path(__file__).parent / "samples"
+SAMPLES = Path(__file__).parent
 
 
 def sample_path(name: str) -> Path:
@@ -13,3 +17,4 @@ def sample_path(name: str) -> Path:
     if name not in files:
         raise KeyError(f"unknown sample {name!r}; choose from {sorted(files)}")
     return SAMPLES / files[name]
+
