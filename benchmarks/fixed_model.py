@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_hemato.models.spec import ModelSpec
+from napari_hemato.core.spec import ModelSpec
 
 
 def build(folder: Path, *, width: int = 16, depth: int = 4, seed: int = 0) -> Path:

@@ -5,14 +5,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-10}"; shift || true
-. .venv/bin/activate
+py="${PYTHON:-.venv/bin/python}"   # PYTHON=... to use another interpreter
 hogs=()
-for _ in $(seq "$(nproc)"); do python -c "while True: pass" & hogs+=($!); done
+for _ in $(seq "$(nproc)"); do "$py" -c "while True: pass" & hogs+=($!); done
 trap 'kill "${hogs[@]}" 2>/dev/null' EXIT
 passed=0; failed=0
 for r in $(seq "$rounds"); do
     start=$(date +%s)
-    if python -m pytest -q -p no:cacheprovider -m gui "$@" >"/tmp/stress_gui_$r.log" 2>&1; then
+    if "$py" -m pytest -q -p no:cacheprovider -m gui "$@" >"/tmp/stress_gui_$r.log" 2>&1; then
         passed=$((passed + 1)); verdict=ok
     else
         failed=$((failed + 1)); verdict="FAILED (see /tmp/stress_gui_$r.log)"

@@ -10,7 +10,7 @@ import yaml
 
 from napari_hemato.cli import main
 from napari_hemato.core.spec import load_spec
-from napari_hemato.models.bioimageio import onnx_opset
+from napari_hemato.models.onnx_opset import onnx_opset
 from napari_hemato.models.registry import bundled_models
 
 

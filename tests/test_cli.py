@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -75,6 +76,8 @@ def test_analyze_roi_and_human_summary(tmp_path, field, model_dir, capsys):
         (["analyze", "FIELD", "--task", "mitosis", "--model", "MODEL"], "is for task 'nuclei'"),
         (["analyze", "FIELD", "--task", "nuclei", "--model", "MODEL", "--roi", "900,900,990,990"],
          "outside the image"),
+        (["analyze", "FIELD", "--task", "nuclei", "--model", "MODEL", "--tile", "16"],
+         "use a tile of at least"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(tmp_path, field, model_dir, capsys, argv, message):
@@ -120,7 +123,7 @@ def test_killed_run_resumes_without_redoing_tiles(tmp_path, model_dir):
 
 
 def test_batch_folder_writes_one_table_and_label_image_per_input(tmp_path, model_dir, capsys):
-    import tifffile
+    from tifffile import TiffFile
 
     folder = tmp_path / "fields"
     folder.mkdir()
@@ -133,8 +136,9 @@ def test_batch_folder_writes_one_table_and_label_image_per_input(tmp_path, model
     summaries = json.loads(capsys.readouterr().out)
     assert [s["n_objects"] for s in summaries] == [10, 11, 12]
     for k in range(3):
-        table = pd.read_csv(tmp_path / "out" / f"f{k}.csv")
-        labels = tifffile.imread(tmp_path / "out" / f"f{k}_labels.tif")
+        assert (tmp_path / "out" / f"f{k}.tif.nuclei.hemato.zarr" / "objects.csv").exists()
+        table = pd.read_csv(tmp_path / "out" / f"f{k}.nuclei.csv")
+        labels = TiffFile(tmp_path / "out" / f"f{k}.nuclei_labels.tif").pages[0].asarray()
         assert labels.shape == (200, 260) and labels.dtype == "uint32"
         assert set(table["id"]) == set(labels[labels > 0].ravel())
 
@@ -156,6 +160,76 @@ def test_labels_tiff_is_on_the_input_pixel_grid(tmp_path, model_dir):
     assert agreement.mean() > 0.97
     for row in table.itertuples():
         assert labels[int(round(row.y)), int(round(row.x))] == row.id
+
+
+@pytest.fixture(scope="module")
+def mitosis_model_dir(tmp_path_factory):
+    return dark_blob_model_dir(
+        tmp_path_factory.mktemp("m") / "mitosis", task="mitosis", kind="points",
+        class_names=("mitosis",), outputs={"heatmap": "fg"},
+        postprocess={"threshold": 0.5, "min_distance_um": 4.0})
+
+
+def test_default_outputs_carry_the_task(tmp_path, field, model_dir, mitosis_model_dir,
+                                        monkeypatch, capsys):
+    """nuclei then mitosis on one image: two stores; --overwrite of one leaves the other."""
+    monkeypatch.chdir(tmp_path)
+    nuclei = ["analyze", str(field), "--task", "nuclei", "--model", str(model_dir), "--json"]
+    mitosis = ["analyze", str(field), "--task", "mitosis", "--model", str(mitosis_model_dir), "--json"]
+    results = []
+    for argv in ([*nuclei, "--labels"], mitosis):
+        assert main(argv) == 0
+        results.append(Path(json.loads(capsys.readouterr().out)["result"]).name)
+    assert results == ["field.tif.nuclei.hemato.zarr", "field.tif.mitosis.hemato.zarr"]
+    assert (tmp_path / "field.nuclei_labels.tif").exists()
+    mitosis_table = (tmp_path / "field.tif.mitosis.hemato.zarr" / "objects.csv").read_bytes()
+    assert main([*nuclei, "--overwrite"]) == 0
+    assert (tmp_path / "field.tif.mitosis.hemato.zarr" / "objects.csv").read_bytes() == mitosis_table
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "field.nuclei_labels.tif", "field.tif.mitosis.hemato.zarr", "field.tif.nuclei.hemato.zarr"]
+    for task in ("nuclei", "mitosis"):  # their exports sit side by side too
+        assert main(["export", f"field.tif.{task}.hemato.zarr", "--format", "geojson",
+                     "--out-dir", "ex"]) == 0
+    assert sorted(p.name for p in (tmp_path / "ex").iterdir()) == ["field.mitosis.geojson",
+                                                                  "field.nuclei.geojson"]
+
+
+def test_one_image_honours_out_dir(tmp_path, field, model_dir, monkeypatch, capsys):
+    """--out-dir with one IMAGE: store, table and --labels go there, as in folder mode."""
+    from tifffile import TiffFile
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    out_dir = tmp_path / "res"
+    assert main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir),
+                 "--out-dir", str(out_dir), "--labels", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert not list((tmp_path / "here").iterdir())
+    assert summary["result"] == str(out_dir / "field.tif.nuclei.hemato.zarr")
+    assert summary["table"] == str(out_dir / "field.nuclei.csv")
+    assert summary["labels"] == str(out_dir / "field.nuclei_labels.tif")
+    table = pd.read_csv(out_dir / "field.nuclei.csv")
+    labels = TiffFile(out_dir / "field.nuclei_labels.tif").pages[0].asarray()
+    assert len(table) == 50 and set(table["id"]) == set(labels[labels > 0].ravel())
+    # explicit paths still win over the folder's defaults
+    assert main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir),
+                 "--out-dir", str(out_dir), "--out", str(tmp_path / "x.zarr"),
+                 "--table", str(tmp_path / "x.csv"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["result"] == str(tmp_path / "x.zarr") and summary["table"] == str(tmp_path / "x.csv")
+
+
+def test_batch_refuses_inputs_whose_results_would_collide(tmp_path, model_dir, capsys):
+    image = disk_image((200, 260), n=5)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = write_tiff(tmp_path / "a" / "f.tif", image, mpp=0.5)
+    b = write_tiff(tmp_path / "b" / "f.tif", image, mpp=0.5)
+    assert main(["analyze", str(a), str(b), "--task", "nuclei", "--model", str(model_dir),
+                 "--out-dir", str(tmp_path / "out")]) == 2
+    assert "would write the same results" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_batch_needs_out_dir(tmp_path, field, model_dir, capsys):

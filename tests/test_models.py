@@ -11,7 +11,7 @@ from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.engine import run
 from napari_hemato.core.errors import ModelError
 from napari_hemato.core.slide import open_slide
-from napari_hemato.core.spec import load_spec
+from napari_hemato.core.spec import load_spec, write_spec
 from napari_hemato.models.fake import DarkBlobPredictor
 from napari_hemato.models.onnx_backend import OnnxPredictor, load_session, resolve_providers
 
@@ -71,6 +71,7 @@ def test_cpu_is_default_and_unknown_provider_is_refused():
         ("missing_onnx", "not found"),
         ("empty_onnx", "empty"),
         ("corrupt_onnx", "cannot load ONNX model"),
+        ("replaced_onnx", "model.onnx does not match model.json: sha256"),
         ("missing_spec", "model spec not found"),
         ("bad_json", "not valid JSON"),
         ("unknown_field", "unknown spec field"),
@@ -89,6 +90,9 @@ def test_broken_models_give_clear_errors(tmp_path, model_dir, damage, message):
         (model_dir / "model.onnx").write_bytes(b"")
     elif damage == "corrupt_onnx":
         (model_dir / "model.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+        write_spec(model_dir, raw)  # a spec that vouches for the broken file
+    elif damage == "replaced_onnx":
+        build_dark_blob_onnx(model_dir / "model.onnx", level=0.6)
     elif damage == "missing_spec":
         spec_path.unlink()
     elif damage == "bad_json":
@@ -99,6 +103,7 @@ def test_broken_models_give_clear_errors(tmp_path, model_dir, damage, message):
         spec_path.write_text(json.dumps({**raw, "outputs": {"foreground": "nope"}}))
     elif damage == "wrong_channels":
         build_dark_blob_onnx(model_dir / "model.onnx", channels=4)
+        write_spec(model_dir, raw)
     elif damage == "bad_kind":
         spec_path.write_text(json.dumps({**raw, "kind": "segmenter"}))
     elif damage == "no_mpp":

@@ -408,3 +408,23 @@ def test_openslide_missing_says_how_to_install(
     path.write_bytes(b"not really a slide")
     with pytest.raises(SlideError, match=r"slide\.mrxs.*pip install napari-hemato\[openslide\]"):
         open_slide(path)
+
+
+@pytest.mark.parametrize("shape, metadata, planes", [
+    ((5, 256, 256, 3), {}, 5),                      # tifffile: axes QYXS
+    ((5, 256, 256, 3), {"axes": "ZYXS"}, 5),
+    ((10, 64, 64), {}, 10),
+    ((4, 3, 64, 64), {"axes": "ZCYX"}, 4),
+    ((2, 5, 64, 64, 3), {}, 10),
+])
+def test_stack_error_counts_planes_not_rows(tmp_path: Path, shape, metadata, planes) -> None:
+    """The message counts images in the stack; rows and channels are not planes."""
+    from napari_hemato.core.slide_layout import layout
+
+    path = tmp_path / "stack.tif"
+    rgb = {"photometric": "rgb"} if shape[-1] == 3 else {"photometric": "minisblack"}
+    tifffile.imwrite(path, np.zeros(shape, np.uint8), metadata=metadata or None, **rgb)
+    with pytest.raises(SlideError, match=rf"stack\.tif: a stack of {planes} planes \("):
+        open_slide(path)
+    with pytest.raises(SlideError, match=rf"a stack of {planes} planes \(shape"):
+        layout(path, shape)

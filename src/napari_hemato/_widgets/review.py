@@ -16,19 +16,9 @@ from pathlib import Path
 import napari
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import (
-    QComboBox,
-    QGridLayout,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QWidget
 
-from napari_hemato._widgets.prob_bars import ProbabilityBars
+from napari_hemato._widgets.review_layout import build_panel
 from napari_hemato.core.review import ReviewSession
 from napari_hemato.core.sidecar import REVISION, autosave
 from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
@@ -65,72 +55,8 @@ class ReviewWidget(QWidget):
         self._bind_keys()
         self._refresh_layers()
 
-    # -- layout -------------------------------------------------------------------
     def _build(self) -> None:
-        root = QVBoxLayout(self)
-        self.layer_box = QComboBox()
-        self.layer_box.currentIndexChanged.connect(self._on_layer_choice)
-        root.addWidget(self.layer_box)
-        self.info = QLabel("click an object")
-        self.info.setWordWrap(True)
-        root.addWidget(self.info)
-        self.bars = ProbabilityBars()
-        root.addWidget(self.bars)
-        self.cam = QLabel()
-        root.addWidget(self.cam)
-        row = QHBoxLayout()
-        self.class_box = QComboBox()
-        self.set_class_button = QPushButton("Set class")
-        self.set_class_button.clicked.connect(lambda: self.set_class(self.class_box.currentText()))
-        self.reviewed_button = QPushButton("Reviewed (Alt-R)")
-        self.reviewed_button.clicked.connect(self.mark_reviewed)
-        for w in (self.class_box, self.set_class_button, self.reviewed_button):
-            row.addWidget(w)
-        root.addLayout(row)
-
-        queue = QGroupBox("Review queue")
-        grid = QGridLayout(queue)
-        self.queue_mode = QComboBox()
-        self.queue_mode.currentIndexChanged.connect(lambda _: self.build_queue())
-        self.prev_button, self.next_button = QPushButton("◀ Prev (Alt-P)"), QPushButton("Next (Alt-N) ▶")
-        self.prev_button.clicked.connect(self.previous)
-        self.next_button.clicked.connect(self.next)
-        self.undo_button = QPushButton("Undo class (Alt-Z)")
-        self.undo_button.clicked.connect(self.undo)
-        self.progress_label = QLabel("")
-        grid.addWidget(self.queue_mode, 0, 0, 1, 2)
-        grid.addWidget(self.prev_button, 1, 0)
-        grid.addWidget(self.next_button, 1, 1)
-        grid.addWidget(self.undo_button, 2, 0)
-        grid.addWidget(self.progress_label, 2, 1)
-        root.addWidget(queue)
-
-        edit = QGroupBox("Edit objects")
-        grid = QGridLayout(edit)
-        self.merge_with = QSpinBox()
-        self.merge_with.setRange(0, 2**31 - 1)
-        self.merge_with.setPrefix("with id ")
-        self.merge_button = QPushButton("Merge")
-        self.merge_button.clicked.connect(self.merge)
-        self.split_button = QPushButton("Split")
-        self.split_button.clicked.connect(self.split)
-        self.delete_button = QPushButton("Delete")
-        self.delete_button.clicked.connect(self.delete)
-        self.accept_button, self.reject_button = QPushButton("Accept"), QPushButton("Reject")
-        self.accept_button.clicked.connect(self.accept)
-        self.reject_button.clicked.connect(self.reject)
-        for i, w in enumerate((self.merge_button, self.merge_with, self.split_button,
-                               self.delete_button, self.accept_button, self.reject_button)):
-            grid.addWidget(w, i // 2, i % 2)
-        root.addWidget(edit)
-
-        self.summary = QLabel("")
-        self.summary.setWordWrap(True)
-        root.addWidget(self.summary)
-        self.hotspot_button = QPushButton("Jump to mitotic hotspot")
-        self.hotspot_button.clicked.connect(self.jump_to_hotspot)
-        root.addWidget(self.hotspot_button)
-        root.addStretch()
+        build_panel(self)
 
     def _bind_keys(self) -> None:
         for k, key in enumerate(CLASS_KEYS):
@@ -356,8 +282,6 @@ class ReviewWidget(QWidget):
         ids = layer.features["id"].to_numpy(np.int64).copy() if len(layer.features) else np.zeros(0, np.int64)
         yx = np.asarray(layer.data, float).reshape(-1, 2) + np.asarray(session.annotations.origin, float)
         session.sync_points(yx, ids)
-        table = session.table.loc[[int(i) for i in ids]] if len(ids) else session.table.iloc[:0]
-        session.table = table
         self._after_change()
 
     # -- queue ------------------------------------------------------------------

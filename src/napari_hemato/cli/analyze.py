@@ -26,16 +26,26 @@ def register(sub) -> None:
     p = sub.add_parser(
         "analyze", help="run a task's model over images or slides, tiled and resumable",
         description="Analyse one image/slide (results in --out, --table, --labels) or several "
-                    "images / a folder (one table and label image per input in --out-dir).")
+                    "images / a folder (one table and label image per input in --out-dir). "
+                    "Default names carry the task, so the tasks of one image never collide: "
+                    "IMAGE.TASK.hemato.zarr (result store), STEM.TASK.csv (table), "
+                    "STEM.TASK_labels.tif (labels), in --out-dir if given, else here.")
     p.add_argument("inputs", type=Path, nargs="+", metavar="IMAGE", help="image(s), slide(s) or a folder")
     p.add_argument("--task", choices=task_names(), required=True,
                    help="; ".join(f"{n}: {get_task(n).title}" for n in task_names()))
-    p.add_argument("--out", type=Path, help="result store (.zarr; one input; default IMAGE.hemato.zarr here)")
-    p.add_argument("--out-dir", type=Path, help="folder for per-input results (several inputs or a folder)")
-    p.add_argument("--table", type=Path, help="write the object table to this CSV (one input)")
+    p.add_argument("--out", type=Path,
+                   help="result store (.zarr; one input; default IMAGE.TASK.hemato.zarr in "
+                        "--out-dir, else here)")
+    p.add_argument("--out-dir", type=Path,
+                   help="folder for the results: store, table (STEM.TASK.csv) and, with --labels, "
+                        "STEM.TASK_labels.tif per input; needed for several inputs or a folder")
+    p.add_argument("--table", type=Path,
+                   help="write the object table to this CSV (one input; default: none, or "
+                        "STEM.TASK.csv with --out-dir)")
     p.add_argument("--labels", nargs="?", const="", metavar="TIF",
                    help="write instance labels as uint32 TIFF on the input's pixel grid "
-                        "(a path for one input; with --out-dir just --labels)")
+                        "(a path for one input; just --labels: STEM.TASK_labels.tif in "
+                        "--out-dir, else here)")
     p.add_argument("--model", type=Path, help="model folder (model.onnx + model.json); default: bundled")
     p.add_argument("--classifier", type=Path, help="smear: WBC classifier folder (default: bundled)")
     p.add_argument("--no-classifier", action="store_true", help="smear: skip WBC subtypes")
@@ -165,6 +175,23 @@ def _expand(inputs: list[Path]) -> list[Path]:
     return files
 
 
+def default_outputs(path: Path, task: str, out_dir: Path | None = None, *,
+                    want_labels: bool = False) -> tuple[Path, Path, Path | None]:
+    """Default (store, table, labels) paths of one input: in ``out_dir``, else the cwd.
+
+    Every name carries the task, so analysing one image for several tasks never
+    makes one run collide with (or, with ``--overwrite``, destroy) another's.
+
+    Examples
+    --------
+    >>> [p.name for p in default_outputs(Path("s/slide.svs"), "nuclei", Path("r"), want_labels=True)]
+    ['slide.svs.nuclei.hemato.zarr', 'slide.nuclei.csv', 'slide.nuclei_labels.tif']
+    """
+    folder = out_dir if out_dir is not None else Path.cwd()
+    return (folder / f"{path.name}.{task}.hemato.zarr", folder / f"{path.stem}.{task}.csv",
+            folder / f"{path.stem}.{task}_labels.tif" if want_labels else None)
+
+
 def cmd_analyze(args) -> int:
     inputs = _expand(args.inputs)
     batch = len(inputs) > 1 or args.inputs[0].is_dir()
@@ -180,18 +207,25 @@ def cmd_analyze(args) -> int:
                    batch=args.batch, scheduler=args.scheduler,
                    resume=args.resume, overwrite=args.overwrite, providers=args.providers,
                    threads=args.threads)
+    if batch:
+        stems = {}
+        for path in inputs:
+            stems.setdefault(path.stem, []).append(str(path))
+        same = [names for names in stems.values() if len(names) > 1]
+        if same:
+            raise HematoError(f"inputs {', '.join(same[0])} would write the same results in "
+                              f"{args.out_dir}; analyse them into different --out-dir folders")
     summaries, failed = [], 0
     for path in inputs:
-        if batch:
+        store, table, labels = default_outputs(path, args.task, args.out_dir,
+                                               want_labels=args.labels is not None)
+        if args.out_dir is not None:
             args.out_dir.mkdir(parents=True, exist_ok=True)
-            store = args.out_dir / f"{path.name}.hemato.zarr"
-            table = args.out_dir / f"{path.stem}.csv"
-            labels = args.out_dir / f"{path.stem}_labels.tif" if args.labels is not None else None
         else:
-            store = args.out or Path.cwd() / f"{path.name}.hemato.zarr"
-            table, labels = args.table, (Path(args.labels) if args.labels else None)
-            if args.labels == "":
-                labels = Path.cwd() / f"{path.stem}_labels.tif"
+            table = None  # one input without --out-dir: a table only where --table says
+        store = args.out or store
+        table = args.table or table
+        labels = Path(args.labels) if args.labels else labels
         try:
             result = run_analysis(path, out_store=store, **options)
         except KeyboardInterrupt:
@@ -210,7 +244,9 @@ def cmd_analyze(args) -> int:
         if labels and result.labels() is not None:
             from napari_hemato.core.labels_tiff import write_labels_tiff
 
-            s["labels"] = str(write_labels_tiff(result, labels, overwrite=args.overwrite or batch))
+            # folder mode rewrites its own default TIFF (e.g. after --resume); a given path needs --overwrite
+            rewrite = args.overwrite or (args.out_dir is not None and not args.labels)
+            s["labels"] = str(write_labels_tiff(result, labels, overwrite=rewrite))
         summaries.append(s)
         if not args.json:
             print_summary(s)

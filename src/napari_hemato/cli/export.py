@@ -18,7 +18,8 @@ def register(sub) -> None:
     p.add_argument("source", type=Path)
     p.add_argument("--format", nargs="+", choices=sorted(FORMATS), required=True, dest="formats")
     p.add_argument("--out-dir", type=Path, required=True)
-    p.add_argument("--name", help="base name of the outputs (default: the source's name)")
+    p.add_argument("--name", help="base name of the outputs (default: the source's name; "
+                                  "STEM.TASK for analyze's IMAGE.TASK.hemato.zarr)")
     p.add_argument("--only-reviewed", action="store_true", help="export reviewed objects only")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
@@ -39,11 +40,26 @@ def load_source(source: Path):
     return from_result(result)
 
 
+def default_name(source: Path, task: str | None) -> str:
+    """Base name of a source's exports: analyze's ``IMAGE.TASK.hemato.zarr`` gives
+    ``STEM.TASK`` (one image's tasks export side by side), anything else its first part.
+
+    Examples
+    --------
+    >>> default_name(Path("slide.svs.nuclei.hemato.zarr"), "nuclei"), default_name(Path("r.zarr"), "nuclei")
+    ('slide.nuclei', 'r')
+    """
+    base = source.name.removesuffix(".hemato.zarr")
+    if task and base != source.name and base.endswith(f".{task}"):
+        return f"{Path(base.removesuffix(f'.{task}')).stem}.{task}"
+    return source.name.split(".")[0]
+
+
 def cmd_export(args) -> int:
     from napari_hemato.io.exporting import export_annotations
 
     ann = load_source(args.source)
-    name = args.name or args.source.name.split(".")[0]
+    name = args.name or default_name(args.source, (ann.metadata.get("model") or {}).get("task"))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     written = export_annotations(ann, args.out_dir, args.formats, name=name,
                                  overwrite=args.overwrite, only_reviewed=args.only_reviewed)

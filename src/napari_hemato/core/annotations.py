@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from napari_hemato.core.geometry import work_index
 from napari_hemato.core.tiling import Box
 
 
@@ -70,14 +71,20 @@ class AnnotationSet:
 
 
 def upsample_labels(labels: np.ndarray, factor: float, shape: tuple[int, int],
-                    offset: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+                    start: tuple[int, int] = (0, 0), work_start: tuple[int, int] = (0, 0)
+                    ) -> np.ndarray:
     """Nearest-neighbour map of work-grid ``labels`` onto a level-0 grid of ``shape``.
 
-    Level-0 pixel ``p`` (relative to the region's origin) takes the work pixel
-    whose footprint ``[i * factor, (i + 1) * factor)`` contains ``p + 0.5``.
+    The output's pixel ``(0, 0)`` is ROI-relative level-0 pixel ``start``; ``labels``
+    begins at work pixel ``work_start``. Level-0 pixel ``p`` takes the work pixel
+    :func:`~napari_hemato.core.geometry.work_index` gives it (the one whose footprint
+    ``[i * factor, (i + 1) * factor)`` contains ``p + 0.5``), so any crop maps exactly
+    as the whole region does, and as the table's level-0 ``area_px`` counts.
     """
-    iy = np.clip(((np.arange(shape[0]) + 0.5 + offset[0]) / factor).astype(np.int64), 0, labels.shape[0] - 1)
-    ix = np.clip(((np.arange(shape[1]) + 0.5 + offset[1]) / factor).astype(np.int64), 0, labels.shape[1] - 1)
+    iy = work_index(start[0] + np.arange(shape[0]), factor) - work_start[0]
+    ix = work_index(start[1] + np.arange(shape[1]), factor) - work_start[1]
+    iy = np.clip(iy, 0, labels.shape[0] - 1)
+    ix = np.clip(ix, 0, labels.shape[1] - 1)
     return np.asarray(labels[iy[:, None], ix[None, :]], np.uint32)
 
 
@@ -99,13 +106,13 @@ def from_result(result, *, roi: Box | None = None) -> AnnotationSet:
     else:
         f = grid.factor
         ry, rx = grid.roi[:2]
-        wy0, wx0 = int((roi[0] - ry) // f), int((roi[1] - rx) // f)
-        wy1 = min(int(np.ceil((roi[2] - ry) / f)) + 1, grid.shape[0])
-        wx1 = min(int(np.ceil((roi[3] - rx) / f)) + 1, grid.shape[1])
+        start = (roi[0] - ry, roi[1] - rx)
+        wy0, wx0 = (int(work_index(v, f)) for v in start)
+        wy1 = min(int(work_index(roi[2] - ry - 1, f)) + 1, grid.shape[0])
+        wx1 = min(int(work_index(roi[3] - rx - 1, f)) + 1, grid.shape[1])
         work = np.asarray(result.labels()[wy0:wy1, wx0:wx1])
         shape = (roi[2] - roi[0], roi[3] - roi[1])
-        offset = (roi[0] - ry - wy0 * f, roi[1] - rx - wx0 * f)
-        labels = upsample_labels(work, f, shape, offset)
+        labels = upsample_labels(work, f, shape, start, (wy0, wx0))
         present = np.unique(labels)
         table = table[table["id"].isin(present)].reset_index(drop=True)
     cfg = result.store.config

@@ -183,8 +183,12 @@ def iter_run(
     cancel = cancel or CancelToken()
     grid = WorkGrid.for_model(slide, spec.mpp, roi=roi, tolerance=mpp_tolerance,
                               assumed_mpp=spec.assumed_input_mpp)
-    plan = plan_tiles(grid.shape, tile=tile or spec.tile, halo=spec.halo, size_divisor=spec.size_divisor)
-    stride = id_stride(len(plan))
+    try:
+        plan = plan_tiles(grid.shape, tile=tile or spec.tile, halo=spec.halo,
+                          size_divisor=spec.size_divisor)
+        stride = id_stride(len(plan))
+    except ValueError as err:  # a tile size this model cannot run with: the caller's to fix
+        raise ModelError(f"model {spec.name!r}: {err}") from None
     if batch_size is None:
         batch_size = min(8, max(1, int(AUTO_BATCH_PIXELS // plan.input_size**2)))
     scale, translate = grid.napari_placement()

@@ -32,7 +32,7 @@ def own_objects(raw: dict, tiles: list[Tile], spec, grid: WorkGrid, plan: TilePl
                 stride: int) -> list[TileOutput]:
     """Split a batch's outputs per tile and keep each tile's owned objects."""
     return [tile_objects({role: o[k] for role, o in raw.items()}, t, plan, spec, grid.mpp,
-                         stride=stride) for k, t in enumerate(tiles)]
+                         stride=stride, grid=grid) for k, t in enumerate(tiles)]
 
 
 def local_batches(slide, predictor, grid: WorkGrid, plan: TilePlan, stride: int,

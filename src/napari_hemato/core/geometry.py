@@ -57,6 +57,31 @@ class WorkGrid:
         origin = np.array(self.roi[:2], dtype=np.float64)
         return origin + (np.asarray(yx, np.float64) + 0.5) * self.factor - 0.5
 
+    def level0_start(self, i, axis: int) -> np.ndarray:
+        """First ROI-relative level-0 pixel whose work pixel is ``>= i`` (clipped to the ROI).
+
+        Level-0 pixels ``[level0_start(i), level0_start(i + 1))`` are the ones
+        :func:`work_index` (and so every level-0 label image) maps to work pixel
+        ``i`` along ``axis`` (0 = rows, 1 = columns); the difference is their count.
+
+        Examples
+        --------
+        >>> g = WorkGrid(level=0, downsample=1.0, factor=1.5, roi=(0, 0, 5, 5),
+        ...              mpp0=0.25, mpp=0.375, mpp_assumed=False)
+        >>> g.level0_start(np.arange(5), 0).tolist()  # work rows 0..3 hold 1, 2, 1, 1 level-0 rows
+        [0, 1, 3, 4, 5]
+        """
+        i = np.asarray(i, np.int64)
+        extent = self.roi[2 + axis] - self.roi[axis]
+        p = np.ceil(i * self.factor - 0.5).astype(np.int64)  # exact arithmetic; fix float ties:
+        p = np.where(work_index(p - 1, self.factor) >= i, p - 1, p)
+        p = np.where(work_index(p, self.factor) < i, p + 1, p)
+        return np.clip(p, 0, extent)
+
+    def level0_counts(self, start: int, stop: int, axis: int) -> np.ndarray:
+        """Level-0 pixels per work pixel ``start..stop-1`` along ``axis`` (see :meth:`level0_start`)."""
+        return np.diff(self.level0_start(np.arange(start, stop + 1), axis))
+
     def _level_axis(self, start: int, stop: int, origin: int) -> np.ndarray:
         i = np.arange(start, stop, dtype=np.float64)
         return (origin + (i + 0.5) * self.factor) / self.downsample - 0.5
@@ -154,6 +179,16 @@ class WorkGrid:
             factor = model_mpp / mpp0
             mpp = float(model_mpp)
         return cls(level, down, float(factor), roi, mpp0, float(mpp), False)
+
+
+def work_index(p, factor: float) -> np.ndarray:
+    """Work pixel of ROI-relative level-0 pixel ``p``: the one whose footprint
+    ``[i * factor, (i + 1) * factor)`` holds the centre ``p + 0.5`` (nearest neighbour).
+
+    The one mapping from level 0 to the work grid: label images on level 0 and
+    the table's level-0 areas and boxes all use it.
+    """
+    return np.floor((np.asarray(p, np.float64) + 0.5) / factor).astype(np.int64)
 
 
 def _check_roi(roi, shape, path) -> Box:

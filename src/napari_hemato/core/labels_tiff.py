@@ -10,7 +10,6 @@ scikit-image and imageio read as the plain label array).
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from napari_hemato.core.annotations import upsample_labels
 from napari_hemato.core.export._atomic import atomic_outputs, check_destination
+from napari_hemato.core.geometry import work_index
 
 TILE = 1024
 
@@ -31,12 +31,12 @@ def _level0_tiles(result, tile: int) -> Iterator[np.ndarray]:
     for y0 in range(0, ry1 - ry0, tile):
         for x0 in range(0, rx1 - rx0, tile):
             h, w = min(tile, ry1 - ry0 - y0), min(tile, rx1 - rx0 - x0)
-            wy0, wx0 = int(y0 // f), int(x0 // f)
-            wy1 = min(int(math.ceil((y0 + h) / f)) + 1, grid.shape[0])
-            wx1 = min(int(math.ceil((x0 + w) / f)) + 1, grid.shape[1])
+            wy0, wx0 = int(work_index(y0, f)), int(work_index(x0, f))
+            wy1 = min(int(work_index(y0 + h - 1, f)) + 1, grid.shape[0])
+            wx1 = min(int(work_index(x0 + w - 1, f)) + 1, grid.shape[1])
             work = np.asarray(labels[wy0:wy1, wx0:wx1])
             block = np.zeros((tile, tile), np.uint32)
-            block[:h, :w] = upsample_labels(work, f, (h, w), (y0 - wy0 * f, x0 - wx0 * f))
+            block[:h, :w] = upsample_labels(work, f, (h, w), (y0, x0), (wy0, wx0))
             yield block
 
 

@@ -19,9 +19,11 @@ from napari_hemato.core.postprocess import postprocess_instances, postprocess_po
 from napari_hemato.core.tiling import Box, Tile, TilePlan, intersect
 
 if TYPE_CHECKING:
+    from napari_hemato.core.geometry import WorkGrid
     from napari_hemato.core.spec import ModelSpec
 
-#: raw table columns every tile writes (work-grid pixel coordinates, ROI-relative)
+#: raw table columns every tile writes (work-grid pixel coordinates, ROI-relative); instance
+#: tiles run with a grid also write ``area_level0``: the object's pixel count on level 0
 BASE_COLUMNS = ("id", "y", "x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "area_px", "score")
 
 
@@ -56,11 +58,17 @@ def id_stride(n_tiles: int) -> int:
 
 def tile_objects(
     outputs: dict[str, np.ndarray], tile: Tile, plan: TilePlan, spec: ModelSpec, mpp: float,
-    *, stride: int,
+    *, stride: int, grid: WorkGrid | None = None,
 ) -> TileOutput:
-    """Post-process one tile's outputs (role -> (C, H, W)) into owned objects."""
+    """Post-process one tile's outputs (role -> (C, H, W)) into owned objects.
+
+    Objects are measured on the tile's pixels inside the extent only: the outer
+    box's padding beyond the slide (or past the ROI) is no part of any object,
+    whatever the network predicts there. With ``grid``, instances also get
+    ``area_level0``, their pixel count in the level-0 label image.
+    """
     if spec.kind == "instances":
-        return _instances(outputs, tile, plan, spec, mpp, stride)
+        return _instances(outputs, tile, plan, spec, mpp, stride, grid)
     if spec.kind == "points":
         return _points(outputs, tile, plan, spec, mpp, stride)
     raise ValueError(f"model kind {spec.kind!r} cannot run on tiles")
@@ -76,43 +84,46 @@ def _class_probs(outputs, spec) -> np.ndarray | None:
     return probs
 
 
-def _instances(outputs, tile, plan, spec, mpp, stride) -> TileOutput:
+def _instances(outputs, tile, plan, spec, mpp, stride, grid) -> TileOutput:
     fg = outputs["foreground"][0]
     dist = outputs["distance"][0] if "distance" in outputs else None
     probs = _class_probs(outputs, spec)
     labels = postprocess_instances(spec.postprocess, mpp, fg, dist, probs, spec.class_names)
-    oy, ox = tile.outer[:2]
-    n = int(labels.max())
     box = intersect(tile.outer, (0, 0, *plan.shape))
+    inside = np.s_[box[0] - tile.outer[0] : box[2] - tile.outer[0],
+                   box[1] - tile.outer[1] : box[3] - tile.outer[1]]
+    labels, fg = labels[inside], fg[inside]
+    probs = probs[(slice(None), *inside)] if probs is not None else None
+    oy, ox = box[:2]
+    n = int(labels.max())
     if n == 0:
         return _empty(tile, box, spec)
-    idx = np.arange(1, n + 1)
     flat = labels.ravel()
     area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    present = area > 0  # an object lying wholly in the padding has no pixel left
+    per = np.maximum(area, 1.0)
+    ty, tx = tile.outer[:2]  # sums of outer-box coordinates, as before the crop: same bits
     yy, xx = np.indices(labels.shape, dtype=np.float64)
-    cy = np.bincount(flat, yy.ravel(), minlength=n + 1)[1:] / area + oy
-    cx = np.bincount(flat, xx.ravel(), minlength=n + 1)[1:] / area + ox
-    slices = ndi.find_objects(labels)
-    bbox = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for s in slices], np.int64)
+    cy = np.bincount(flat, (yy + (oy - ty)).ravel(), minlength=n + 1)[1:] / per + ty
+    cx = np.bincount(flat, (xx + (ox - tx)).ravel(), minlength=n + 1)[1:] / per + tx
+    bbox = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] if s else [0, 0, 0, 0]
+                     for s in ndi.find_objects(labels, max_label=n)], np.int64).reshape(n, 4)
     # larger than the model's largest object: not an object of this kind (e.g. a dark
     # band of epidermis), and beyond the size the halo guarantees to see whole
     max_px = float(spec.postprocess.get("max_size_um", spec.max_object_um)) / mpp
     fits = np.maximum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]) <= max_px
-    owned = (plan.owners(cy, cx) == tile.index) & fits
+    owned = present & (plan.owners(cy, cx) == tile.index) & fits
     if owned.sum() >= stride:
         raise ValueError(f"tile {tile.index} holds {owned.sum()} objects, more than {stride - 1}")
-    score = ndi.mean(fg, labels, idx).astype(np.float64)
+    score = np.bincount(flat, fg.ravel().astype(np.float64), minlength=n + 1)[1:] / per
     if probs is not None:
         prob = np.stack([np.bincount(flat, p.ravel(), minlength=n + 1)[1:] for p in probs], 1)
-        prob = prob / area[:, None]
+        prob = prob / per[:, None]
     else:
         prob = np.ones((n, 1))
     keep = np.flatnonzero(owned)
     gid = np.zeros(n + 1, np.uint32)
     gid[keep + 1] = tile.index * stride + np.arange(1, keep.size + 1, dtype=np.uint32)
-    fragment = gid[labels]
-    ly0, lx0 = box[0] - oy, box[1] - ox
-    fragment = fragment[ly0 : ly0 + box[2] - box[0], lx0 : lx0 + box[3] - box[1]]
     columns = {
         "id": gid[keep + 1].astype(np.int64),
         "y": cy[keep],
@@ -125,7 +136,11 @@ def _instances(outputs, tile, plan, spec, mpp, stride) -> TileOutput:
         "score": score[keep],
         "prob": prob[keep],
     }
-    return TileOutput(tile.index, box, np.ascontiguousarray(fragment), columns)
+    if grid is not None:  # level-0 pixels per work pixel: row count × column count
+        weight = np.outer(grid.level0_counts(box[0], box[2], 0),
+                          grid.level0_counts(box[1], box[3], 1)).astype(np.float64)
+        columns["area_level0"] = np.bincount(flat, weight.ravel(), minlength=n + 1)[1:][keep]
+    return TileOutput(tile.index, box, np.ascontiguousarray(gid[labels]), columns)
 
 
 def _points(outputs, tile, plan, spec, mpp, stride) -> TileOutput:

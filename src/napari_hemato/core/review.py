@@ -296,8 +296,9 @@ class ReviewSession:
         """Follow a points layer: ``yx`` level-0 coordinates, ``ids`` (-1 = a new point).
 
         New points get fresh ids (class ``unassigned``, provenance ``manual``),
-        moved ones become ``corrected``, missing ones leave the table. Returns
-        ``(added, removed, moved)`` ids; ``ids`` is updated in place.
+        moved ones become ``corrected``, missing ones leave the table, and the table
+        follows the layer's point order. Returns ``(added, removed, moved)`` ids;
+        ``ids`` is updated in place.
         """
         yx = np.asarray(yx, float).reshape(-1, 2)
         ids = np.asarray(ids)
@@ -316,6 +317,7 @@ class ReviewSession:
                 self.move_point(int(obj_id), y, x)
                 moved.append(int(obj_id))
             seen.add(int(ids[k]))
+        self.table = self.table.loc[[int(i) for i in ids]] if len(ids) else self.table.iloc[:0]
         if removed:
             self._changed()
         return added, removed, moved

@@ -241,7 +241,7 @@ def load_annotations(folder: str | Path) -> AnnotationSet:
     table = read_table_csv(folder / "objects.csv")
     labels = None
     if (folder / "labels.npz").exists():
-        with np.load(folder / "labels.npz") as data:
+        with np.load(folder / "labels.npz", allow_pickle=False) as data:
             labels = data["labels"]
     return AnnotationSet(
         kind=meta["kind"], table=table, class_names=meta["class_names"], labels=labels,

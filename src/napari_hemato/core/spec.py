@@ -16,8 +16,14 @@ Example ``model.json``::
       "normalization": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
       "class_names": ["nucleus"],
       "outputs": {"foreground": "fg", "distance": "dist"},
-      "postprocess": {"threshold": 0.5, "min_distance_um": 2.0, "min_area_um2": 8.0}
+      "postprocess": {"threshold": 0.5, "min_distance_um": 2.0, "min_area_um2": 8.0},
+      "sha256": "<hex digest of model.onnx>"
     }
+
+``sha256`` ties the spec to its weights: loading a model refuses an ONNX file
+that does not match it (replaced, truncated or damaged), and :func:`write_spec`
+(which trainers and :meth:`ModelSpec.save` use) fills it in. A spec without it
+(an older user model) still loads, with a logged warning.
 
 Kinds and output roles (all outputs are NCHW float32, same H, W as the input):
 
@@ -32,8 +38,10 @@ Kinds and output roles (all outputs are NCHW float32, same H, W as the input):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +50,8 @@ from typing import Any
 import numpy as np
 
 from napari_hemato.core.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("instances", "points", "classifier")
 _ROLES = {
@@ -76,6 +86,8 @@ class ModelSpec:
         Pixel size assumed for an image that states none: that of the images
         the model was trained on (smear: BCCD's 0.08 µm/px camera fields, which
         the model sees downsampled to ``mpp`` 0.16). Default: ``mpp``.
+    sha256 : str, optional
+        Hex SHA-256 of the ONNX file; loading checks it (see :func:`check_weights`).
     """
 
     name: str
@@ -98,6 +110,7 @@ class ModelSpec:
     postprocess: dict[str, Any] = field(default_factory=dict)
     preprocess: dict[str, Any] = field(default_factory=dict)
     onnx: str = "model.onnx"
+    sha256: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = field(default=None, compare=False)
 
@@ -124,6 +137,10 @@ class ModelSpec:
             raise ModelError(f"{where}: 'tile' and 'size_divisor' must be positive")
         if not self.class_names:
             raise ModelError(f"{where}: 'class_names' is empty")
+        if self.sha256 is not None and not (
+                isinstance(self.sha256, str) and len(self.sha256) == 64
+                and all(c in "0123456789abcdefABCDEF" for c in self.sha256)):
+            raise ModelError(f"{where}: 'sha256' must be 64 hex digits (of {self.onnx})")
         norm = self.normalization
         for key in ("mean", "std"):
             if key in norm and len(norm[key]) != 3:
@@ -169,16 +186,83 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("folder")
+        if d["sha256"] is None:  # a spec without one reads (and fingerprints) as before
+            d.pop("sha256")
         d["class_names"] = list(self.class_names)
         return d
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``model.json`` into ``folder`` (created if needed)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "model.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        """Write ``model.json`` into ``folder`` (created if needed), with the
+        ``sha256`` of the ONNX file there (see :func:`write_spec`)."""
+        return write_spec(folder, self.to_dict())
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, mtime_ns: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, cached by (path, mtime, size) like the session cache."""
+    path = Path(path).resolve()
+    st = path.stat()
+    return _sha256(str(path), st.st_mtime_ns, st.st_size)
+
+
+def write_spec(folder: str | Path, spec: dict[str, Any]) -> Path:
+    """Write ``spec`` as ``folder/model.json`` with the ``sha256`` of its ONNX file.
+
+    What trainers and :meth:`ModelSpec.save` write specs with: write ``model.onnx``
+    first, then the spec, so the hash is that of the final weights.
+    Without an ONNX file in ``folder`` the spec is written without ``sha256``.
+
+    Examples
+    --------
+    >>> write_spec("my_model", {"name": "m", "version": "1", ...})  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = dict(spec)
+    onnx = folder / spec.get("onnx", "model.onnx")
+    if onnx.is_file():
+        spec["sha256"] = file_sha256(onnx)
+    else:
+        spec.pop("sha256", None)
+    path = folder / "model.json"
+    path.write_text(json.dumps(spec, indent=2) + "\n")
+    return path
+
+
+def check_weights(spec: ModelSpec) -> None:
+    """Raise ModelError unless the spec's ONNX file has the ``sha256`` the spec records.
+
+    A spec without ``sha256`` passes with a logged warning (once per file).
+    """
+    path = spec.onnx_path
+    if not path.is_file():
+        raise ModelError(f"{path}: ONNX model file not found")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: ONNX model file is empty")
+    if spec.sha256 is None:
+        _warn_unchecked(str(path.resolve()))
+        return
+    actual = file_sha256(path)
+    if actual != spec.sha256.lower():
+        raise ModelError(
+            f"{spec.folder}: {spec.onnx} does not match model.json: sha256 {actual} expected "
+            f"{spec.sha256} (the weights were replaced or damaged: restore the {spec.onnx} this "
+            "spec was written for, or re-export the model)"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _warn_unchecked(path: str) -> None:
+    log.warning("%s: model.json records no sha256, so these weights cannot be checked "
+                "(write the spec again with napari_hemato.core.spec.write_spec to add it)", path)
 
 
 def load_spec(folder: str | Path) -> ModelSpec:
@@ -191,8 +275,9 @@ def load_spec(folder: str | Path) -> ModelSpec:
 
     Examples
     --------
-    >>> from napari_hemato.models.registry import bundled_model_dir
-    >>> spec = load_spec(bundled_model_dir("nuclei"))  # doctest: +SKIP
+    >>> from napari_hemato.models.registry import bundled_models
+    >>> load_spec(bundled_models()["nuclei"]).task
+    'nuclei'
     """
     path = Path(folder)
     if path.is_dir():

@@ -180,7 +180,7 @@ class ResultStore:
 
     def read_tile(self, index: int) -> TileOutput:
         try:
-            with np.load(self._tile_path(index)) as data:
+            with np.load(self._tile_path(index), allow_pickle=False) as data:
                 columns = {k[4:]: data[k] for k in data.files if k.startswith("col_")}
                 fragment = data["fragment"] if "fragment" in data.files else None
                 box = tuple(int(v) for v in data["box"])

@@ -6,6 +6,12 @@ Columns (coordinates in level-0 pixels of the input, and in µm):
 class, confidence, score, prob_<CLASS>..., model, model_version, provenance,
 reviewed, tile``
 
+For instances, ``area_px`` is the object's pixel count in the level-0 label
+image the user gets (label TIFF, exports, layers), and ``bbox_*`` the half-open
+level-0 box of those pixels, always inside the image (and ROI), also when the
+model worked on a resampled grid; ``area_um2`` is ``area_px × (level-0 µm/px)²``.
+A point's box is its nominal disc, clipped to the ROI.
+
 ``confidence`` is the probability of the chosen class; ``score`` is the
 detection score (mean foreground probability of an instance, heatmap peak of a
 point); ``provenance`` is ``auto`` for model output (``corrected``/``manual``
@@ -46,7 +52,9 @@ def tile_table(out: TileOutput, grid: WorkGrid, spec: ModelSpec) -> pd.DataFrame
     names = list(spec.class_names)
     yx0 = grid.to_level0(np.column_stack([c["y"], c["x"]])) if n else np.zeros((0, 2))
     ry, rx = grid.roi[:2]
-    f = grid.factor
+    # instances: pixel count in the level-0 label image; points (and tiles of older runs):
+    # the work-grid area scaled to level 0
+    area = np.asarray(c.get("area_level0", np.asarray(c["area_px"]) * grid.factor**2), np.float64)
     prob = np.asarray(c["prob"], np.float64)
     prob = prob[:, None] if prob.ndim == 1 else prob
     score = np.asarray(c["score"], np.float64)
@@ -63,12 +71,13 @@ def tile_table(out: TileOutput, grid: WorkGrid, spec: ModelSpec) -> pd.DataFrame
         "x": yx0[:, 1],
         "y_um": yx0[:, 0] * grid.mpp0,
         "x_um": yx0[:, 1] * grid.mpp0,
-        "bbox_y0": np.floor(ry + c["bbox_y0"] * f).astype(np.int64),
-        "bbox_x0": np.floor(rx + c["bbox_x0"] * f).astype(np.int64),
-        "bbox_y1": np.ceil(ry + c["bbox_y1"] * f).astype(np.int64),
-        "bbox_x1": np.ceil(rx + c["bbox_x1"] * f).astype(np.int64),
-        "area_px": np.asarray(c["area_px"], np.float64) * f * f,
-        "area_um2": np.asarray(c["area_px"], np.float64) * grid.mpp**2,
+        # the level-0 pixels the work box maps to (see WorkGrid.level0_start): inside the ROI
+        "bbox_y0": ry + grid.level0_start(c["bbox_y0"], 0),
+        "bbox_x0": rx + grid.level0_start(c["bbox_x0"], 1),
+        "bbox_y1": ry + grid.level0_start(c["bbox_y1"], 0),
+        "bbox_x1": rx + grid.level0_start(c["bbox_x1"], 1),
+        "area_px": area,
+        "area_um2": area * grid.mpp0**2,
         "class": np.asarray(names, dtype=object)[best] if n else np.zeros(0, object),
         "confidence": confidence,
         "score": score,

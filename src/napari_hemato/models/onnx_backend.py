@@ -15,7 +15,7 @@ import numpy as np
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import Cancelled, ModelError
-from napari_hemato.core.spec import ModelSpec, load_spec
+from napari_hemato.core.spec import ModelSpec, check_weights, load_spec
 
 
 def available_providers() -> list[str]:
@@ -94,6 +94,7 @@ class OnnxPredictor:
 
     def __init__(self, model, *, providers=None, threads: int | None = None) -> None:
         self.spec = model if isinstance(model, ModelSpec) else load_spec(model)
+        check_weights(self.spec)
         self.providers = providers
         self.threads = threads
         self.session = load_session(self.spec.onnx_path, providers=providers, threads=threads)

@@ -178,7 +178,7 @@ def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
 
 def export_model(net: SmallUNet, out_dir: Path, *, check_items=(), postprocess=None, extra=None):
     """Write ``model.onnx`` (checked against torch) and ``model.json`` into ``out_dir``."""
-    from napari_hemato.models.spec import load_spec
+    from napari_hemato.models.spec import load_spec, write_spec
 
     out_dir = Path(out_dir)
     net = copy.deepcopy(net).eval()
@@ -200,7 +200,7 @@ def export_model(net: SmallUNet, out_dir: Path, *, check_items=(), postprocess=N
     extra = dict(extra or {})
     extra["onnx_max_abs_diff"] = float(f"{diff:.3g}")
     spec = build_spec(net, postprocess=postprocess or DEFAULT_POSTPROCESS, extra=extra)
-    (out_dir / "model.json").write_text(json.dumps(spec, indent=2) + "\n")
+    write_spec(out_dir, spec)  # with the sha256 of model.onnx
     load_spec(out_dir)  # validates
     return out_dir
 
