@@ -225,10 +225,13 @@ class AnalyzeWidget(Container):
         self._last = None
 
     def _autosave(self, layer) -> None:
-        from napari_hemato.core.sidecar import autosave
+        from napari_hemato.core.sidecar import REVISION, autosave
         from napari_hemato.io.layers import annotations_from_layer
 
-        autosave(annotations_from_layer(layer), layer.name)
+        ann = annotations_from_layer(layer)
+        saved = autosave(ann, layer.name)
+        if saved is not None:  # the revision is the base of the Review widget's saves of this layer
+            layer.metadata[KEY].update({REVISION: ann.metadata[REVISION], "sidecar_name": saved.name})
 
     def _remove_preview(self) -> None:
         if self._preview is not None and self._preview in self._viewer.layers:

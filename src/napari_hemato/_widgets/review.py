@@ -20,7 +20,7 @@ from qtpy.QtWidgets import QWidget
 
 from napari_hemato._widgets.review_layout import build_panel
 from napari_hemato.core.review import ReviewSession
-from napari_hemato.core.sidecar import autosave
+from napari_hemato.core.sidecar import REVISION, autosave
 from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
 from napari_hemato.tasks import task_for
 
@@ -336,9 +336,20 @@ class ReviewWidget(QWidget):
             if session is None or session.revision == self._saved_revision.get(id(layer)):
                 continue
             name = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
-            path = autosave(session.to_annotations(), name)
+            ann = session.to_annotations()
+            path = autosave(ann, name)
             if path is not None:
                 saved = path
+                # the revision saved is the base of the next save; another viewer's newer save
+                # made this one a copy: keep saving this layer there (nothing is overwritten)
+                session.annotations.metadata[REVISION] = ann.metadata[REVISION]
+                layer.metadata.setdefault(KEY, {}).update(
+                    {REVISION: ann.metadata[REVISION], "sidecar_name": path.name})
+                if path.name != name:
+                    from napari.utils.notifications import show_warning
+
+                    show_warning(f"{name} was changed by another viewer: your corrections are "
+                                 f"saved as {path.name}")
                 self._saved_revision[id(layer)] = session.revision
         return saved
 

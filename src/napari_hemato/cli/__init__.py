@@ -2,7 +2,8 @@
 
 Subcommands: ``info``, ``analyze``, ``demo``, ``models``, ``classify-cells``,
 ``train``, ``evaluate``; each has ``--help``. Errors print one line naming the
-file and the problem and exit with status 2; Ctrl-C stops a run with status
+file and the problem and exit with status 2 (so do file system errors: disk full,
+permissions); Ctrl-C stops a run with status
 130, keeping finished tiles for ``--resume``.
 """
 
@@ -44,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except HematoError as err:
         sys.stderr.write(f"napari-hemato: error: {err}\n")
+        return 2
+    except OSError as err:  # a file the core did not name (disk full, permissions): still one line
+        if args.verbose:
+            raise
+        where = f"{err.filename}: " if err.filename else ""
+        sys.stderr.write(f"napari-hemato: error: {where}{err.strerror or err}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("\ncancelled\n")

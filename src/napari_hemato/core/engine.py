@@ -5,8 +5,9 @@ batch of tiles and returns a :class:`RunResult`; :func:`run` drains it. Every
 finished tile is on disk before its progress event is yielded, so stopping the
 generator (``close()``), a :class:`CancelToken`, Ctrl-C or a killed process
 loses at most the tiles in flight, and ``resume=True`` continues where the run
-stopped. Memory is bounded by tile size × batch size (plus a prefetched batch),
-not by slide size.
+stopped (after checking the store: damaged tiles are redone, damaged label
+chunks assembled again, see :meth:`ResultStore.verify`). Memory is bounded by
+tile size × batch size (plus a prefetched batch), not by slide size.
 
 Example
 -------
@@ -19,6 +20,7 @@ Example
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Generator
@@ -29,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from napari_hemato.core.cancel import CancelToken
-from napari_hemato.core.errors import Cancelled, ModelError
+from napari_hemato.core.errors import Cancelled, ModelError, WriteError
 from napari_hemato.core.executors import distributed_batches, local_batches
 from napari_hemato.core.geometry import WorkGrid
 from napari_hemato.core.objects import id_stride
@@ -209,6 +211,7 @@ def iter_run(
     if resume and out.exists():
         store = ResultStore.open(out)
         store.check_resumable(config)
+        store.verify()  # damaged tiles are redone, damaged labels chunks assembled again
         store.set_status("running")
     else:
         store = ResultStore.create(out, config, overwrite=overwrite)
@@ -247,7 +250,12 @@ def iter_run(
         status = "cancelled"
         raise
     finally:
-        store.set_status(status, n_done=len(sink.done))
+        try:
+            store.set_status(status, n_done=len(sink.done))
+        except WriteError as err:  # e.g. the disk is full: keep the error that stopped the run
+            if sys.exc_info()[1] is None:
+                raise
+            log.info("status not recorded: %s", err)
     return RunResult(store, status, spec, grid, plan, len(sink.done), n_objects,
                      time.perf_counter() - t0, timings)
 

@@ -25,3 +25,17 @@ class StoreError(HematoError, ValueError):
 
 class Cancelled(HematoError):
     """Raised when a run is cancelled; finished tiles stay on disk."""
+
+
+class WriteError(HematoError, OSError):
+    """A file could not be written (disk full, read-only folder, no permission).
+
+    The message names the file and the reason in one line; ``errno`` is kept.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return str(self.args[0])

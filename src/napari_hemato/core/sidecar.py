@@ -2,26 +2,53 @@
 
 ``<image>.hemato/<name>/`` holds one annotation set: ``objects.csv`` (the
 corrected table), ``labels.npz`` (the label image, instances only) and
-``meta.json`` (kind, classes, origin, µm/px, image). Each save builds the new
-version in a temporary folder and swaps it in, so a crash mid-save leaves the
-previous version intact. When the image's folder is read-only the sidecar goes
-to the user's cache (``~/.cache/napari-hemato/sidecars/<hash>``) instead.
+``meta.json`` (kind, classes, origin, µm/px, image, revision). When the image's
+folder is read-only the sidecar goes to the user's cache
+(``~/.cache/napari-hemato/sidecars/<hash>``) instead.
+
+Crash safety: each save builds the new version in a temporary folder
+(``.<name>.<random>``) and swaps it in by two renames (old version to
+``.<name>.old``, new one into place). A process killed at any point leaves
+either version whole: the next save or load renames a lone ``.<name>.old`` back
+and removes the temporary folders. A save that fails (disk full) raises
+:class:`~napari_hemato.core.errors.WriteError` naming the file and leaves the
+previous version as it was.
+
+Two viewers (processes) saving the same set: no update is lost. A save holds
+the lock file ``.<name>.lock`` (created with ``O_EXCL``; it holds the pid and
+host; a lock whose process is gone is taken over) while it checks and swaps.
+Every version carries a random ``revision``; :func:`load_annotations` puts it in
+``metadata["sidecar_revision"]`` and :func:`save_annotations` records the new
+one there. A save based on an older revision than the one on disk (another
+viewer saved meanwhile) does not replace it: it is written beside it as
+``<name> (copy N)``, and the returned path says so. Reopening the image shows
+both sets.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 from napari_hemato.core.annotations import AnnotationSet
+from napari_hemato.core.errors import StoreError, WriteError
 from napari_hemato.core.table import read_table_csv
+
+REVISION = "sidecar_revision"
+#: how long a save waits for another process's save of the same set to finish
+LOCK_WAIT_S = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +76,37 @@ def _cache_dir(image_path: Path) -> Path:
 
 
 def save_annotations(ann: AnnotationSet, folder: str | Path) -> Path:
-    """Atomically (re)write one annotation set into ``folder``."""
+    """Atomically (re)write one annotation set into ``folder``; returns where it went.
+
+    That is ``folder`` unless another viewer saved a newer revision there since
+    ``ann`` was loaded: then ``ann`` goes to a new ``<name> (copy N)`` beside it
+    (see the module notes). ``ann.metadata["sidecar_revision"]`` is set to the
+    revision written.
+    """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(err, folder.parent) from err
+    with _locked(folder):
+        _recover(folder)
+        on_disk = _revision(folder)
+        if folder.exists() and on_disk is not None and ann.metadata.get(REVISION) != on_disk:
+            target = _free_copy_name(folder)
+            log.warning("%s changed since it was loaded (another viewer saved it); this version "
+                        "is saved as %s", folder, target.name)
+            if target != folder:
+                with _locked(target):
+                    return _write(ann, target)
+        return _write(ann, folder)
+
+
+def _write(ann: AnnotationSet, folder: Path) -> Path:
+    revision = uuid.uuid4().hex
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    except OSError as err:
+        raise _write_error(err, folder) from err
     try:
         ann.table.to_csv(tmp / "objects.csv", index=False)
         if ann.labels is not None:
@@ -61,7 +115,8 @@ def save_annotations(ann: AnnotationSet, folder: str | Path) -> Path:
             "kind": ann.kind, "class_names": list(ann.class_names), "origin": list(ann.origin),
             "mpp": ann.mpp, "image_path": ann.image_path,
             "image_shape": list(ann.image_shape) if ann.image_shape else None,
-            "metadata": ann.metadata,
+            "metadata": {k: v for k, v in ann.metadata.items() if k != REVISION},
+            "revision": revision,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
         old = None
@@ -72,15 +127,116 @@ def save_annotations(ann: AnnotationSet, folder: str | Path) -> Path:
         os.replace(tmp, folder)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(err, folder) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    ann.metadata[REVISION] = revision
     return folder
+
+
+def _write_error(err: OSError, folder: Path) -> WriteError:
+    if isinstance(err, WriteError):
+        return err
+    where = err.filename or folder
+    return WriteError(f"{where}: cannot save the corrections ({err.strerror or err}); "
+                      f"the previous version of {folder.name} is kept", err.errno or errno.EIO)
+
+
+def _recover(folder: Path) -> None:
+    """Finish or undo a save a killed process left half done (call with the lock held)."""
+    old = folder.with_name(f".{folder.name}.old")
+    if old.is_dir() and not folder.exists() and (old / "meta.json").is_file():
+        os.replace(old, folder)  # killed between the two renames: the old version is the last whole one
+        log.warning("%s: restored the last complete version (a save was interrupted)", folder)
+    for tmp in folder.parent.glob(f".{folder.name}.*"):
+        rest = tmp.name[len(folder.name) + 2:]  # mkdtemp's 8 characters, or "old"
+        if tmp.is_dir() and (rest == "old" or (len(rest) == 8 and "." not in rest)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _revision(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("revision")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _free_copy_name(folder: Path) -> Path:
+    k = 1
+    while True:
+        target = folder.with_name(f"{folder.name} (copy {k})")
+        if not target.exists():
+            return target
+        k += 1
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold ``.<name>.lock`` beside ``folder`` (O_EXCL; a dead holder's lock is taken over)."""
+    lock = folder.with_name(f".{folder.name}.lock")
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _stale(lock):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock)
+                continue
+            if time.monotonic() > deadline:
+                raise StoreError(f"{folder}: another process is saving it (lock {lock}); "
+                                 "try again") from None
+            time.sleep(0.02)
+            continue
+        except OSError as err:
+            raise _write_error(err, folder) from err
+        break
+    try:
+        try:
+            os.write(fd, me.encode())
+        except OSError as err:  # disk full: an empty lock file still excludes others
+            log.debug("%s: %s", lock, err)
+        finally:
+            os.close(fd)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+
+
+def _stale(lock: Path) -> bool:
+    """A lock is stale when its process is gone (same host) or it is unreadable and old."""
+    try:
+        holder = json.loads(lock.read_text())
+        pid, host = int(holder["pid"]), holder["host"]
+    except FileNotFoundError:
+        return False  # released meanwhile: just retry
+    except (OSError, ValueError, KeyError, TypeError):
+        try:  # being written right now, or left empty by a full disk
+            return time.time() - lock.stat().st_mtime > 10.0
+        except FileNotFoundError:
+            return False
+    if host != socket.gethostname():
+        return time.time() - float(holder.get("time", 0)) > 600.0
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def load_annotations(folder: str | Path) -> AnnotationSet:
     """Read an annotation set written by :func:`save_annotations`."""
     folder = Path(folder)
+    if not folder.exists() and folder.with_name(f".{folder.name}.old").is_dir():
+        with _locked(folder):
+            _recover(folder)
     meta = json.loads((folder / "meta.json").read_text())
     table = read_table_csv(folder / "objects.csv")
     labels = None
@@ -91,7 +247,8 @@ def load_annotations(folder: str | Path) -> AnnotationSet:
         kind=meta["kind"], table=table, class_names=meta["class_names"], labels=labels,
         origin=tuple(meta["origin"]), mpp=meta["mpp"], image_path=meta["image_path"],
         image_shape=tuple(meta["image_shape"]) if meta["image_shape"] else None,
-        metadata=meta.get("metadata") or {},
+        metadata={**(meta.get("metadata") or {}), **({REVISION: meta["revision"]}
+                                                      if meta.get("revision") else {})},
     )
 
 
@@ -100,6 +257,11 @@ def saved_sets(image_path: str | Path) -> dict[str, Path]:
     folder = sidecar_dir(image_path)
     if not folder.is_dir():
         return {}
+    for old in folder.glob(".*.old"):  # a save killed between its two renames
+        name = old.name[1:-len(".old")]
+        if not (folder / name).exists():
+            with contextlib.suppress(OSError, StoreError), _locked(folder / name):
+                _recover(folder / name)
     return {p.name: p for p in sorted(folder.iterdir())
             if p.is_dir() and not p.name.startswith(".") and (p / "meta.json").exists()}
 

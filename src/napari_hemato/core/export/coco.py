@@ -296,35 +296,59 @@ def import_coco(path: str | os.PathLike) -> AnnotationSet:
     >>> ann.origin, ann.labels.shape  # doctest: +SKIP
     ((40, 60), (120, 160))
     """
+    from napari_hemato.core.export import _atomic as g
+
+    return g.read_guarded(path, "COCO JSON", _read_coco)
+
+
+def _read_coco(path) -> AnnotationSet:
+    """:func:`import_coco`, checking every value a hostile file could abuse."""
+    from napari_hemato.core.export import _atomic as g
+
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(g.check_file_size(path).read_text(encoding="utf-8"))
         image = doc["images"][0]
-        big_h, big_w = int(image["height"]), int(image["width"])
+        big_h, big_w = g.check_label_shape((image["height"], image["width"]), path)
         cats = {c["id"]: c["name"] for c in doc.get("categories", [])}
         items = [a for a in doc.get("annotations", []) if a.get("image_id", image["id"]) == image["id"]]
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise ExportError(f"cannot read COCO JSON {path}: {exc}") from exc
+    g.check_count(len(items), path, "annotations")
     head = dict(doc.get("napari_hemato") or {})
     try:  # our COCO image may be a region of the slide, at this level-0 offset
-        fy, fx = (int(v) for v in (image.get("napari_hemato") or {}).get("origin") or (0, 0))
+        fy, fx = g.check_origin((image.get("napari_hemato") or {}).get("origin") or (0, 0), path)
     except (TypeError, ValueError, AttributeError) as exc:
         raise ExportError(f"cannot read COCO JSON {path}: bad image origin ({exc})") from exc
     if head.get("shape"):
-        (y0, x0), (h, w) = head["origin"], head["shape"]
+        (y0, x0), (h, w) = g.check_origin(head["origin"], path), g.check_label_shape(head["shape"], path)
     else:
         y0, x0, h, w = 0, 0, big_h, big_w
     labels = np.zeros((h, w), np.uint32) if head.get("shape") or not head else None
     box = (y0 - fy, x0 - fx, y0 - fy + h, x0 - fx + w)  # the labels, in COCO image pixels
-    rows = []
+    rows, total = [], 0
     for item in items:
-        oid = int(item.get("napari_hemato_id", item["id"]))
+        oid = g.check_id(item.get("napari_hemato_id", item["id"]), path)
         seg = item.get("segmentation")
         if labels is not None and seg:
             if isinstance(seg, dict):
-                py, px = _pixels(seg["counts"], seg["size"], box)
+                if g.check_label_shape(seg["size"], path) != (big_h, big_w):
+                    raise ExportError(f"{path}: annotation {oid}'s mask is {seg['size']}, "
+                                      f"not the image's {big_h} x {big_w}")
+                if len(seg["counts"]) > g.MAX_RLE_RUNS:
+                    raise ExportError(f"{path}: annotation {oid}'s mask has {len(seg['counts'])} "
+                                      f"run-length values, more than {g.MAX_RLE_RUNS}")
+                total += len(seg["counts"])
+                if total > g.MAX_TOTAL_VERTICES:
+                    raise ExportError(f"{path}: more than {g.MAX_TOTAL_VERTICES} vertices and runs in all")
+                try:
+                    py, px = _pixels(seg["counts"], seg["size"], box)
+                except ExportError as exc:
+                    raise ExportError(f"{path}: annotation {oid}: {exc}") from None
                 labels[py - box[0], px - box[1]] = oid
             else:
-                labels[rasterize([np.reshape(p, (-1, 2)) for p in seg], box)] = oid
+                total = g.check_vertices(sum(len(p) // 2 for p in seg), path, oid, total)
+                rings = g.check_rings([g.check_coords(p, path, oid) for p in seg], path, oid)
+                labels[rasterize(rings, box)] = oid
         extra = dict(item.get("napari_hemato") or {})
         if extra.pop("in_table", True) is False:
             continue
@@ -332,9 +356,10 @@ def import_coco(path: str | os.PathLike) -> AnnotationSet:
         row.update({k: item[k] for k in ("score", "confidence", "provenance", "reviewed") if k in item})
         row.update({f"prob_{k}": v for k, v in (item.get("probs") or {}).items()})
         if not head and "bbox" in item:
-            bx, by, bw, bh = item["bbox"]
+            bx, by, bw, bh = g.check_coords(item["bbox"], path, oid).ravel()
             row.update(y=by + bh / 2 - 0.5, x=bx + bw / 2 - 0.5, area_px=item.get("area"))
         rows.append({**row, **extra})
+    g.check_ids([r["id"] for r in rows], path)
     columns = head.get("columns") or list(dict.fromkeys(c for r in rows for c in r))
     table = restore_table(rows, columns, head.get("dtypes"))
     if not head:

@@ -180,7 +180,7 @@ def export_crops(annotations: AnnotationSet, folder: str | os.PathLike, *, size:
 
 
 def _append(ann, dest: Path, slide, chosen, details, size, context, min_side, overwrite) -> Path:
-    old = read_table_csv(dest / MANIFEST)
+    old = read_manifest(dest)  # its paths are deleted below: they must stay inside dest
     known = json.loads((dest / DETAILS).read_text()) if (dest / DETAILS).exists() else {}
     if (old["slide"].astype(str) == slide).any() and not overwrite:
         raise ExportError(f"{dest} already holds crops of {slide} (pass overwrite=True to replace)")
@@ -224,10 +224,30 @@ def import_crops(folder: str | os.PathLike, *, slide: str | None = None) -> Anno
     >>> ann = import_crops("wbc_crops")  # doctest: +SKIP
     >>> ann.table["class"].value_counts()  # doctest: +SKIP
     """
-    folder = Path(folder)
+    from napari_hemato.core.export import _atomic as g
+
+    return g.read_guarded(Path(folder) / MANIFEST, "crops manifest", _read_crops, slide=slide)
+
+
+def read_manifest(folder: Path) -> pd.DataFrame:
+    """The manifest of a crops folder, refusing crop paths that leave the folder."""
+    from napari_hemato.core.export import _atomic as g
+
     if not (folder / MANIFEST).is_file():
         raise ExportError(f"{folder}: no {MANIFEST} (not a crops folder)")
     manifest = read_table_csv(folder / MANIFEST)
+    if "path" not in manifest:
+        raise ExportError(f"{folder / MANIFEST}: no path column")
+    for rel in manifest["path"]:
+        g.inside(folder, rel, folder / MANIFEST)
+    return manifest
+
+
+def _read_crops(manifest_path: Path, *, slide) -> AnnotationSet:
+    from napari_hemato.core.export import _atomic as g
+
+    folder = manifest_path.parent
+    manifest = read_manifest(folder)
     slides = sorted(set(manifest["slide"].astype(str))) if "slide" in manifest else []
     if slide is None and len(slides) > 1:
         raise ExportError(f"{folder} holds crops of {len(slides)} slides; pick one: {slides}")
@@ -236,7 +256,7 @@ def import_crops(folder: str | os.PathLike, *, slide: str | None = None) -> Anno
         manifest = manifest[manifest["slide"].astype(str) == slide].reset_index(drop=True)
     details = {}
     if (folder / DETAILS).is_file():
-        details = json.loads((folder / DETAILS).read_text()).get("slides", {}).get(slide, {})
+        details = json.loads(g.check_file_size(folder / DETAILS).read_text()).get("slides", {}).get(slide, {})
     drop = {"path", "slide", "split", *CROP}
     columns = details.get("columns") or [c for c in manifest.columns if c not in drop]
     table = restore_table(manifest, columns, details.get("dtypes"))

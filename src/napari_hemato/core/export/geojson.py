@@ -282,45 +282,61 @@ def import_geojson(path: str | os.PathLike) -> AnnotationSet:
     >>> ann.kind, ann.labels.shape  # doctest: +SKIP
     ('instances', (120, 160))
     """
+    from napari_hemato.core.export import _atomic as g
+
+    return g.read_guarded(path, "GeoJSON", _read_geojson)
+
+
+def _read_geojson(path) -> AnnotationSet:
+    """:func:`import_geojson`, checking every value a hostile file could abuse."""
+    from napari_hemato.core.export import _atomic as g
+
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(g.check_file_size(path).read_text(encoding="utf-8"))
         features = doc["features"] if doc.get("type") == "FeatureCollection" else [doc]
     except (OSError, ValueError, KeyError, AttributeError) as exc:
         raise ExportError(f"cannot read GeoJSON {path}: {exc}") from exc
+    if not isinstance(features, list):
+        raise ExportError(f"{path}: 'features' is not a list")
+    g.check_count(len(features), path, "features")
     head = doc.get("napari_hemato") or {}
     geoms = [f.get("geometry") for f in features]
     points = not head.get("shape") if head else all(
-        g and g["type"] in ("Point", "MultiPoint") for g in geoms)
-    rows, drawn = [], []
+        gm and gm["type"] in ("Point", "MultiPoint") for gm in geoms)
+    rows, drawn, total = [], [], 0
     for k, feat in enumerate(features, start=1):
         props, geom = feat.get("properties") or {}, feat.get("geometry")
         extra = dict(props.get("napari_hemato") or {})
-        oid = int(extra.get("id", k))
+        oid = g.check_id(extra.get("id", k), path, label=not points)
         if geom is not None and not points:
-            drawn.append((oid, _rings(geom)))
+            rings = _rings(geom)
+            total = g.check_vertices(sum(len(r) for r in rings), path, oid, total)
+            drawn.append((oid, g.check_rings([g.check_coords(r, path, oid) for r in rings], path, oid)))
         if extra.pop("in_table", True) is False:
             continue
         row = {"id": oid, **props.get("measurements", {}), **extra}
         row["class"] = (props.get("classification") or {}).get("name")
         if points and geom is not None and ("x" not in row or "y" not in row):
-            row["x"], row["y"] = (float(v) - 0.5 for v in geom["coordinates"][:2])
+            row["x"], row["y"] = (float(v) - 0.5 for v in
+                                  g.check_coords(geom["coordinates"][:2], path, oid)[0])
         rows.append(row)
+    g.check_ids([r["id"] for r in rows], path, label=not points)
     columns = head.get("columns") or list(dict.fromkeys(c for r in rows for c in r))
     table = restore_table(rows, columns, head.get("dtypes"))
     labels = None
     if not points:
         if head.get("shape"):
-            (y0, x0), (h, w) = head["origin"], head["shape"]
+            (y0, x0), (h, w) = g.check_origin(head["origin"], path), g.check_label_shape(head["shape"], path)
         elif not drawn:
             y0 = x0 = h = w = 0
         else:
-            xy = np.concatenate([np.asarray(r, float).reshape(-1, 2) for _, rr in drawn for r in rr])
+            xy = np.concatenate([r for _, rr in drawn for r in rr])
             y0, x0 = np.floor(xy.min(0)[::-1]).astype(int)
-            h, w = np.ceil(xy.max(0)[::-1]).astype(int) - (y0, x0)
+            h, w = g.check_label_shape(np.ceil(xy.max(0)[::-1]).astype(int) - (y0, x0), path)
             head = {**head, "origin": [int(y0), int(x0)]}
         labels = np.zeros((h, w), np.uint32)
         for oid, rings in drawn:
-            xy = np.concatenate([np.asarray(r, float).reshape(-1, 2) for r in rings])
+            xy = np.concatenate(rings)
             by0, bx0 = np.maximum(np.floor(xy.min(0)[::-1]).astype(int), (y0, x0))
             by1, bx1 = np.minimum(np.ceil(xy.max(0)[::-1]).astype(int), (y0 + h, x0 + w))
             if by1 > by0 and bx1 > bx0:

@@ -216,12 +216,23 @@ def import_omezarr(path: str | os.PathLike, *, name: str | None = None) -> Annot
     >>> ann.origin, ann.mpp  # doctest: +SKIP
     ((40, 60), 0.5)
     """
+    from napari_hemato.core.export import _atomic as g
+
+    return g.read_guarded(path, "OME-Zarr", _read_omezarr, name=name)
+
+
+def _read_omezarr(path, *, name) -> AnnotationSet:
+    """:func:`import_omezarr`, checking every value a hostile file could abuse."""
     import zarr
+
+    from napari_hemato.core.export import _atomic as g
 
     path = Path(path)
     try:
         root = zarr.open_group(store=str(path), mode="r")
         head = dict(root.attrs.get("napari_hemato") or {})
+        if head.get("table"):
+            g.inside(path, head["table"], path)  # a file of this folder, nothing outside
         if head and not head.get("label_name"):  # a table-only group
             table = read_table_csv(path / head["table"], head.get("dtypes"))
             return from_header(head, table[head["columns"]], None)
@@ -230,10 +241,16 @@ def import_omezarr(path: str | os.PathLike, *, name: str | None = None) -> Annot
         name = name or head.get("label_name") or (listed[0] if listed else None)
         if name is None:
             raise ExportError(f"{path}: no label image listed under labels/")
+        g.inside(path / "labels", name, path)
         sub = group[name]
         meta = sub.attrs.get("ome") or sub.attrs.asdict()
         dataset = meta["multiscales"][0]["datasets"][0]
-        labels = np.asarray(sub[dataset["path"]][...])
+        g.inside(path / "labels" / name, dataset["path"], path)
+        array = sub[dataset["path"]]
+        if array.ndim != 2:
+            raise ExportError(f"{path}: label image {name} is {array.ndim}-D, expected (y, x)")
+        g.check_label_shape(array.shape, path)  # before reading: the metadata may lie
+        labels = np.asarray(array[...])
     except ExportError:
         raise
     except (OSError, KeyError, IndexError, ValueError, TypeError,
@@ -246,10 +263,13 @@ def import_omezarr(path: str | os.PathLike, *, name: str | None = None) -> Annot
     else:
         head = _foreign_header(meta, dataset)
         props = meta.get("image-label", {}).get("properties", [])
-        table = pd.DataFrame([{"id": int(p["label-value"]), **{k: v for k, v in p.items()
-                                                                 if k != "label-value"}}
+        g.check_count(len(props), path, "label properties")
+        table = pd.DataFrame([{"id": g.check_id(p["label-value"], path),
+                               **{k: v for k, v in p.items() if k != "label-value"}}
                               for p in props])
         head["class_names"] = class_names_from(table)
+    if "id" in table:
+        g.check_ids(table["id"], path)
     return from_header(head, table, labels.astype(np.uint32, copy=False))
 
 

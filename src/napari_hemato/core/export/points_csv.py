@@ -94,10 +94,17 @@ def write_table_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
 
 def read_table_csv(path: str | os.PathLike, dtypes: dict | None = None) -> pd.DataFrame:
     """:func:`napari_hemato.core.table.read_table_csv`, failing as an :class:`ExportError`."""
+    from napari_hemato.core.export import _atomic as g
+
     try:
-        return table_io.read_table_csv(path, dtypes)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise ExportError(f"cannot read table {path}: {exc}") from exc
+        table = table_io.read_table_csv(g.check_file_size(path), dtypes)
+    except ExportError:
+        raise
+    except (OSError, ValueError, TypeError, pd.errors.ParserError) as exc:
+        detail = " ".join(str(exc).split())[:200]
+        raise ExportError(f"cannot read table {path}: {detail}") from None
+    g.check_count(len(table), path, "rows")
+    return table
 
 
 def header(ann: AnnotationSet) -> dict:
@@ -228,8 +235,18 @@ def import_points_csv(path: str | os.PathLike, *, mpp: float | None = None,
     >>> len(pts.table), pts.mpp  # doctest: +SKIP
     (12, 0.25)
     """
+    from napari_hemato.core.export import _atomic as g
+
+    return g.read_guarded(path, "points CSV", _read_points_csv, mpp=mpp, image_path=image_path)
+
+
+def _read_points_csv(path, *, mpp, image_path) -> AnnotationSet:
+    """:func:`import_points_csv`, checking every value a hostile file could abuse."""
+    from napari_hemato.core.export import _atomic as g
+
     frame = read_table_csv(path)
     frame = frame.rename(columns={"y_px": "y", "x_px": "x"})
+    written_ids = "id" in frame
     if not {"y", "x"} <= set(frame.columns):
         raise ExportError(f"{path}: needs y_px and x_px columns, found {list(frame.columns)}")
     n = len(frame)
@@ -245,5 +262,12 @@ def import_points_csv(path: str | os.PathLike, *, mpp: float | None = None,
     extra = [c for c in frame.columns if c not in columns]
     table = restore_table(frame, columns + extra, {"y": "float64", "x": "float64",
                                                    "y_um": "float64", "x_um": "float64"})
+    yx = table[["y", "x"]].to_numpy(np.float64)
+    bad = ~np.isfinite(yx).all(axis=1) | (np.abs(yx) > 2**31).any(axis=1)
+    if bad.any():
+        raise ExportError(f"{path}: row {int(np.argmax(bad)) + 1} has no finite y_px, x_px")
+    # the table reader casts ids to integers (1.5 would become 1): check them as written
+    g.check_ids(pd.read_csv(path, usecols=["id"])["id"] if written_ids else table["id"], path,
+                label=False)
     return AnnotationSet(kind="points", table=table, class_names=class_names_from(table),
                          mpp=mpp, image_path=image_path, metadata={"source": str(path)})

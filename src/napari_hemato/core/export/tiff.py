@@ -102,12 +102,24 @@ def import_tiff(path: str | os.PathLike) -> AnnotationSet:
     >>> ann.labels.dtype, ann.origin  # doctest: +SKIP
     (dtype('uint32'), (40, 60))
     """
+    from napari_hemato.core.export import _atomic as g
+
+    return g.read_guarded(path, "label TIFF", _read_tiff)
+
+
+def _read_tiff(path) -> AnnotationSet:
+    """:func:`import_tiff`, checking every value a hostile file could abuse."""
     import tifffile
+
+    from napari_hemato.core.export import _atomic as g
 
     path = Path(path)
     try:
         with tifffile.TiffFile(path) as tf:
             page = tf.pages[0]
+            if len(page.shape) != 2:
+                raise ExportError(f"{path}: not a 2-D label image (shape {page.shape})")
+            g.check_label_shape(page.shape, path)  # before decoding: the header may lie
             labels = page.asarray()
             description = page.description or ""
             resolution, unit = page.resolution, int(page.resolutionunit)
@@ -115,6 +127,9 @@ def import_tiff(path: str | os.PathLike) -> AnnotationSet:
         raise ExportError(f"cannot read label TIFF {path}: {exc}") from exc
     if labels.ndim != 2 or labels.dtype.kind not in "iu":
         raise ExportError(f"{path}: not a 2-D integer label image ({labels.dtype}, {labels.shape})")
+    if labels.size and (labels.min() < 0 or labels.max() > g.MAX_LABEL_ID):
+        raise ExportError(f"{path}: label values {labels.min()}..{labels.max()} are out of range "
+                          f"(0..{g.MAX_LABEL_ID})")
     try:
         head = json.loads(description).get("napari_hemato") or {}
     except (ValueError, AttributeError):
@@ -132,6 +147,8 @@ def import_tiff(path: str | os.PathLike) -> AnnotationSet:
         log.warning("%s: no table %s beside it; the table holds label ids only", path, csv.name)
         ids = np.unique(labels)
         table = pd.DataFrame({"id": ids[ids != 0].astype(np.int64)})
+    if "id" in table:
+        g.check_ids(table["id"], path)
     if not head.get("class_names"):
         head["class_names"] = class_names_from(table)
     return from_header(head, table, labels.astype(np.uint32, copy=False))
