@@ -239,7 +239,11 @@ def cmd_analyze(args) -> int:
             continue
         s = summary(result, path)
         if table:
-            shutil.copyfile(result.path / "objects.csv", table)
+            from napari_hemato.core.export._atomic import atomic_outputs
+
+            # a temporary name beside the table, renamed in: a full disk names the table
+            with atomic_outputs([table], overwrite=True) as (tmp,):
+                shutil.copyfile(result.path / "objects.csv", tmp)
             s["table"] = str(table)
         if labels and result.labels() is not None:
             from napari_hemato.core.labels_tiff import write_labels_tiff
