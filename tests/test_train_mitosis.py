@@ -92,7 +92,7 @@ def test_tiny_training_exports_a_valid_model(tmp_path):
     t0 = time.perf_counter()
     result = train_mitosis(data, out, epochs=1, seed=3, **kw)
     assert time.perf_counter() - t0 < 30
-    assert (out / "checkpoint.pt").exists()
+    assert (out / "checkpoint.safetensors").exists()
     split = result["split"]
     assert len(split["tune"]) == 1 and len(split["test"]) == 1 and len(split["train"]) == 4
 

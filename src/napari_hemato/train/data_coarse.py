@@ -127,3 +127,33 @@ def group_balanced_weights(groups: np.ndarray, power: float = 0.5) -> np.ndarray
     _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
     w = counts[inverse].astype(float) ** -power
     return w / w.sum()
+
+
+def coarse_accuracy(probs: np.ndarray, masks: np.ndarray) -> float:
+    """Share of cells whose most probable *group* is their labelled one.
+
+    The group probability is the sum over its classes; ``masks`` (n, 11) says
+    which classes the labelled group allows, and a cell is right when that
+    sum beats every other group's (:data:`~napari_hemato.train.data_coarse.GROUPS`).
+    """
+    all_masks = group_mask(list(GROUPS))  # (8, 11)
+    group_p = probs @ all_masks.T.astype(probs.dtype)  # (n, 8)
+    own = (probs * masks).sum(1)
+    return float((own >= group_p.max(1) - 1e-9).mean()) if len(probs) else float("nan")
+
+
+def load_coarse(labels: str | Path, images: str | Path | None, *, size: int, context: float,
+                colour: str):
+    """``(train, val, train_weights, val_inputs)`` of a coarse-label CSV for training.
+
+    ``val_inputs`` are the runtime windows of the ``val`` rows, colour-standardised (``colour``).
+    """
+    from napari_hemato.models.colour import apply_colour_mode
+
+    if images is None:
+        raise ValueError("coarse_labels needs coarse_images (the folder of its field images)")
+    train = FieldCells(labels, images, split="train")
+    val = FieldCells(labels, images, split="val")
+    inputs = np.stack([val.runtime_input(i, size=size, context=context) for i in range(len(val))])
+    return train, val, group_balanced_weights(train.groups), apply_colour_mode(inputs, colour)
+

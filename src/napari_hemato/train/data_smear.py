@@ -302,7 +302,53 @@ def _sample(key: str, image: np.ndarray, labels: np.ndarray, names: dict, data_m
     return sample
 
 
+# -- training sets -------------------------------------------------------------
+#: every ``TUNE_EVERY``-th image of the BCCD train list tunes post-processing (not trained on)
+TUNE_EVERY = 8
+
+
+def split_stems(data_dir: str | Path) -> tuple[list[str], list[str], list[str]]:
+    """(train, tune, val) stems: BCCD's own lists; every 8th train image tunes."""
+    train = read_split(data_dir, "train")
+    val = read_split(data_dir, "val")
+    overlap = set(train) & set(val)
+    if overlap:
+        raise ValueError(f"{data_dir}: {len(overlap)} images are in both train and val")
+    tune = train[TUNE_EVERY - 1 :: TUNE_EVERY]
+    tune_set = set(tune)
+    return [s for s in train if s not in tune_set], tune, val
+
+
+def load_training_data(data_dirs, *, limit: int | None = None):
+    """Training and tuning samples from BCCD-layout and export-layout folders."""
+    train, tune, val_stems = [], [], []
+    for d in data_dirs:
+        d = Path(d)
+        if is_voc_folder(d):
+            tr, tu, va = split_stems(d)
+            if limit:
+                tr, tu = tr[:limit], tu[: max(1, limit // 4)]
+            train += load_bccd(d, tr)
+            tune += load_bccd(d, tu)
+            val_stems += va
+        else:
+            from napari_hemato.train.data_export import list_instance_exports
+
+            paths = list_export_stems(d)
+            exported = list_instance_exports(d)
+            if not paths and not exported:
+                raise FileNotFoundError(f"{d}: neither a VOC folder nor an export folder")
+            train += [load_export_sample(p) for p in paths[:limit or None]]
+            train += [load_instance_export_sample(p) for p in exported[:limit or None]]
+    if not train:
+        raise ValueError("no training images")
+    return train, tune, val_stems
+
+
 __all__ = [
+    "TUNE_EVERY",
+    "load_training_data",
+    "split_stems",
     "BCCD_MPP",
     "CLASS_NAMES",
     "MODEL_MPP",
