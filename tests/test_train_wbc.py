@@ -107,6 +107,19 @@ def test_train_export_roundtrip(tmp_path):
     assert code == 0
     hist = json.loads((out / "history.json").read_text())
     assert [e["epoch"] for e in hist["epochs"]] == [0, 1]
+    assert hist["epochs"][1]["steps"] == 1 and hist["stages"][0]["resumed_at_epoch"] == 1
+
+    # --init-from takes the checkpoint's weights: zero epochs export exactly the checkpoint's net
+    code = wbc.main(["--data", str(data), "--out", str(tmp_path / "init"), "--epochs", "0",
+                     "--batch-size", "4", "--input-size", "64", "--no-pretrained", "--threads", "1",
+                     "--init-from", str(out / "checkpoint.safetensors")])
+    assert code == 0
+    assert load_spec(tmp_path / "init").extra["training"]["init_from"].endswith("checkpoint.safetensors")
+    net.load_state_dict(load_weights(out))  # the folder works too: the resumed run's last weights
+    with torch.no_grad():
+        ref_p, _ = wbc.ExportNet(net.eval())(wbc.normalize(x))
+    sess = ort.InferenceSession(str(tmp_path / "init" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["probs"], {"image": spec.normalize(x)})[0], ref_p.numpy(), atol=1e-5)
 
 
 def test_manifest_area_gives_crop_diameter(tmp_path):

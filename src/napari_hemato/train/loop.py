@@ -229,6 +229,7 @@ def train(net: nn.Module, opt: torch.optim.Optimizer, recipe: Recipe, out_dir: s
     if best_weights is not None:
         judged.load_state_dict(best_weights)
     minutes = (time.perf_counter() - t0) / 60
+    history["train_minutes"] = round(minutes, 2)
     return Run(net=net, model=judged, history=history, best=best, stopped=stopped,
                minutes=round(minutes, 2), rows=history["epochs"])
 
