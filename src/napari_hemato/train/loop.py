@@ -234,6 +234,23 @@ def train(net: nn.Module, opt: torch.optim.Optimizer, recipe: Recipe, out_dir: s
                minutes=round(minutes, 2), rows=history["epochs"])
 
 
+def train_dense(net: nn.Module, recipe: Recipe, out_dir: str | Path, *, warmup_cap: int,
+                lr: float, epochs: int, steps_per_epoch: int, **kwargs) -> tuple[Run, int]:
+    """:func:`train` as the nuclei and smear U-Nets run it; ``(run, parameter count)``.
+
+    AdamW (weight decay 1e-4) on every weight, a warm-up of a tenth of the
+    steps (at most ``warmup_cap``); ``kwargs`` go to :func:`train` (``rng``,
+    ``ema_decay``, ``max_minutes``, ``resume``, ``config``).
+    """
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    params = sum(p.numel() for p in net.parameters())
+    log.info("%s: %d parameters", type(net).__name__, params)
+    warmup = min(warmup_cap, max(epochs * steps_per_epoch // 10, 1))
+    run = train(net, opt, recipe, out_dir, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                warmup=warmup, **kwargs)
+    return run, params
+
+
 def _save(path, net, ema, opt, rng, best_weights, state) -> None:
     tensors = ck.prefixed("model", net.state_dict())
     if ema is not None:

@@ -271,17 +271,13 @@ def train_nuclei(
              len(val_items))
 
     net = SmallUNet(widths=tuple(widths), head_channels=head_channels)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     recipe = NucleiRecipe(CropSampler(train_items, crop=crop), batch_size, tune_items,
                           net.size_divisor)
-    params = sum(p.numel() for p in net.parameters())
-    log.info("SmallUNet widths=%s head=%d: %d parameters", widths, head_channels, params)
-    total = epochs * steps_per_epoch
-    run = loop.train(net, opt, recipe, out_dir, rng=rng, epochs=epochs,
-                     steps_per_epoch=steps_per_epoch, lr=lr, warmup=min(200, max(total // 10, 1)),
-                     max_minutes=max_minutes, ema_decay=ema_decay, resume=resume,
-                     config={"widths": list(widths), "head_channels": head_channels, "seed": seed,
-                             "batch_size": batch_size, "crop_px": crop, "lr": lr})
+    run, params = loop.train_dense(
+        net, recipe, out_dir, warmup_cap=200, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        rng=rng, max_minutes=max_minutes, ema_decay=ema_decay, resume=resume,
+        config={"widths": list(widths), "head_channels": head_channels, "seed": seed,
+                "batch_size": batch_size, "crop_px": crop, "lr": lr})
     history, minutes = run.rows, run.minutes
     result = {
         "history": history,

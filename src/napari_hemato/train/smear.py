@@ -316,17 +316,13 @@ def train_smear(
     log.info("data: %d training, %d tuning images (%d validation images untouched)",
              len(train_set), len(tune_set), len(val_stems))
     net = build_net(widths, head_channels)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     div = net.size_divisor
     recipe = SmearRecipe(CropSampler(train_set, crop=crop), batch_size, tune_set, div)
-    params = sum(p.numel() for p in net.parameters())
-    log.info("SmallUNet widths=%s head=%d: %d parameters", widths, head_channels, params)
-    total = epochs * steps_per_epoch
-    run = loop.train(net, opt, recipe, out_dir, rng=rng, epochs=epochs,
-                     steps_per_epoch=steps_per_epoch, lr=lr, warmup=min(150, max(total // 10, 1)),
-                     max_minutes=max_minutes, ema_decay=ema_decay, resume=resume,
-                     config={"widths": list(widths), "head_channels": head_channels, "seed": seed,
-                             "batch_size": batch_size, "crop_px": crop, "lr": lr})
+    run, params = loop.train_dense(
+        net, recipe, out_dir, warmup_cap=150, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        rng=rng, max_minutes=max_minutes, ema_decay=ema_decay, resume=resume,
+        config={"widths": list(widths), "head_channels": head_channels, "seed": seed,
+                "batch_size": batch_size, "crop_px": crop, "lr": lr})
     ema, history, minutes = run.model, run.rows, run.minutes
     postprocess, tune_metrics = dict(DEFAULT_POSTPROCESS), {}
     if tune and tune_set:
