@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from napari_hemato.models.cell_classifier import CLASS_NAMES, normalize_cell
-from napari_hemato.train.data_wbc import augmented_window, load_rgb
+from napari_hemato.train.data_wbc import augmented_window, load_rgb, runtime_inputs
 
 log = logging.getLogger(__name__)
 
@@ -142,18 +143,21 @@ def coarse_accuracy(probs: np.ndarray, masks: np.ndarray) -> float:
     return float((own >= group_p.max(1) - 1e-9).mean()) if len(probs) else float("nan")
 
 
+class CoarseCells(NamedTuple):
+    """What :func:`load_coarse` returns."""
+
+    train: FieldCells
+    val: FieldCells
+    weights: np.ndarray  #: sampling weights of the train cells (group-balanced)
+    val_inputs: np.ndarray  #: runtime windows of the val cells
+
+
 def load_coarse(labels: str | Path, images: str | Path | None, *, size: int, context: float,
-                colour: str):
-    """``(train, val, train_weights, val_inputs)`` of a coarse-label CSV for training.
-
-    ``val_inputs`` are the runtime windows of the ``val`` rows, colour-standardised (``colour``).
-    """
-    from napari_hemato.models.colour import apply_colour_mode
-
+                colour: str) -> CoarseCells:
+    """The train and val cells of a coarse-label CSV, for training."""
     if images is None:
         raise ValueError("coarse_labels needs coarse_images (the folder of its field images)")
     train = FieldCells(labels, images, split="train")
     val = FieldCells(labels, images, split="val")
-    inputs = np.stack([val.runtime_input(i, size=size, context=context) for i in range(len(val))])
-    return train, val, group_balanced_weights(train.groups), apply_colour_mode(inputs, colour)
-
+    return CoarseCells(train, val, group_balanced_weights(train.groups),
+                       runtime_inputs(val, size=size, context=context, colour=colour))

@@ -363,3 +363,14 @@ def load_split(data_dir: Path, out_dir: Path, *, val_fraction: float, seed: int)
     log.info("loaded images and cell geometry in %.0f s", time.perf_counter() - t0)
     return tr_df, va_df, rule, train, val
 
+
+def runtime_inputs(cells, *, size: int, context: float, colour: str) -> np.ndarray:
+    """uint8 (n, size, size, 3) runtime windows of every cell of ``cells`` (anything with
+    ``runtime_input``), colour-standardised as the runtime does (``colour``)."""
+    from napari_hemato.models.colour import apply_colour_mode
+
+    n = 0 if cells is None else len(cells)
+    x = np.stack([cells.runtime_input(i, size=size, context=context) for i in range(n)]) if n else \
+        np.zeros((0, size, size, 3), np.uint8)
+    return apply_colour_mode(x, colour)
+

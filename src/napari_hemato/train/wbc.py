@@ -53,12 +53,13 @@ from napari_hemato.train import loop  # noqa: E402
 from napari_hemato.train.augment import StainAugment  # noqa: E402
 from napari_hemato.train.checkpoint import load_weights  # noqa: E402
 from napari_hemato.train.common import normalize as normalize_nchw  # noqa: E402
-from napari_hemato.train.data_coarse import (  # noqa: E402
-    FieldCells,
-    coarse_accuracy,
-    load_coarse,
+from napari_hemato.train.data_coarse import CoarseCells, coarse_accuracy, load_coarse  # noqa: E402
+from napari_hemato.train.data_wbc import (  # noqa: E402
+    CellImages,
+    balanced_weights,
+    load_split,
+    runtime_inputs,
 )
-from napari_hemato.train.data_wbc import CellImages, balanced_weights, load_split  # noqa: E402
 from napari_hemato.train.evaluate_wbc import (  # noqa: E402
     calibration_record,
     fit_temperature,
@@ -177,11 +178,8 @@ class WbcRecipe(loop.Recipe):
     label_smoothing: float
     val_labels: np.ndarray
     val_inputs: np.ndarray
-    coarse_train: FieldCells | None = None
-    coarse_weights: np.ndarray | None = None
+    coarse: CoarseCells | None = None
     coarse_batch: int = 16
-    coarse_val: FieldCells | None = None
-    coarse_val_inputs: np.ndarray | None = None
 
     def _cells(self, data, idx, rng):
         return make_batch(data, idx, rng, size=self.size, context=self.context, stain=self.stain,
@@ -190,11 +188,11 @@ class WbcRecipe(loop.Recipe):
     def batch(self, rng):
         idx = rng.choice(len(self.train), size=self.batch_size, p=self.weights)
         x, y = self._cells(self.train, idx, rng), torch.from_numpy(self.train.labels[idx]).long()
-        if self.coarse_train is None:
+        if self.coarse is None:
             return x, y, None, None
-        cidx = rng.choice(len(self.coarse_train), size=self.coarse_batch, p=self.coarse_weights)
-        return x, y, self._cells(self.coarse_train, cidx, rng), torch.from_numpy(
-            self.coarse_train.masks[cidx])
+        cells = self.coarse.train
+        cidx = rng.choice(len(cells), size=self.coarse_batch, p=self.coarse.weights)
+        return x, y, self._cells(cells, cidx, rng), torch.from_numpy(cells.masks[cidx])
 
     def loss(self, net, batch):
         x, y, xc, allowed = batch
@@ -215,9 +213,9 @@ class WbcRecipe(loop.Recipe):
         if len(self.val_inputs):
             m = quick_metrics(predict_logits(net, self.val_inputs), self.val_labels)
             row.update({f"val_{k}": v for k, v in m.items()})
-        if self.coarse_val is not None and len(self.coarse_val):
-            p = torch.softmax(torch.from_numpy(predict_logits(net, self.coarse_val_inputs)), 1).numpy()
-            row["val_coarse_group_acc"] = coarse_accuracy(p, self.coarse_val.masks)
+        if self.coarse is not None and len(self.coarse.val):
+            p = torch.softmax(torch.from_numpy(predict_logits(net, self.coarse.val_inputs)), 1).numpy()
+            row["val_coarse_group_acc"] = coarse_accuracy(p, self.coarse.val.masks)
         return row
 
 
@@ -300,13 +298,9 @@ def train_wbc(
     tr_df, va_df, rule, train, val = load_split(data_dir, out_dir, val_fraction=val_fraction, seed=seed)
     if colour not in COLOUR_MODES:
         raise ValueError(f"colour {colour!r} is not one of {COLOUR_MODES}")
-    val_inputs = (np.stack([val.runtime_input(i, size=size, context=context) for i in range(len(val))])
-                  if val is not None else np.zeros((0, size, size, 3), np.uint8))
-    val_inputs = apply_colour_mode(val_inputs, colour)
-    coarse_train = coarse_val = coarse_w = coarse_val_inputs = None
-    if coarse_labels is not None:
-        coarse_train, coarse_val, coarse_w, coarse_val_inputs = load_coarse(
-            coarse_labels, coarse_images, size=size, context=context, colour=colour)
+    val_inputs = runtime_inputs(val, size=size, context=context, colour=colour)
+    coarse = None if coarse_labels is None else load_coarse(
+        coarse_labels, coarse_images, size=size, context=context, colour=colour)
 
     net = build_model(size=size, pretrained=pretrained)
     if freeze_blocks is None:
@@ -325,9 +319,9 @@ def train_wbc(
         "threads": threads, "steps_per_epoch": steps, "sampler": "class share ∝ sqrt(n_c)",
         "augment": augment, "freeze_blocks": freeze_blocks, "color_jitter": color_jitter,
         "colour": colour, "init_from": None if init_from is None else str(init_from),
-        "coarse": None if coarse_train is None else {
+        "coarse": None if coarse is None else {
             "labels": str(coarse_labels), "images": str(coarse_images), "batch": coarse_batch,
-            "n_train": len(coarse_train), "n_val": len(coarse_val),
+            "n_train": len(coarse.train), "n_val": len(coarse.val),
             "loss": "partial-label -log sum_{c in group} p_c", "sampler": "group share ∝ sqrt(n_g)"}}
     if init_from is not None:
         net.load_state_dict(load_weights(init_from))
@@ -335,7 +329,7 @@ def train_wbc(
     recipe = WbcRecipe(train, balanced_weights(train.labels, power=0.5), batch_size, size, context,
                        StainAugment(color_jitter) if augment else None, colour, freeze_blocks,
                        label_smoothing, np.zeros(0, int) if val is None else val.labels, val_inputs,
-                       coarse_train, coarse_w, coarse_batch, coarse_val, coarse_val_inputs)
+                       coarse, coarse_batch)
     run = loop.train(net, opt, recipe, out_dir, rng=rng, epochs=int(epochs), steps_per_epoch=steps,
                      lr=lr, warmup=max(1, min(steps // 2, 150)), max_minutes=max_minutes,
                      resume=resume, config=config)
