@@ -6,12 +6,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_hemato.train.common import (  # noqa: E402
-    cosine_lr,
-    ema_update,
-    load_checkpoint,
-    save_checkpoint,
-)
+from napari_hemato.train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from napari_hemato.train.common import cosine_lr, ema_update  # noqa: E402
 
 
 def test_cosine_lr_warms_up_then_decays_to_two_percent():
@@ -36,10 +32,11 @@ def test_ema_update_blends_floats_and_copies_integer_buffers():
 
 
 def test_checkpoint_write_is_atomic(tmp_path):
-    path = tmp_path / "checkpoint.pt"
-    save_checkpoint(path, {"epoch": 3, "w": torch.arange(4)})
-    with pytest.raises(Exception):  # noqa: B017 - whatever pickling raises
-        save_checkpoint(path, {"epoch": 4, "bad": lambda: None})
-    ck = load_checkpoint(path)  # the failed write left the previous checkpoint intact
-    assert ck["epoch"] == 3 and torch.equal(ck["w"], torch.arange(4))
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left
+    pytest.importorskip("safetensors")
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, {"w": torch.arange(4)}, {"epoch": 3})
+    with pytest.raises(TypeError):  # the state is not JSON: nothing is written
+        save_checkpoint(path, {"w": torch.arange(5)}, {"epoch": 4, "bad": lambda: None})
+    tensors, state = load_checkpoint(path)  # the failed write left the previous checkpoint intact
+    assert state["epoch"] == 3 and torch.equal(tensors["w"], torch.arange(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]  # no temporary left

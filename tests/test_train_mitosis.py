@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_hemato.models.spec import load_spec
+from napari_hemato.core.spec import load_spec
 
 
 def _fake_crop(rng: np.random.Generator, atypical: bool) -> np.ndarray:
@@ -92,7 +92,7 @@ def test_tiny_training_exports_a_valid_model(tmp_path):
     t0 = time.perf_counter()
     result = train_mitosis(data, out, epochs=1, seed=3, **kw)
     assert time.perf_counter() - t0 < 30
-    assert (out / "checkpoint.pt").exists()
+    assert (out / "checkpoint.safetensors").exists()
     split = result["split"]
     assert len(split["tune"]) == 1 and len(split["test"]) == 1 and len(split["train"]) == 4
 

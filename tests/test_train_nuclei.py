@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from napari_hemato.core.spec import load_spec
 from napari_hemato.models.registry import BUNDLED
-from napari_hemato.models.spec import load_spec
 
 BUNDLED_NUCLEI = BUNDLED / "nuclei"
 
@@ -50,7 +50,7 @@ def test_tiny_training_exports_a_valid_model(shared_data, tmp_path):
     result = train_nuclei(data, out, epochs=1, seed=1, **kw)
     assert time.perf_counter() - t0 < 30
     assert result["val_keys"] == ["nuclei_he_miccai/image04"]
-    assert (out / "checkpoint.pt").exists()
+    assert (out / "checkpoint.safetensors").exists() and not (out / "checkpoint.pt").exists()
 
     spec = load_spec(out)
     assert spec.task == "nuclei" and spec.kind == "instances" and spec.mpp == 0.5

@@ -59,8 +59,9 @@ def test_export_layout_is_read(tmp_path):
 def test_train_steps_export_and_onnx_matches_torch(shared_data, tmp_path):
     import onnxruntime as ort
 
-    from napari_hemato.models.spec import load_spec
+    from napari_hemato.core.spec import load_spec
     from napari_hemato.train import smear
+    from napari_hemato.train.common import normalize
 
     bccd = shared_data / "bccd"
     stems = ds.read_split(bccd, "train")[:2]
@@ -78,7 +79,8 @@ def test_train_steps_export_and_onnx_matches_torch(shared_data, tmp_path):
     for _ in range(3):
         x, maps, cls = sampler.batch(2, rng)
         assert x.shape == (2, 3, 64, 64) and maps.shape == (2, 3, 64, 64) and cls.shape == (2, 64, 64)
-        out = smear.loss_fn(net(smear.normalize(color(smear.hue_jitter(x, rng), rng))), maps, cls, cw)
+        x = normalize(color(smear.hue_jitter(x, rng), rng), smear.NORMALIZATION)
+        out = smear.loss_fn(net(x), maps, cls, cw)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()

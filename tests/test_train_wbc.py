@@ -63,7 +63,7 @@ def test_stratified_split_is_seeded(tmp_path):
 def test_train_export_roundtrip(tmp_path):
     import onnxruntime as ort
 
-    from napari_hemato.models.spec import load_spec
+    from napari_hemato.core.spec import load_spec
     from napari_hemato.train import wbc
 
     data, out = tmp_path / "data", tmp_path / "model"
@@ -76,11 +76,13 @@ def test_train_export_roundtrip(tmp_path):
     assert list(spec.class_names) == ["SNE", "BNE", "EO", "BA", "LY", "MO", "MMY", "MY", "PMY", "ERB", "PLT"]
     assert spec.outputs == {"probs": "probs", "cam": "cam"}
     assert len(spec.extra["split"]["validation_files"]) == 11
-    assert json.loads((out / "history.json").read_text())["epochs"][0]["epoch"] == 1
+    assert json.loads((out / "history.json").read_text())["epochs"][0]["epoch"] == 0
 
     # onnxruntime ≈ torch, on the checkpoint's weights
     net = wbc.build_model(size=64, pretrained=False)
-    net.load_state_dict(torch.load(out / "checkpoint.pt", weights_only=False)["model"])
+    from napari_hemato.train.checkpoint import load_weights
+
+    net.load_state_dict(load_weights(out / "checkpoint.safetensors"))
     x = np.random.default_rng(1).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     with torch.no_grad():
         ref_p, ref_c = wbc.ExportNet(net.eval())(wbc.normalize(x))
@@ -104,7 +106,20 @@ def test_train_export_roundtrip(tmp_path):
                      "--batch-size", "4", "--input-size", "64", "--no-pretrained", "--resume", "--no-export", "--threads", "1"])
     assert code == 0
     hist = json.loads((out / "history.json").read_text())
-    assert [e["epoch"] for e in hist["epochs"]] == [1, 2]
+    assert [e["epoch"] for e in hist["epochs"]] == [0, 1]
+    assert hist["epochs"][1]["steps"] == 1 and hist["stages"][0]["resumed_at_epoch"] == 1
+
+    # --init-from takes the checkpoint's weights: zero epochs export exactly the checkpoint's net
+    code = wbc.main(["--data", str(data), "--out", str(tmp_path / "init"), "--epochs", "0",
+                     "--batch-size", "4", "--input-size", "64", "--no-pretrained", "--threads", "1",
+                     "--init-from", str(out / "checkpoint.safetensors")])
+    assert code == 0
+    assert load_spec(tmp_path / "init").extra["training"]["init_from"].endswith("checkpoint.safetensors")
+    net.load_state_dict(load_weights(out))  # the folder works too: the resumed run's last weights
+    with torch.no_grad():
+        ref_p, _ = wbc.ExportNet(net.eval())(wbc.normalize(x))
+    sess = ort.InferenceSession(str(tmp_path / "init" / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(["probs"], {"image": spec.normalize(x)})[0], ref_p.numpy(), atol=1e-5)
 
 
 def test_manifest_area_gives_crop_diameter(tmp_path):
@@ -146,8 +161,8 @@ def _write_coarse_fields(folder, n_fields=4, size=96):
 
 
 def test_coarse_labels_partial_loss_and_colour_standardisation(tmp_path):
+    from napari_hemato.core.spec import load_spec
     from napari_hemato.models.cell_classifier import CellClassifier
-    from napari_hemato.models.spec import load_spec
     from napari_hemato.train import wbc
     from napari_hemato.train.data_coarse import FieldCells, group_mask
 

