@@ -15,8 +15,8 @@ from pathlib import Path
 
 import napari_hemato.api as nh
 from napari_hemato.core.annotations import from_result
+from napari_hemato.core.export.formats import export_annotations
 from napari_hemato.core.review import ReviewSession
-from napari_hemato.io.exporting import export_annotations
 from napari_hemato.samples import sample_path
 
 

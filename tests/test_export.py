@@ -121,7 +121,9 @@ def test_geojson_coordinates_are_x_y_in_level0_pixels(tmp_path):
     assert ring[:, 1].min() == 10 and ring[:, 1].max() == 11
     props = feat["properties"]
     assert props["objectType"] == "detection"
-    assert props["classification"] == {"name": "a", "color": [31, 119, 180]}
+    from napari_hemato.core.class_colors import class_color
+
+    assert props["classification"] == {"name": "a", "color": list(class_color("a"))}
     assert props["napari_hemato"]["id"] == 3
     pts = AnnotationSet("points", table, ["a"])
     doc = json.loads(export_geojson(pts, tmp_path / "pts.geojson").read_text())

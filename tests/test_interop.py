@@ -124,7 +124,7 @@ def test_omezarr_opens_in_napari_ome_zarr(tmp_path, slide_cells):
     by_value = dict(zip(props["index"], props["class"], strict=True))
     assert by_value == {v: rows[v]["class"] for v in values}
     assert dict(zip(props["index"], props["prob_neutrophil"], strict=True))[1] == rows[1]["prob_neutrophil"]
-    from napari_hemato.core.export.points_csv import class_color
+    from napari_hemato.core.export._common import class_color
 
     colour = [c / 255 for c in (*class_color(rows[1]["class"], ann.class_names), 255)]
     assert lmeta["colormap"][1] == colour
@@ -293,3 +293,21 @@ def test_coco_json_and_png_are_written_together_or_not_at_all(tmp_path, slide_ce
     with pytest.raises(ExportError, match="Permission denied"):
         export_coco(ann, out / "d.json")
     assert sorted(p.name for p in out.iterdir()) == ["c.json", "c.png"]
+
+
+def test_exports_colour_each_class_as_the_viewer_does(tmp_path):
+    """QuPath and napari-ome-zarr users see the reviewer's colours (one palette everywhere)."""
+    from napari_hemato.core.class_colors import class_color
+    from napari_hemato.core.export import export_geojson
+
+    ann = make_instances()
+    features = json.loads(export_geojson(ann, tmp_path / "c.geojson").read_text())["features"]
+    seen = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"]
+            for f in features}
+    assert seen and all(colour == list(class_color(name)) for name, colour in seen.items())
+    root = export_omezarr(ann, tmp_path / "c.ome.zarr")
+    meta = json.loads((root / "labels" / "cells" / "zarr.json").read_text())
+    table = ann.table.set_index("id")
+    for entry in meta["attributes"]["ome"]["image-label"]["colors"]:
+        name = table.loc[entry["label-value"], "class"]
+        assert entry["rgba"] == [*class_color(name), 255]

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 from napari_hemato.core.engine import run
+from napari_hemato.core.export.tiff import export_result_tiff
 from napari_hemato.core.geometry import WorkGrid, work_index
-from napari_hemato.core.labels_tiff import write_labels_tiff
 from napari_hemato.core.slide import open_slide
 from napari_hemato.models.fake import DarkBlobPredictor, fake_spec
 
@@ -24,7 +24,7 @@ from .synthetic import write_tiff
 def exported_labels(result, path) -> np.ndarray:
     from tifffile import TiffFile
 
-    with TiffFile(write_labels_tiff(result, path)) as tif:
+    with TiffFile(export_result_tiff(result, path)) as tif:
         return tif.pages[0].asarray()
 
 

@@ -86,7 +86,7 @@ def test_training_takes_the_plugins_exports_alongside_the_reference_data(tmp_pat
     from skimage.io import imsave
 
     from napari_hemato.core.annotations import AnnotationSet
-    from napari_hemato.io.exporting import export_annotations
+    from napari_hemato.core.export.formats import export_annotations
     from napari_hemato.train.nuclei import main, train_nuclei
 
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import pytest
 from skimage.io import imsave
 
 from napari_hemato.core.annotations import AnnotationSet
-from napari_hemato.io.exporting import export_annotations
+from napari_hemato.core.export.formats import export_annotations
 from napari_hemato.train import data_nuclei as dn
 from napari_hemato.train import data_smear as ds
 from napari_hemato.train.data_export import list_instance_exports, load_instance_export

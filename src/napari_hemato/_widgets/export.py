@@ -1,7 +1,7 @@
 """Export dock widget: corrected objects -> training data and exchange formats.
 
 Thin: it builds the annotation set of the chosen layer (with every correction)
-and calls :func:`napari_hemato.io.exporting.export_annotations`. Each file is
+and calls :func:`napari_hemato.core.export.formats.export_annotations`. Each file is
 written under a temporary name and renamed; bad destinations are refused with
 a message and nothing partial is left.
 """
@@ -15,7 +15,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, Pus
 from napari.utils.notifications import show_error, show_info
 
 from napari_hemato.core.errors import HematoError
-from napari_hemato.io.exporting import FORMATS, export_annotations, formats_for
+from napari_hemato.core.export.formats import FORMATS, export_annotations, formats_for
 from napari_hemato.io.layers import KEY, annotations_from_layer
 
 

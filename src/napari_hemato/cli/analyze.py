@@ -246,11 +246,11 @@ def cmd_analyze(args) -> int:
                 shutil.copyfile(result.path / "objects.csv", tmp)
             s["table"] = str(table)
         if labels and result.labels() is not None:
-            from napari_hemato.core.labels_tiff import write_labels_tiff
+            from napari_hemato.core.export.tiff import export_result_tiff
 
             # folder mode rewrites its own default TIFF (e.g. after --resume); a given path needs --overwrite
             rewrite = args.overwrite or (args.out_dir is not None and not args.labels)
-            s["labels"] = str(write_labels_tiff(result, labels, overwrite=rewrite))
+            s["labels"] = str(export_result_tiff(result, labels, overwrite=rewrite))
         summaries.append(s)
         if not args.json:
             print_summary(s)

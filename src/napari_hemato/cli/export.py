@@ -9,7 +9,7 @@ from napari_hemato.core.errors import HematoError
 
 
 def register(sub) -> None:
-    from napari_hemato.io.exporting import FORMATS
+    from napari_hemato.core.export.formats import FORMATS
 
     p = sub.add_parser(
         "export", help="export results or corrections (crops+manifest, TIFF, OME-Zarr, COCO, GeoJSON, CSV)",
@@ -56,7 +56,7 @@ def default_name(source: Path, task: str | None) -> str:
 
 
 def cmd_export(args) -> int:
-    from napari_hemato.io.exporting import export_annotations
+    from napari_hemato.core.export.formats import export_annotations
 
     ann = load_source(args.source)
     name = args.name or default_name(args.source, (ann.metadata.get("model") or {}).get("task"))

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from napari_hemato.io.exporting import FORMATS
+from napari_hemato.core.export.formats import FORMATS
 
 log = logging.getLogger(__name__)
 

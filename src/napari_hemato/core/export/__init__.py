@@ -17,6 +17,9 @@ QuPath GeoJSON            :func:`export_geojson`      :func:`import_geojson`
 points CSV (mitoses)      :func:`export_points_csv`   :func:`import_points_csv`
 ========================  ==========================  ===========================
 
+:func:`export_annotations` writes one set in several formats into a folder
+(:data:`FORMATS` names them and their file suffixes).
+
 Examples
 --------
 >>> from napari_hemato.core.export import export_geojson, import_geojson
@@ -37,6 +40,7 @@ from napari_hemato.core.export.coco import (
     rle_to_string,
 )
 from napari_hemato.core.export.crops import crop_box, export_crops, import_crops, slide_split
+from napari_hemato.core.export.formats import FORMATS, export_annotations, formats_for
 from napari_hemato.core.export.geojson import (
     export_geojson,
     import_geojson,
@@ -48,6 +52,7 @@ from napari_hemato.core.export.points_csv import export_points_csv, import_point
 from napari_hemato.core.export.tiff import export_tiff, import_tiff
 
 __all__ = [
+    "FORMATS",
     "ExportError",
     "atomic_outputs",
     "check_destination",
@@ -55,11 +60,13 @@ __all__ = [
     "decode_rle",
     "encode_rle",
     "export_coco",
+    "export_annotations",
     "export_crops",
     "export_geojson",
     "export_omezarr",
     "export_points_csv",
     "export_tiff",
+    "formats_for",
     "import_coco",
     "import_crops",
     "import_geojson",

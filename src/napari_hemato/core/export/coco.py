@@ -29,9 +29,7 @@ import numpy as np
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
-from napari_hemato.core.export._region import region_rgb
-from napari_hemato.core.export.geojson import rasterize
-from napari_hemato.core.export.points_csv import (
+from napari_hemato.core.export._common import (
     class_names_from,
     from_header,
     header,
@@ -40,6 +38,8 @@ from napari_hemato.core.export.points_csv import (
     prob_columns,
     restore_table,
 )
+from napari_hemato.core.export._region import region_rgb
+from napari_hemato.core.export.geojson import rasterize
 
 __all__ = ["decode_rle", "encode_rle", "export_coco", "import_coco", "rle_from_string",
            "rle_to_string"]

@@ -25,7 +25,7 @@ import pandas as pd
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
-from napari_hemato.core.export.points_csv import (
+from napari_hemato.core.export._common import (
     from_header,
     header,
     prob_columns,

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
-from napari_hemato.core.export.points_csv import (
+from napari_hemato.core.export._common import (
     class_color,
     class_names_from,
     from_header,

@@ -34,8 +34,7 @@ import pandas as pd
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
-from napari_hemato.core.export._region import region_rgb
-from napari_hemato.core.export.points_csv import (
+from napari_hemato.core.export._common import (
     class_color,
     class_names_from,
     from_header,
@@ -45,6 +44,7 @@ from napari_hemato.core.export.points_csv import (
     read_table_csv,
     write_table_csv,
 )
+from napari_hemato.core.export._region import region_rgb
 
 __all__ = ["export_omezarr", "import_omezarr"]
 

@@ -1,4 +1,4 @@
-"""Points CSV (mitosis counts), plus the table <-> text helpers every format shares.
+"""Points CSV (mitosis counts): one row per point, in px and µm.
 
 :func:`export_points_csv` writes one row per object with columns
 ``id, y_px, x_px, y_um, x_um, class, score, confidence, provenance, reviewed,
@@ -9,158 +9,27 @@ survive the round-trip bit for bit.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
-from napari_hemato.core import table as table_io
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export._atomic import ExportError, atomic_outputs, check_destination
+from napari_hemato.core.export._common import (
+    class_names_from,
+    prob_columns,
+    read_table_csv,
+    restore_table,
+    write_table_csv,
+)
 
 __all__ = ["export_points_csv", "import_points_csv"]
 
 
-FORMAT_VERSION = 1
 POINT_COLUMNS = ["id", "y_px", "x_px", "y_um", "x_um", "class", "score", "confidence",
                  "provenance", "reviewed"]
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (127, 127, 127)]
-_CANONICAL = {**table_io.ID_DTYPES, "reviewed": "bool"}
-
-
-# -- shared helpers --------------------------------------------------------------------------
-
-
-def class_color(name, class_names) -> list[int]:
-    """A stable RGB colour per class (palette by class index, hash otherwise)."""
-    names = list(class_names)
-    if name in names:
-        return list(PALETTE[names.index(name) % len(PALETTE)])
-    if name == "unassigned" or name is None:
-        return [160, 160, 160]
-    h = zlib.crc32(str(name).encode())
-    return [64 + (h >> s & 0x7F) for s in (0, 8, 16)]
-
-
-def iter_objects(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, slice], np.ndarray]]:
-    """``(value, (rows, cols), mask)`` for each non-zero label, its mask cropped to its bbox."""
-    values, compact = np.unique(labels, return_inverse=True)
-    compact = compact.reshape(labels.shape)
-    if values.size and values[0] != 0:  # no background: keep 0 free for find_objects
-        values, compact = np.r_[0, values], compact + 1
-    for k, box in enumerate(ndimage.find_objects(compact), start=1):
-        if box is not None:
-            yield int(values[k]), box, compact[box] == k
-
-
-def json_value(value):
-    """A table cell as a JSON value (NaN and missing become None)."""
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value if isinstance(value, str) else str(value)
-
-
-def prob_columns(table: pd.DataFrame) -> list[str]:
-    """The ``prob_<CLASS>`` columns of a table, in order."""
-    return [c for c in table.columns if str(c).startswith("prob_")]
-
-
-def restore_table(rows, columns: list[str], dtypes: dict | None = None) -> pd.DataFrame:
-    """Rows (dicts or a frame) as a table with ``columns`` in order and ``dtypes`` restored."""
-    if isinstance(rows, pd.DataFrame):
-        frame = rows.reindex(columns=columns).reset_index(drop=True)
-    else:
-        frame = pd.DataFrame.from_records(list(rows), columns=columns)
-    return table_io.restore_dtypes(frame, dtypes, canonical=_CANONICAL)
-
-
-def write_table_csv(table: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write a table without its index; floats in shortest round-trip form."""
-    table.to_csv(path, index=False, na_rep="")
-
-
-def read_table_csv(path: str | os.PathLike, dtypes: dict | None = None) -> pd.DataFrame:
-    """:func:`napari_hemato.core.table.read_table_csv`, failing as an :class:`ExportError`."""
-    from napari_hemato.core.export import _atomic as g
-
-    try:
-        table = table_io.read_table_csv(g.check_file_size(path), dtypes)
-    except ExportError:
-        raise
-    except (OSError, ValueError, TypeError, pd.errors.ParserError) as exc:
-        detail = " ".join(str(exc).split())[:200]
-        raise ExportError(f"cannot read table {path}: {detail}") from None
-    g.check_count(len(table), path, "rows")
-    return table
-
-
-def header(ann: AnnotationSet) -> dict:
-    """JSON description of everything but the rows and pixels of ``ann``."""
-    meta = _plain(json.loads(json.dumps(ann.metadata, default=str)))
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": ann.kind,
-        "class_names": [str(c) for c in ann.class_names],
-        "origin": [int(v) for v in ann.origin],
-        "shape": None if ann.labels is None else [int(v) for v in ann.labels.shape],
-        "mpp": None if ann.mpp is None else float(ann.mpp),
-        "image_path": None if ann.image_path is None else str(ann.image_path),
-        "image_shape": None if ann.image_shape is None else [int(v) for v in ann.image_shape],
-        "columns": [str(c) for c in ann.table.columns],
-        "dtypes": {str(c): str(t) for c, t in ann.table.dtypes.items()},
-        "metadata": meta,
-    }
-
-
-def _plain(obj):
-    """JSON data with non-finite floats as None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
-
-
-def from_header(head: dict, table: pd.DataFrame, labels: np.ndarray | None) -> AnnotationSet:
-    """The :class:`AnnotationSet` described by :func:`header`."""
-    shape = head.get("image_shape")
-    return AnnotationSet(
-        kind=head.get("kind", "instances" if labels is not None else "points"),
-        table=table,
-        class_names=list(head.get("class_names") or []),
-        labels=labels,
-        origin=tuple(int(v) for v in head.get("origin") or (0, 0)),
-        mpp=head.get("mpp"),
-        image_path=head.get("image_path"),
-        image_shape=None if shape is None else tuple(int(v) for v in shape),
-        metadata=dict(head.get("metadata") or {}),
-    )
-
-
-def class_names_from(table: pd.DataFrame) -> list[str]:
-    """Class names from ``prob_*`` columns, else the sorted classes present."""
-    names = [c[len("prob_"):] for c in prob_columns(table)]
-    if names or "class" not in table.columns:
-        return names
-    return sorted({str(c) for c in table["class"].dropna()} - {"unassigned"})
-
-
-# -- the points CSV format -------------------------------------------------------------------
-
-
 def export_points_csv(annotations: AnnotationSet, path: str | os.PathLike, *,
                       overwrite: bool = False, base_dir: str | os.PathLike | None = None) -> Path:
     """Write object positions (e.g. mitoses) as a CSV in level-0 pixels and µm.

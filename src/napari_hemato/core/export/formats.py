@@ -1,4 +1,4 @@
-"""One entry point for every export format, shared by the widget, CLI and npe2 writers."""
+"""The export formats and one entry point for all of them (widget, CLI, npe2 writers)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def export_annotations(ann: AnnotationSet, folder: str | Path, formats, *, name:
     >>> export_annotations(cells, "exports", ["geojson", "coco"], name="field1")  # doctest: +SKIP
     {'geojson': PosixPath('exports/field1.geojson'), 'coco': PosixPath('exports/field1_coco.json')}
     """
-    from napari_hemato.core import export as ex
+    from napari_hemato.core import export as ex  # the package imports this module
 
     folder = Path(folder)
     if only_reviewed:
