@@ -44,6 +44,7 @@ import numpy as np
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.errors import StoreError, WriteError
+from napari_hemato.core.processes import pid_alive
 from napari_hemato.core.table import read_table_csv
 
 REVISION = "sidecar_revision"
@@ -222,13 +223,7 @@ def _stale(lock: Path) -> bool:
             return False
     if host != socket.gethostname():
         return time.time() - float(holder.get("time", 0)) > 600.0
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_alive(pid)
 
 
 def load_annotations(folder: str | Path) -> AnnotationSet:

@@ -43,6 +43,7 @@ import zarr
 
 from napari_hemato.core.errors import StoreError, WriteError
 from napari_hemato.core.objects import TileOutput
+from napari_hemato.core.processes import pid_alive
 from napari_hemato.core.table import read_table_csv
 
 log = logging.getLogger(__name__)
@@ -314,20 +315,9 @@ def _remove_dead_temps(path: Path) -> None:
     for tmp in path.parent.glob(f".{path.name}.*"):
         parts = tmp.name[len(path.name) + 2:].split(".")
         if len(parts) == 2 and parts[0].isdigit() and parts[1] in ("creating", "old") \
-                and not _pid_alive(int(parts[0])):
+                and not pid_alive(int(parts[0])):
             shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tile_file_ok(path: Path) -> bool:

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from napari_hemato.core.errors import HematoError
+from napari_hemato.core.processes import pid_alive
 
 __all__ = ["ExportError", "atomic_outputs", "check_destination"]
 
@@ -91,22 +92,13 @@ def _temp_name(dest: Path, tag: str) -> Path:
     return dest.with_name(f".{os.getpid()}-{secrets.token_hex(4)}.{tag}-{dest.name}")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 def clean_leftovers(dest: Path) -> None:
     """Remove what killed exports to ``dest`` left behind (see the module notes)."""
     for tag in ("old", "tmp"):  # "old" first: a lone previous version is restored
         for path in sorted(dest.parent.glob(f".*.{tag}-{dest.name}")):
             pid = path.name[1:].split("-", 1)[0]
-            if not pid.isdigit() or _pid_alive(int(pid)):
+            if not pid.isdigit() or pid_alive(int(pid)):
                 continue
             if tag == "old" and not os.path.lexists(dest):
                 with contextlib.suppress(OSError):
