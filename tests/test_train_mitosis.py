@@ -61,7 +61,8 @@ def test_split_is_by_slide_and_deterministic():
 
 
 def test_mosaic_places_every_crop_once():
-    from napari_hemato.train.data_mitosis import Crops, make_mosaics
+    from napari_hemato.train.data_mitosis import Crops
+    from napari_hemato.train.mosaics import make_mosaics
 
     rng = np.random.default_rng(1)
     n = 11

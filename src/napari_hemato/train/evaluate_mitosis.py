@@ -7,7 +7,7 @@
    non-overlapping places, on 1024×1024 canvases at 0.25 µm/px whose background
    is a patchwork of 256-px windows of *held-out* negative tissue (plus 2
    crop-sized tissue "decoys" per canvas, pasted the same way; see
-   :func:`napari_hemato.train.data_mitosis.make_mosaics`). Each canvas is written
+   :func:`napari_hemato.train.mosaics.make_mosaics`). Each canvas is written
    as PNG and analysed with :func:`napari_hemato.api.analyze`; detections are
    matched one-to-one to the figure centres within 7.5 µm (MIDOG criterion).
 2. Normal vs atypical: accuracy and balanced accuracy of the ``class`` of the
@@ -46,6 +46,7 @@ import numpy as np
 from napari_hemato.core.metrics import match_points
 from napari_hemato.core.spec import ModelSpec, load_spec
 from napari_hemato.train import data_mitosis as dm
+from napari_hemato.train.mosaics import make_mosaics
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def evaluate_detection(spec, low_dir, data_dir, *, split, workdir, canvas, per_m
     frame = frame[frame["slide"].isin(slides)].reset_index(drop=True)
     crops = dm.load_crops(frame, mpp=dm.CROP_MPP)
     tissue = [t.image for t in dm.tissue_regions(data_dir, part="val", mpp=dm.CROP_MPP)]
-    mosaics = dm.make_mosaics(crops, tissue, size=canvas, per_mosaic=per_mosaic, decoys=2,
+    mosaics = make_mosaics(crops, tissue, size=canvas, per_mosaic=per_mosaic, decoys=2,
                               block=256, seed=seed)
     from skimage.io import imsave
 

@@ -43,6 +43,7 @@ from napari_hemato.train import loop
 from napari_hemato.train.common import normalize, receptive_field_radius
 from napari_hemato.train.evaluate_mitosis import sweep
 from napari_hemato.train.mitosis_batches import SIGMA_UM, WINDOW_UM, Sampler
+from napari_hemato.train.mosaics import Mosaic, make_mosaics
 from napari_hemato.train.nets import (  # noqa: F401 (MitosisNet: public name)
     MITOSIS_ARCHES,
     MitosisNet,
@@ -96,7 +97,7 @@ def dense_predict(net: nn.Module, img: np.ndarray, *, tile: int = 1024, halo: in
     return heat[:h, :w], probs[:, :h, :w]
 
 
-def validate(net: nn.Module, mosaics: list[dm.Mosaic], mpp: float) -> dict:
+def validate(net: nn.Module, mosaics: list[Mosaic], mpp: float) -> dict:
     """Best-threshold F1 (7.5 µm hits) of ``net`` on validation mosaics."""
     dets = []
     for m in mosaics:
@@ -202,7 +203,7 @@ def train_mitosis(
     pick = np.random.default_rng(seed + 7).permutation(len(tune))[:val_crops]
     size = int(round(mosaic_um / mpp))
     room = (size // (crops.images.shape[1] + 24)) ** 2  # crop-sized spots that always fit
-    mosaics = dm.make_mosaics(tune.subset(np.sort(pick)), [t.image for t in tissue["val"]],
+    mosaics = make_mosaics(tune.subset(np.sort(pick)), [t.image for t in tissue["val"]],
                               size=size, per_mosaic=max(1, min(8, room - 2)),
                               decoys=max(0, min(2, room - 1)), block=int(round(64 / mpp)),
                               seed=seed + 1) if len(tune) else []
