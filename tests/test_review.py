@@ -128,3 +128,46 @@ def test_sync_points_follows_add_move_delete():
     assert removed == [2] and moved == [3] and added == [4] and ids[2] == 4
     assert s.row(4)["provenance"] == "manual" and s.row(3)["provenance"] == "corrected"
     assert s.row(3)["y"] == 31.0 and s.row(4)["x"] == 60.0
+
+
+def test_rates_are_over_the_region_analysed_and_the_hotspot_lies_inside_it(tmp_path):
+    """Issue 13 item 1: a region run of a big slide counts over the region, not the slide."""
+    pytest.importorskip("onnx")
+    from napari_hemato.api import analyze
+    from napari_hemato.core.annotations import from_result
+    from napari_hemato.tasks import task_for
+
+    from .onnx_models import dark_blob_model_dir
+    from .synthetic import disk_image, write_tiff
+
+    model = dark_blob_model_dir(tmp_path / "model", task="mitosis", kind="points",
+                                class_names=("mitosis",), outputs={"heatmap": "fg"},
+                                postprocess={"threshold": 0.5, "min_distance_um": 3.0})
+    slide = write_tiff(tmp_path / "he.tif", disk_image((1200, 1600), n=200, seed=3), mpp=0.5)
+    roi = (100, 200, 500, 700)  # 400 x 500 px at 0.5 µm/px = 0.05 mm² of a 0.48 mm² slide
+    result = analyze(slide, task="mitosis", model=model, roi=roi, out=tmp_path / "run.zarr")
+    ann = from_result(result)
+    assert ann.region == roi and ann.region_mm2 == pytest.approx(0.05)
+    assert ann.metadata["region"] == list(roi)
+    n = len(ann.table)
+    assert n > 0
+    task = task_for(ann)
+    s = task.summary(ann.table, area_mm2=ann.region_mm2, mpp=ann.mpp, region=ann.region)
+    c = s["mitotic_count"]
+    assert c["area_mm2"] == pytest.approx(0.05)
+    assert c["per_2_mm2"] == pytest.approx(n / 0.05 * 2, rel=1e-3)
+    spot = s["hotspot"]
+    side_px = spot["side_um"] / 0.5
+    assert side_px <= min(roi[2] - roi[0], roi[3] - roi[1]) + 1e-6
+    assert roi[0] + side_px / 2 - 1e-6 <= spot["y"] <= roi[2] - side_px / 2 + 1e-6
+    assert roi[1] + side_px / 2 - 1e-6 <= spot["x"] <= roi[3] - side_px / 2 + 1e-6
+    assert 0 < spot["count"] <= n
+    assert "0.05 mm² analysed" in task.summary_lines(s)[0]
+
+
+def test_a_hotspot_window_centred_near_the_edge_moves_inside_the_region():
+    t = pd.DataFrame({"id": [1, 2, 3], "y": [5.0, 8.0, 900.0], "x": [5.0, 9.0, 900.0],
+                      "class": ["mitosis"] * 3})
+    spot = hotspot(t, mpp=0.5, area_mm2=0.01, region=(0, 0, 1000, 1000))  # side 100 µm = 200 px
+    assert spot["count"] == 2 and spot["side_um"] == 100.0
+    assert (spot["y"], spot["x"]) == (100.0, 100.0)

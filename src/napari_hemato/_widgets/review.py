@@ -310,7 +310,7 @@ class ReviewWidget(QWidget):
         self._update_progress()
         ann = session.annotations
         task = task_for(ann)
-        summary = task.summary(session.table, area_mm2=_area_mm2(ann), mpp=ann.mpp)
+        summary = task.summary(session.table, area_mm2=ann.region_mm2, mpp=ann.mpp, region=ann.region)
         lines = task.summary_lines({**summary, **(extra or {})})
         if not lines:
             counts = session.table["class"].value_counts()
@@ -342,8 +342,3 @@ class ReviewWidget(QWidget):
                 self._saved_revision[id(layer)] = session.revision
         return saved
 
-
-def _area_mm2(ann) -> float | None:
-    """Area of the image the objects were found on, in mm² (None without a pixel size)."""
-    shape = ann.image_shape or (0, 0)
-    return shape[0] * shape[1] * ann.mpp**2 / 1e6 if ann.mpp and shape[0] else None

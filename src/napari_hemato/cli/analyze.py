@@ -137,7 +137,8 @@ def summary(result, slide_path: Path) -> dict:
         **class_summary(table),
     }
     s.update(task_of(result.spec.task).summary(table, area_mm2=area_mm2,
-                                              mpp=None if grid.mpp_assumed else grid.mpp0))
+                                              mpp=None if grid.mpp_assumed else grid.mpp0,
+                                              region=tuple(grid.roi)))
     return s
 
 

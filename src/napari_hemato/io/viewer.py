@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_hemato.core.annotations import AnnotationSet, from_result
+from napari_hemato.core.annotations import AnnotationSet, from_result, region_metadata
 from napari_hemato.core.errors import HematoError
 from napari_hemato.core.sidecar import load_annotations, saved_sets, sidecar_dir
 from napari_hemato.core.slide import Slide, open_slide, slide_from_array
@@ -105,7 +105,9 @@ def result_layer_data(result, *, name: str, roi=None) -> list[tuple]:
     ann = AnnotationSet("instances", table, list(result.spec.class_names), None,
                         origin=(grid.roi[0], grid.roi[1]), mpp=grid.mpp0,
                         image_path=str(result.store.config["slide"]["path"]),
-                        metadata={"result": str(result.path), "lazy": True})
+                        metadata={"result": str(result.path), "lazy": True,
+                                  **region_metadata(grid.roi, None if grid.mpp_assumed
+                                                    else grid.mpp0)})
     scale, translate = grid.napari_placement()
     meta = layer_metadata(ann, role="instances", run_id=result.path.stem)
     meta[KEY]["px0_per_data"] = float(grid.factor)

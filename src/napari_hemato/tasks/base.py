@@ -77,8 +77,10 @@ class Task:
 
     # -- summaries ----------------------------------------------------------------
     def summary(self, table: pd.DataFrame, *, area_mm2: float | None = None,
-                mpp: float | None = None) -> dict[str, Any]:
-        """Task-specific numbers from an object table (JSON-able). Default: none."""
+                mpp: float | None = None, region=None) -> dict[str, Any]:
+        """Task-specific numbers from an object table (JSON-able). Default: none.
+
+        ``area_mm2`` is the area analysed (rates are over it), ``region`` its level-0 box."""
         return {}
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:

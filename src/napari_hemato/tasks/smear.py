@@ -134,7 +134,7 @@ class SmearTask(Task):
         if "wbc" in stages:
             add_wbc_subtypes(result, slide, stages["wbc"])
 
-    def summary(self, table, *, area_mm2=None, mpp=None) -> dict:
+    def summary(self, table, *, area_mm2=None, mpp=None, region=None) -> dict:
         return {"differential": differential(table)} if "cell_type" in table else {}
 
     def summary_lines(self, summary) -> list[str]:
