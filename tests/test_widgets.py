@@ -76,8 +76,11 @@ def test_analyse_review_autosave_reopen(make_napari_viewer, qtbot, field, two_cl
     feats = labels.features.set_index("id")
     assert feats.loc[first, "class"] == "B" and feats.loc[first, "provenance"] == "corrected"
     assert third not in feats.index and len(feats) == 39
-    review.undo()
+    assert review.undo() == "delete" and (labels.data == third).sum() > 0  # pixels back too
+    assert review.undo() == "set class"
     assert labels.features.set_index("id").loc[second, "class"] == "A"
+    assert review.redo() == "set class" and review.redo() == "delete"
+    assert (labels.data == third).sum() == 0
     review.select(second)
     review.set_class("B")
 

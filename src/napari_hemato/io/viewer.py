@@ -202,6 +202,29 @@ def in_image_world(kwargs: dict, image_layer, mpp0: float | None) -> dict:
     return out
 
 
+def review_box(row, *, mpp: float | None, context: float = 4.0,
+               min_um: float = 60.0) -> tuple[float, float, float, float]:
+    """Level-0 box framing an object for review: ``context`` times its bounding box, at
+    least ``min_um`` (or ``2 * min_um`` pixels without a pixel size), centred on it.
+
+    Examples
+    --------
+    >>> review_box({"y": 100.0, "x": 50.0, "bbox_y0": 95, "bbox_x0": 40, "bbox_y1": 105,
+    ...             "bbox_x1": 60}, mpp=0.5, min_um=20.0)
+    (60.0, 10.0, 140.0, 90.0)
+    """
+    size = 0.0
+    try:
+        size = max(float(row["bbox_y1"]) - float(row["bbox_y0"]),
+                   float(row["bbox_x1"]) - float(row["bbox_x0"]))
+    except (KeyError, TypeError, ValueError):
+        pass
+    side = max(context * (size if np.isfinite(size) else 0.0),
+               min_um / mpp if mpp else 2 * min_um)
+    y, x = float(row["y"]), float(row["x"])
+    return (y - side / 2, x - side / 2, y + side / 2, x + side / 2)
+
+
 def level0_to_world(layer, y: float, x: float) -> tuple[float, float]:
     """World coordinates of level-0 pixel ``(y, x)`` of the image a result layer belongs to.
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from napari_hemato.core.classes import ClassHierarchy
 from napari_hemato.core.errors import ModelError
 
 
@@ -88,6 +89,12 @@ class Task:
         return []
 
     # -- review hints ---------------------------------------------------------------
+    def hierarchy(self, annotations) -> ClassHierarchy:
+        """The classes of this task's objects, by level (review, hotkeys, summaries, exports).
+
+        Default: one level, the annotation set's class names."""
+        return ClassHierarchy.flat(annotations.class_names)
+
     def claims(self, annotations) -> bool:
         """Whether objects saved without their model's task (older files) are this task's."""
         return False

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from napari_hemato.core.classes import REJECTED, UNASSIGNED, ClassHierarchy
 from napari_hemato.tasks.base import Task
 
 #: one high-power field; 10 HPF = 2.37 mm², the area used by the MIDOG challenge
 HPF_MM2 = 0.237
-EXCLUDED = ("rejected", "unassigned")
+EXCLUDED = (REJECTED, UNASSIGNED)
 
 
 def mitotic_count(table: pd.DataFrame, *, area_mm2: float) -> dict:
@@ -72,6 +73,11 @@ class MitosisTask(Task):
 
     def claims(self, annotations) -> bool:
         return annotations.kind == "points"
+
+    def hierarchy(self, annotations) -> ClassHierarchy:
+        """The model's mitosis classes (normal, atypical) and ``rejected`` (a false positive,
+        kept as a hard negative): one level, every class on a hotkey."""
+        return ClassHierarchy.flat([*annotations.class_names, REJECTED])
 
     def summary(self, table, *, area_mm2=None, mpp=None, region=None) -> dict:
         """The mitotic count over ``area_mm2`` (the area analysed) and the hotspot inside

@@ -18,6 +18,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from napari_hemato.core.classes import ClassHierarchy
 from napari_hemato.core.errors import SlideError
 from napari_hemato.models.cell_classifier import CLASS_NAMES
 from napari_hemato.tasks.base import Task
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 #: a red-cell estimate within this ratio of the spec's ``assumed_input_mpp`` confirms it: the
 #: estimate's p10-p90 spread on held-out BCCD fields (0.86-1.09 of the truth, see the smear card)
 AGREEMENT = (0.87, 1.15)
+WBC = "WBC"
 
 
 def differential(table: pd.DataFrame, *, target: int = 100) -> dict:
@@ -149,6 +151,17 @@ class SmearTask(Task):
 
     def claims(self, annotations) -> bool:
         return "cell_type" in annotations.table
+
+    def hierarchy(self, annotations) -> ClassHierarchy:
+        """Cell types (the detector's RBC, WBC, Platelets) -> the WBC classifier's 11
+        subtypes; the type lives in ``cell_type``. The classifier's PLT and ERB are white-cell
+        subtypes (what the classifier calls a cell the detector saw as a WBC), not types."""
+        names = [str(c) for c in annotations.class_names]
+        types = tuple(c for c in names if c not in CLASS_NAMES) or ("RBC", WBC, "Platelets")
+        subtypes = tuple(c for c in CLASS_NAMES if c in names) or CLASS_NAMES
+        if WBC not in types:
+            return ClassHierarchy.flat(names)
+        return ClassHierarchy(types, {WBC: subtypes}, type_column="cell_type")
 
     def has_cam(self, row) -> bool:
         subtype_probs = [k for k in row.index if k.startswith("prob_")]
