@@ -146,8 +146,10 @@ def preview_layer_data(info, image_layer, *, name: str) -> tuple | None:
     return data, kwargs
 
 
-def restore_saved_layers(image_path: str | Path) -> list[tuple]:
-    """Layer data for every annotation set autosaved next to an image.
+def restore_saved_layers(image_path: str | Path, *, image_mpp: float | None = None) -> list[tuple]:
+    """Layer data for every annotation set autosaved next to an image, placed in the world of
+    its image layer: µm when the image states its pixel size (``image_mpp``), its pixels
+    otherwise (a JPEG whose run measured or assumed a pixel size is still shown in pixels).
 
     A lazy whole-slide set saved its table only: its labels are reopened from the
     run's store, with the saved (corrected) table as features.
@@ -164,12 +166,21 @@ def restore_saved_layers(image_path: str | Path) -> list[tuple]:
                 data, kwargs, kind = result_layer_data(open_result(ann.metadata["result"]),
                                                        name=name)[0]
                 kwargs["features"] = features_of(ann.table)
-                layers.append((data, kwargs, kind))
             else:
-                layers.append(annotation_layer_data(ann, name=name))
+                data, kwargs, kind = annotation_layer_data(ann, name=name)
+            if image_mpp is None and "units" in kwargs:
+                kwargs = in_image_world(kwargs, _PixelImage, ann.mpp)
+            kwargs["metadata"][KEY]["sidecar_name"] = name
+            layers.append((data, kwargs, kind))
         except (OSError, ValueError, KeyError, HematoError) as err:
             log.warning("could not restore %s: %s", folder, err)
     return layers
+
+
+class _PixelImage:
+    """An image layer in level-0 pixels (no pixel size): what the reader makes of a JPEG."""
+
+    scale, translate, units, metadata = (1.0, 1.0), (0.0, 0.0), ("pixel", "pixel"), {}
 
 
 def in_image_world(kwargs: dict, image_layer, mpp0: float | None) -> dict:
