@@ -26,7 +26,7 @@ from magicgui.widgets import (
     create_widget,
 )
 from napari.utils import progress as napari_progress
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_info
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
@@ -99,9 +99,9 @@ class AnalyzeWidget(Container):
     def _rois(self, layer) -> list:
         mode = self.region.value
         if mode == "current view":
-            roi = view_roi(layer)
+            roi = view_roi(layer, self._viewer)
             if roi is None:
-                show_warning("napari-hemato: the view is not drawn yet; analysing the whole image")
+                raise HematoError("the image is not in view: pan to it, or choose 'whole image'")
             return [roi]
         if mode == "drawn shapes":
             shapes = self.shapes.value

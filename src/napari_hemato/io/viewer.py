@@ -53,16 +53,38 @@ def _to_level0_box(layer, world_corners: np.ndarray) -> tuple[int, int, int, int
     return (int(y0), int(x0), int(y1), int(x1))
 
 
-def view_roi(layer) -> tuple[int, int, int, int] | None:
-    """Level-0 box of the image layer visible in the canvas (None before a draw)."""
-    corners = np.asarray(layer.corner_pixels, float)[:, -2:]
-    if layer.multiscale:
-        corners = corners * np.asarray(layer.downsample_factors[layer.data_level], float)[-2:]
-    y0, x0 = np.floor(corners[0]).astype(int)
-    y1, x1 = np.ceil(corners[1]).astype(int)
+def view_roi(layer, viewer=None) -> tuple[int, int, int, int] | None:
+    """Level-0 box of the image layer visible on screen (None when nothing of it is).
+
+    With ``viewer``, the box is what the camera shows (its centre, zoom and the canvas
+    size), clipped to the image: never more than the canvas holds, never off the image.
+    Without it, the layer's ``corner_pixels`` from the last draw (which napari pads to
+    whole tiles, so it may exceed the view).
+    """
+    shape = np.asarray(layer.level_shapes[0], int)
+    h, w = (shape[:2] if getattr(layer, "rgb", False) else shape[-2:])
+    if viewer is not None:
+        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+        canvas = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or (600, 800),
+                            float)
+        cy, cx = (float(v) for v in camera.center[-2:])
+        hy, hx = canvas / 2.0 / float(camera.zoom)
+        world = np.array([[cy - hy, cx - hx], [cy + hy, cx + hx]])
+        data = np.array([layer.world_to_data(p)[-2:] for p in world])
+        # pixel i covers [i - 0.5, i + 0.5) in napari data coordinates
+        y0, x0 = np.floor(data.min(axis=0) + 0.5).astype(int)
+        y1, x1 = np.ceil(data.max(axis=0) + 0.5).astype(int)
+    else:
+        corners = np.asarray(layer.corner_pixels, float)[:, -2:]
+        if layer.multiscale:
+            corners = corners * np.asarray(layer.downsample_factors[layer.data_level], float)[-2:]
+        y0, x0 = np.floor(corners[0]).astype(int)
+        y1, x1 = np.ceil(corners[1]).astype(int)
+    y0, y1 = max(int(y0), 0), min(int(y1), int(h))
+    x0, x1 = max(int(x0), 0), min(int(x1), int(w))
     if y1 <= y0 or x1 <= x0:
         return None
-    return (int(y0), int(x0), int(y1), int(x1))
+    return (y0, x0, y1, x1)
 
 
 def shape_rois(shapes_layer, image_layer) -> list[tuple[int, int, int, int]]:
