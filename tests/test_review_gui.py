@@ -145,3 +145,43 @@ def test_next_zooms_to_a_review_scale_and_frames_the_object(make_napari_viewer, 
     review.next()
     assert len([lyr for lyr in viewer.layers if lyr.name == "review: selected"]) == 1
     assert layer.selected_label == review.selected
+
+
+def test_task_offered_from_the_image(make_napari_viewer, qtbot):
+    """Issue 13 item 8: a smear camera field is offered the smear task, a slide nuclei."""
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato.samples import sample_path
+
+    viewer = make_napari_viewer()
+    widget = AnalyzeWidget(viewer)
+    [smear, *_] = viewer.open(sample_path("smear_field"), plugin="napari-hemato")
+    widget.image.value = smear
+    assert widget.task.value == "smear"
+    [slide, *_] = viewer.open(sample_path("he_slide"), plugin="napari-hemato")
+    widget.image.value = slide
+    assert widget.task.value == "nuclei"
+
+
+def test_export_twice_names_without_spaces_and_gui_wording(make_napari_viewer, qtbot, tmp_path,
+                                                           monkeypatch):
+    """Issue 13 item 8: a second export says what to tick, in a short notification."""
+    import napari_hemato._widgets.export as export_module
+    from napari_hemato._widgets.export import ExportWidget
+
+    errors = []
+    monkeypatch.setattr(export_module, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    layer = add_layer(viewer, smear_annotations(), "field A smear")
+    exporter = ExportWidget(viewer)
+    exporter.folder.value = tmp_path
+    exporter.layer.value = layer
+    for name, box in exporter.checks.items():
+        box.value = name == "geojson"
+    written = exporter.export()
+    assert [p.name for p in written.values()] == ["field_A_smear.geojson"]
+    assert exporter.export() == {}
+    assert "overwrite=True" not in exporter.status.value
+    assert "Tick 'overwrite existing files'" in exporter.status.value
+    assert len(errors) == 1 and len(errors[0]) < 120 and errors[0].endswith(")")
+    exporter.overwrite.value = True
+    assert exporter.export() == written

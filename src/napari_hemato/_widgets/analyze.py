@@ -32,6 +32,7 @@ from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
 from napari_hemato.io.layers import KEY
 from napari_hemato.io.viewer import (
+    image_info,
     in_image_world,
     layer_mpp,
     preview_layer_data,
@@ -41,7 +42,7 @@ from napari_hemato.io.viewer import (
     slide_for_layer,
     view_roi,
 )
-from napari_hemato.tasks import task_names
+from napari_hemato.tasks import DEFAULT_TASK, suggest_task, task_names
 
 log = logging.getLogger(__name__)
 REGIONS = ("whole image", "current view", "drawn shapes")
@@ -54,7 +55,9 @@ class AnalyzeWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
-        self.task = ComboBox(choices=task_names(), value="nuclei", label="task")
+        self.task = ComboBox(choices=task_names(), value=DEFAULT_TASK, label="task",
+                             tooltip="offered from the image: smear for a camera field "
+                                     "(JPEG/PNG without pixel size), else nuclei")
         self.model = LineEdit(value="", label="model folder",
                               tooltip="empty: the bundled model of the task")
         self.mpp = FloatSpinBox(value=0.0, min=0.0, max=100.0, step=0.001, label="µm/px",
@@ -95,6 +98,7 @@ class AnalyzeWidget(Container):
         layer = self.image.value
         if layer is not None:
             self.mpp.value = layer_mpp(layer) or 0.0
+            self.task.value = suggest_task(image_info(layer))
 
     def _rois(self, layer) -> list:
         mode = self.region.value

@@ -36,6 +36,18 @@ def layer_mpp(layer) -> float | None:
     return None
 
 
+def image_info(layer) -> dict:
+    """What is known of an image layer's image (:meth:`Slide.info` keys): from our reader's
+    metadata, else from the layer (napari's own reader: path, levels, channels, scale)."""
+    meta = layer.metadata.get(KEY, {})
+    if meta.get("levels"):
+        return meta
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return {"path": str(path or ""), "mpp": layer_mpp(layer),
+            "levels": [None] * (len(layer.data) if layer.multiscale else 1),
+            "channels": 3 if getattr(layer, "rgb", False) else 1}
+
+
 def slide_for_layer(layer, *, mpp: float | None = None) -> Slide:
     """The slide behind an image layer: reopened from its file, or wrapped in memory."""
     meta = layer.metadata.get(KEY, {})

@@ -65,6 +65,11 @@ class Task:
         """Second-stage models for :meth:`finish` (none by default)."""
         return {}
 
+    def suits(self, info: dict) -> bool:
+        """Whether this task is the one to offer for an image (``info``: a slide's
+        :meth:`~napari_hemato.core.slide.Slide.info`). Default: no."""
+        return False
+
     # -- running ----------------------------------------------------------------
     def prepare_slide(self, slide, predictor, *, roi=None, estimate_mpp: bool = True):
         """The slide as the run should see it (the pixel-size policy). Default: unchanged.

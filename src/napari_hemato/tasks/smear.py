@@ -116,6 +116,14 @@ class SmearTask(Task):
     name = "smear"
     title = "Blood smear cells (RBC / WBC / platelets) and the WBC differential"
 
+    def suits(self, info) -> bool:
+        """A smear field: a single-level colour camera image (JPEG, PNG, BMP) stating no pixel
+        size; slides (pyramids, TIFF/SVS with a pixel size) are offered the H&E tasks."""
+        path = str(info.get("path") or "").lower()
+        return (not info.get("mpp") and len(info.get("levels") or [None]) == 1
+                and int(info.get("channels") or 3) in (3, 4)
+                and path.endswith((".jpg", ".jpeg", ".png", ".bmp")))
+
     def load_stages(self, *, classifier=None, providers=None, threads=None, **options) -> dict:
         """``{"wbc": CellClassifier}``: ``classifier`` a folder, None for the bundled one,
         ``False`` for none (also when no WBC model is bundled)."""
