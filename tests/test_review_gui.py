@@ -185,3 +185,24 @@ def test_export_twice_names_without_spaces_and_gui_wording(make_napari_viewer, q
     assert len(errors) == 1 and len(errors[0]) < 120 and errors[0].endswith(")")
     exporter.overwrite.value = True
     assert exporter.export() == written
+
+
+def test_demo_view_opens_the_result_in_napari(qtbot, tmp_path):
+    """Issue 13 item 10: `napari-hemato demo --view` opens the slide, its result and Review."""
+    pytest.importorskip("onnx")
+    from napari_hemato.api import analyze
+    from napari_hemato.cli.analyze import view_result
+
+    from .onnx_models import dark_blob_model_dir
+    from .synthetic import disk_image, write_tiff
+
+    field = write_tiff(tmp_path / "field.tif", disk_image((200, 260), n=12, seed=2), mpp=0.5)
+    model = dark_blob_model_dir(tmp_path / "model")
+    result = analyze(field, task="nuclei", model=model, out=tmp_path / "run.zarr")
+    viewer = view_result(field, result, run=False)
+    try:
+        assert [lyr._type_string for lyr in viewer.layers] == ["image", "labels"]
+        assert viewer.layers[1].scale[0] == pytest.approx(0.5)
+        assert any("Review" in name for name in viewer.window.dock_widgets)
+    finally:
+        viewer.close()
