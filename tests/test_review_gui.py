@@ -206,3 +206,48 @@ def test_demo_view_opens_the_result_in_napari(qtbot, tmp_path):
         assert any("Review" in name for name in viewer.window.dock_widgets)
     finally:
         viewer.close()
+
+
+def test_feedback_phases_no_stale_bar_and_docks_that_fit(make_napari_viewer, qtbot, tmp_path):
+    """Issue 13 item 7: a phase instead of 0 % before the first tile, no stale 100 % bar,
+    status lines that wrap, a Review dock that fits a 1000 px screen."""
+    pytest.importorskip("onnx")
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato._widgets.review import ReviewWidget
+    from napari_hemato.api import Phase
+
+    from .onnx_models import dark_blob_model_dir
+    from .synthetic import disk_image, write_tiff
+
+    field = write_tiff(tmp_path / "field.tif", disk_image((200, 260), n=12, seed=2), mpp=0.5)
+    model = dark_blob_model_dir(tmp_path / "model")
+    viewer = make_napari_viewer(show=True)
+    viewer.open(field, plugin="napari-hemato")
+    analyze = AnalyzeWidget(viewer)
+    viewer.window.add_dock_widget(analyze, name="Analyse")
+    phases, on_progress = [], analyze._on_progress
+
+    def spy(item):
+        if isinstance(item[3], Phase):
+            phases.append((item[3].name, analyze.progress.max))
+        on_progress(item)
+        if isinstance(item[3], Phase):
+            assert analyze.status.value.endswith(f"{item[3].name}…")
+
+    analyze._on_progress = spy  # connected by start()
+    analyze.task.value, analyze.model.value = "nuclei", str(model)
+    for _ in range(2):
+        analyze.start()
+        assert analyze.progress.max == 0 and analyze.progress.value == 0  # busy, not last 100 %
+        with qtbot.waitSignal(analyze.worker.finished, timeout=300_000):
+            pass
+        qtbot.waitUntil(lambda: analyze.worker is None, timeout=60_000)
+    assert ("loading the model", 0) in phases
+    width = analyze.native.sizeHint().width()
+    analyze.status.value = "a very long status line " * 20
+    assert analyze.native.sizeHint().width() <= width + 5
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review")
+    assert review.minimumSizeHint().height() < 300
+    review.summary.setText("a very long summary line " * 20)
+    assert review.sizeHint().width() < 600

@@ -27,6 +27,7 @@ from magicgui.widgets import (
 )
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QSizePolicy
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
@@ -72,6 +73,9 @@ class AnalyzeWidget(Container):
         self.resume_button = PushButton(text="Resume", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, label="tiles")
         self.status = Label(value="")
+        self.status.native.setWordWrap(True)  # a long status wraps; the dock keeps its width
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored,
+                                         QSizePolicy.Policy.Preferred)
         self.extend([self.image, self.task, self.model, self.mpp, self.region, self.shapes,
                      self.tile, self.run_button, self.cancel_button, self.resume_button,
                      self.progress, self.status])
@@ -149,6 +153,7 @@ class AnalyzeWidget(Container):
         self.worker.finished.connect(self._on_finished)
         self.run_button.enabled = self.resume_button.enabled = False
         self.cancel_button.enabled = True
+        self.progress.min, self.progress.max, self.progress.value = 0, 0, 0  # busy, not last run's 100 %
         self.status.value = "starting…"
         self.worker.start()
 
@@ -160,7 +165,7 @@ class AnalyzeWidget(Container):
         for k, (roi, out) in enumerate(zip(params["rois"], params["outs"], strict=True)):
             gen = iter_analyze(params["slide"], task=params["task"], model=params["model"],
                                out=out, roi=roi, tile=params["tile"],
-                               resume=resume and Path(out).exists(), cancel=token)
+                               resume=resume and Path(out).exists(), cancel=token, phases=True)
             while True:
                 try:
                     event = next(gen)
@@ -179,7 +184,13 @@ class AnalyzeWidget(Container):
         self.status.value = "cancelling…"
 
     def _on_progress(self, item) -> None:
+        from napari_hemato.api import Phase
+
         k, n_rois, _out, event = item
+        if isinstance(event, Phase):  # before the first tile: say what takes the time
+            self.progress.max = 0  # busy indicator
+            self.status.value = f"region {k + 1}/{n_rois}: {event.name}…"
+            return
         if self._pbar is None:
             self._pbar = napari_progress(total=event.total * n_rois, desc=f"napari-hemato {self._last['task']}")
         self._pbar.n = k * event.total + event.done

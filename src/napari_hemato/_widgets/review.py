@@ -248,6 +248,7 @@ class ReviewWidget(QWidget):
 
     def _show_cam(self, row) -> None:
         self.cam.clear()
+        self.cam_caption.setVisible(False)
         task = task_for(self.session.annotations)
         if not task.has_cam(row):
             return
@@ -259,6 +260,10 @@ class ReviewWidget(QWidget):
         from napari_hemato._widgets.prob_bars import heatmap_pixmap
 
         self.cam.setPixmap(heatmap_pixmap(crop, cam))
+        called = row["class_auto"] if "class_auto" in row else row["class"]
+        self.cam_caption.setText(f"The crop the classifier saw; red marks where it looked to "
+                                 f"call it {called} (class activation map)")
+        self.cam_caption.setVisible(True)
 
     # -- actions ----------------------------------------------------------------
     def _after_change(self) -> None:

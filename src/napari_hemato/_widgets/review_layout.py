@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QGridLayout,
@@ -9,26 +10,45 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
+    QWidget,
 )
 
 from napari_hemato._widgets.prob_bars import ProbabilityBars
 
 
 def build_panel(w) -> None:
-    """Create the Review dock's controls on ``w`` (a ReviewWidget) and wire them to it."""
-    root = QVBoxLayout(w)
+    """Create the Review dock's controls on ``w`` (a ReviewWidget) and wire them to it.
+
+    The controls sit in a scroll area, so the dock never asks for more height than a
+    1000 px screen has next to the other docks; long texts wrap instead of widening it."""
+    outer = QVBoxLayout(w)
+    outer.setContentsMargins(0, 0, 0, 0)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    body = QWidget()
+    scroll.setWidget(body)
+    outer.addWidget(scroll)
+    root = QVBoxLayout(body)
     w.layer_box = QComboBox()
     w.layer_box.currentIndexChanged.connect(w._on_layer_choice)
     root.addWidget(w.layer_box)
     w.info = QLabel("click an object")
     w.info.setWordWrap(True)
+    w.info.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     root.addWidget(w.info)
     w.bars = ProbabilityBars()
     root.addWidget(w.bars)
     w.cam = QLabel()
     root.addWidget(w.cam)
+    w.cam_caption = QLabel("")
+    w.cam_caption.setWordWrap(True)
+    w.cam_caption.setVisible(False)
+    root.addWidget(w.cam_caption)
     row = QHBoxLayout()
     w.class_box = QComboBox()
     w.set_class_button = QPushButton("Set class")
@@ -81,6 +101,7 @@ def build_panel(w) -> None:
 
     w.summary = QLabel("")
     w.summary.setWordWrap(True)
+    w.summary.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     root.addWidget(w.summary)
     w.hotspot_button = QPushButton("Jump to mitotic hotspot")
     w.hotspot_button.clicked.connect(w.jump_to_hotspot)
