@@ -285,3 +285,14 @@ def make_points() -> ReviewSession:
                           "class": ["mitosis"] * 3, "confidence": [0.9, 0.8, 0.7],
                           "provenance": ["auto"] * 3, "reviewed": [False] * 3})
     return ReviewSession(AnnotationSet("points", table, ["mitosis"], mpp=0.25))
+
+
+def test_points_added_to_a_run_that_found_none_have_numeric_blanks():
+    """Found in the day-of-review test: an empty table has object columns; a hand-added
+    point must still get NaN (not "") confidence and probabilities."""
+    cols = ["id", "y", "x", "class", "confidence", "prob_normal", "provenance", "reviewed"]
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in cols})
+    s = ReviewSession(AnnotationSet("points", empty, ["normal"], mpp=0.25))
+    new = s.add_point(10.0, 20.0)
+    assert np.isnan(float(s.row(new)["confidence"])) and np.isnan(s.probabilities(new)["normal"])
+    assert s.row(new)["class"] == UNASSIGNED

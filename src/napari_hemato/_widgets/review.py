@@ -19,6 +19,7 @@ from pathlib import Path
 
 import napari
 import numpy as np
+import pandas as pd
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QWidget
 
@@ -197,9 +198,11 @@ class ReviewWidget(QWidget):
         self.selected = int(obj_id)
         row = session.row(obj_id)
         mark = "✓ reviewed" if row["reviewed"] else "not reviewed"
-        self.info.setText(f"id {obj_id}: <b>{row['class']}</b> ({row['provenance']}, {mark})<br>"
-                          f"model said {row.get('class_auto', row['class'])} with "
-                          f"{float(row['confidence']):.2f}")
+        conf = pd.to_numeric(pd.Series([row.get("confidence")]), errors="coerce").iloc[0]
+        said = (f"model said {row.get('class_auto', row['class'])} with {conf:.2f}"
+                if np.isfinite(conf) else "added by hand")
+        self.info.setText(f"id {obj_id}: <b>{session.hierarchy.label(str(row['class']))}</b> "
+                          f"({row['provenance']}, {mark})<br>{said}")
         self.bars.set_probabilities(session.probabilities(obj_id), chosen=row["class"])
         if (k := self.class_box.findData(str(row["class"]))) >= 0:
             self.class_box.setCurrentIndex(k)

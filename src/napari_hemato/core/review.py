@@ -102,7 +102,9 @@ class ReviewSession:
 
     def probabilities(self, obj_id: int) -> dict[str, float]:
         row = self.row(obj_id)
-        return {c: float(row.get(f"prob_{c}", np.nan)) for c in self.class_names}
+        values = pd.to_numeric(pd.Series([row.get(f"prob_{c}", np.nan) for c in self.class_names],
+                                         dtype=object), errors="coerce")
+        return dict(zip(self.class_names, values.astype(float), strict=True))
 
     def to_annotations(self) -> AnnotationSet:
         """The corrected set (a copy of the table; the same label image)."""
@@ -441,10 +443,16 @@ class ReviewSession:
         self._changed()
 
 
+#: text columns of the object table; any other column of an empty table is numeric
+TEXT_COLUMNS = {"class", "class_auto", "cell_type", "provenance", "model", "model_version",
+                "slide", "path", "split"}
+
+
 def _blank(column: pd.Series):
-    """An empty value of a column's kind (NaN, "" or False)."""
-    if pd.api.types.is_bool_dtype(column):
+    """An empty value of a column's kind (NaN, "" or False). An empty table (a run that
+    found nothing) has object columns: only its text columns take ""."""
+    if pd.api.types.is_bool_dtype(column) or column.name == "reviewed":
         return False
-    if pd.api.types.is_numeric_dtype(column):
+    if pd.api.types.is_numeric_dtype(column) or (not len(column) and column.name not in TEXT_COLUMNS):
         return np.nan
     return ""
