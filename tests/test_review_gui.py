@@ -251,3 +251,31 @@ def test_feedback_phases_no_stale_bar_and_docks_that_fit(make_napari_viewer, qtb
     assert review.minimumSizeHint().height() < 300
     review.summary.setText("a very long summary line " * 20)
     assert review.sizeHint().width() < 600
+
+
+def test_points_added_moved_and_deleted_undo_and_redo_in_the_layer(make_napari_viewer, qtbot):
+    from napari_hemato._widgets.review import ReviewWidget
+
+    viewer = make_napari_viewer()
+    table = pd.DataFrame({"id": [1, 2], "y": [10.0, 50.0], "x": [10.0, 60.0],
+                          "class": ["normal", "normal"], "confidence": [0.9, 0.6],
+                          "prob_normal": [0.9, 0.6], "prob_atypical": [0.1, 0.4],
+                          "provenance": ["auto"] * 2, "reviewed": [False] * 2})
+    ann = AnnotationSet("points", table, ["normal", "atypical"], mpp=0.25, image_shape=(100, 100),
+                        metadata={"model": {"task": "mitosis"}})
+    data, kwargs, _ = annotation_layer_data(ann, name="mitoses")
+    points = viewer.add_points(data, **kwargs)
+    review = ReviewWidget(viewer)
+    assert set(review.hotkeys.values()) == {"normal", "atypical", "rejected"}
+    points.add([[80.0, 80.0]])
+    assert len(points.data) == 3 and len(review.session.table) == 3
+    assert review.undo() == "edit points"
+    assert len(points.data) == 2 and len(points.features) == 2
+    assert review.redo() == "edit points"
+    assert len(points.data) == 3 and points.features["provenance"].iloc[-1] == "manual"
+    review.select(1)
+    review.delete()
+    assert len(points.data) == 2
+    assert review.undo() == "edit points" and 1 in set(points.features["id"])
+    np.testing.assert_allclose(np.asarray(points.data)[list(points.features["id"]).index(1)],
+                               [10.0, 10.0])
