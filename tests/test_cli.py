@@ -305,3 +305,32 @@ def test_summary_says_where_the_pixel_size_came_from(capsys, origin, mpp, said):
                    "percent": {}, "mean_confidence": None, "result": "r.zarr", "status": "complete"})
     line = [ln for ln in capsys.readouterr().out.splitlines() if "analysed" in ln][0]
     assert (said in line) if said else ("pixel size" not in line)
+
+
+def test_demo_points_to_a_command_that_works(tmp_path, field, model_dir, capsys, monkeypatch):
+    """Issue 13 item 10: no 'napari <path>' that fails without Qt; --view says what to install."""
+    import napari_hemato.cli.analyze as cli_analyze
+    from napari_hemato.api import analyze
+
+    def fast(slide, *, task, out_store, overwrite):  # the tiny model on the synthetic field
+        return analyze(field, task=task, model=model_dir, out=out_store, overwrite=overwrite)
+
+    monkeypatch.setattr(cli_analyze, "run_analysis", fast)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "napari-hemato demo --view" in text and "napari-hemato[viewer]" in text
+    assert "Open in napari:  napari " not in text
+
+    monkeypatch.setattr(cli_analyze, "qt_binding", lambda: None)
+    monkeypatch.setattr(cli_analyze, "run_analysis", lambda *a, **k: pytest.fail("ran anyway"))
+    assert main(["demo", "--view", "--out", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert "Qt binding" in err and "pip install 'napari-hemato[viewer]'" in err
+
+
+def test_the_viewer_extra_is_napari_with_a_qt_binding():
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    assert any(d.startswith("napari[pyqt6]") for d in extras["viewer"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -93,3 +95,52 @@ def test_points_layer_roundtrip_in_level0_pixels():
     assert kwargs["size"] == pytest.approx(48.0)
     back = annotations_from_layer(FakeLayer(data, kwargs))
     np.testing.assert_allclose(back.table[["y", "x"]], table[["y", "x"]])
+
+
+def test_corrections_of_a_jpeg_are_restored_in_its_pixel_world(tmp_path):
+    """Issue 13 item 5: a JPEG states no pixel size; its run measured 0.08 µm/px. The restored
+    layer must lie over the image (in pixels), not as a tiny patch at 0.08 µm/px."""
+    from PIL import Image
+
+    from napari_hemato.core.sidecar import autosave
+    from napari_hemato.io.reader import read_slide
+    from napari_hemato.io.viewer import level0_to_world
+
+    jpeg = tmp_path / "field.jpg"
+    Image.fromarray(np.full((120, 160, 3), 200, np.uint8)).save(jpeg)
+    s = make_session(origin=(10, 20))
+    ann = s.to_annotations()
+    ann.mpp, ann.image_path, ann.image_shape = 0.08, str(jpeg), (120, 160)
+    autosave(ann, "field smear")
+    (image, ikw, _), (data, kwargs, kind) = read_slide(str(jpeg))
+    assert "units" not in ikw and ikw["scale"] == (1.0, 1.0)
+    assert kind == "labels" and "units" not in kwargs
+    assert kwargs["scale"] == pytest.approx((1.0, 1.0))
+    layer = FakeLayer(data, kwargs)
+    layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+    row = ann.table.iloc[0]
+    assert level0_to_world(layer, row["y"], row["x"]) == pytest.approx((row["y"], row["x"]))
+
+
+def test_a_samples_corrections_go_to_the_cache_and_come_back(tmp_path, monkeypatch):
+    """Issue 13 item 5: nothing is written inside the installed package; opening the sample
+    again restores its corrections."""
+    import napari_hemato
+    from napari_hemato.core.sidecar import autosave
+    from napari_hemato.io.reader import sample_smear_field
+    from napari_hemato.samples import sample_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = sample_path("smear_field")
+    package = Path(napari_hemato.__file__).resolve().parent
+    assert not sidecar_dir(path).is_relative_to(package)
+    before = sorted(p.name for p in path.parent.iterdir())
+    s = make_session(origin=(0, 0))
+    ann = s.to_annotations()
+    ann.image_path, ann.mpp = str(path), 0.08
+    saved = autosave(ann, "smear_field smear")
+    assert saved is not None and saved.is_relative_to(tmp_path / "cache")
+    assert sorted(p.name for p in path.parent.iterdir()) == before
+    layers = sample_smear_field()
+    assert [k for _, _, k in layers] == ["image", "labels"]
+    assert layers[1][1]["name"] == "smear_field smear"

@@ -34,7 +34,7 @@ class ToyTask(Task):
     def finish(self, result, slide, stages):
         ToyTask.finished += 1
 
-    def summary(self, table, *, area_mm2=None, mpp=None):
+    def summary(self, table, *, area_mm2=None, mpp=None, region=None):
         return {"big_blobs": int((table["area_px"] > 10).sum()), "area_checked_mm2": area_mm2}
 
     def summary_lines(self, summary):

@@ -76,8 +76,11 @@ def test_analyse_review_autosave_reopen(make_napari_viewer, qtbot, field, two_cl
     feats = labels.features.set_index("id")
     assert feats.loc[first, "class"] == "B" and feats.loc[first, "provenance"] == "corrected"
     assert third not in feats.index and len(feats) == 39
-    review.undo()
+    assert review.undo() == "delete" and (labels.data == third).sum() > 0  # pixels back too
+    assert review.undo() == "set class"
     assert labels.features.set_index("id").loc[second, "class"] == "A"
+    assert review.redo() == "set class" and review.redo() == "delete"
+    assert (labels.data == third).sum() == 0
     review.select(second)
     review.set_class("B")
 
@@ -221,6 +224,26 @@ def test_current_view_region(make_napari_viewer, qtbot, field):
     y0, x0, y1, x1 = roi
     assert y0 <= 100 <= y1 and x0 <= 150 <= x1
     assert (y1 - y0) * (x1 - x0) < 400 * 520 / 4  # zoomed in: much less than the image
+
+
+def test_current_view_is_the_visible_part_only(make_napari_viewer, qtbot, field):
+    """Issue 13 item 6: the box is what the canvas shows, clipped to the image."""
+    from napari_hemato.io.viewer import view_roi
+
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(field, plugin="napari-hemato")  # 400 x 520 px at 0.5 µm/px
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    canvas = viewer.canvas.size
+    camera.zoom = 4.0 / 0.5  # 4 screen px per image px
+    camera.center = (0.0, 520 * 0.5)  # the top-right corner: three quarters off the image
+    roi = view_roi(image, viewer)
+    y0, x0, y1, x1 = roi
+    assert (y0, x1) == (0, 520)  # clipped to the image
+    on_screen = (canvas[0] / 4.0) * (canvas[1] / 4.0)
+    assert (y1 - y0) * (x1 - x0) <= on_screen / 4 + canvas[0] / 4 + canvas[1] / 4 + 1
+    assert y1 == pytest.approx(canvas[0] / 8, abs=1) and x0 == pytest.approx(520 - canvas[1] / 8, abs=1)
+    camera.center = (-1000.0, -1000.0)
+    assert view_roi(image, viewer) is None  # nothing of the image on screen
 
 
 def test_the_status_says_how_the_pixel_size_was_chosen():

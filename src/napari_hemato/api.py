@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from dataclasses import dataclass
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.engine import Progress, RunResult, drain, iter_run
@@ -43,6 +44,14 @@ def load_predictor(task: str | Task, model: PathLike | None = None, *, providers
     return get_task(task).load_predictor(model, providers=providers, threads=threads)
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A step before the first tile (``iter_analyze(..., phases=True)``): what the run is
+    doing while no tile is finished yet, e.g. ``"loading the model"``."""
+
+    name: str
+
+
 def iter_analyze(
     image: PathLike | Slide,
     *,
@@ -61,19 +70,28 @@ def iter_analyze(
     cancel: CancelToken | None = None,
     providers=None,
     threads: int | None = None,
+    phases: bool = False,
 ) -> Generator[Progress, None, RunResult]:
     """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result.
 
-    Closing the generator (or cancelling ``cancel``) stops the run; finished tiles
-    stay in ``out`` and ``resume=True`` continues them.
+    With ``phases``, :class:`Phase` events also tell what happens before the first tile
+    (loading the models, opening the image, measuring its pixel size), which can take
+    seconds. Closing the generator (or cancelling ``cancel``) stops the run; finished
+    tiles stay in ``out`` and ``resume=True`` continues them.
     """
     task = get_task(task)
+    if phases:
+        yield Phase("loading the model")
     predictor = task.load_predictor(model, providers=providers, threads=threads)
     stages = task.load_stages(classifier=classifier, providers=providers, threads=threads)
     owned = not isinstance(image, Slide)
     opened = open_slide(image, mpp=mpp) if owned else image
     try:
+        if phases and opened.mpp is None and estimate_mpp:
+            yield Phase("measuring the pixel size")
         slide = task.prepare_slide(opened, predictor, roi=roi, estimate_mpp=estimate_mpp)
+        if phases:
+            yield Phase("planning the tiles")
         result = yield from iter_run(slide, predictor, out=out, roi=roi, tile=tile,
                                      batch_size=batch_size, resume=resume, overwrite=overwrite,
                                      scheduler=scheduler, cancel=cancel)

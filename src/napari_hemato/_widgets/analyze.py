@@ -26,12 +26,14 @@ from magicgui.widgets import (
     create_widget,
 )
 from napari.utils import progress as napari_progress
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtWidgets import QSizePolicy
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
 from napari_hemato.io.layers import KEY
 from napari_hemato.io.viewer import (
+    image_info,
     in_image_world,
     layer_mpp,
     preview_layer_data,
@@ -41,7 +43,7 @@ from napari_hemato.io.viewer import (
     slide_for_layer,
     view_roi,
 )
-from napari_hemato.tasks import task_names
+from napari_hemato.tasks import DEFAULT_TASK, suggest_task, task_names
 
 log = logging.getLogger(__name__)
 REGIONS = ("whole image", "current view", "drawn shapes")
@@ -54,7 +56,9 @@ class AnalyzeWidget(Container):
         super().__init__(labels=True)
         self._viewer = viewer
         self.image = create_widget(annotation=napari.layers.Image, label="image")
-        self.task = ComboBox(choices=task_names(), value="nuclei", label="task")
+        self.task = ComboBox(choices=task_names(), value=DEFAULT_TASK, label="task",
+                             tooltip="offered from the image: smear for a camera field "
+                                     "(JPEG/PNG without pixel size), else nuclei")
         self.model = LineEdit(value="", label="model folder",
                               tooltip="empty: the bundled model of the task")
         self.mpp = FloatSpinBox(value=0.0, min=0.0, max=100.0, step=0.001, label="µm/px",
@@ -69,6 +73,9 @@ class AnalyzeWidget(Container):
         self.resume_button = PushButton(text="Resume", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, label="tiles")
         self.status = Label(value="")
+        self.status.native.setWordWrap(True)  # a long status wraps; the dock keeps its width
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored,
+                                         QSizePolicy.Policy.Preferred)
         self.extend([self.image, self.task, self.model, self.mpp, self.region, self.shapes,
                      self.tile, self.run_button, self.cancel_button, self.resume_button,
                      self.progress, self.status])
@@ -95,13 +102,14 @@ class AnalyzeWidget(Container):
         layer = self.image.value
         if layer is not None:
             self.mpp.value = layer_mpp(layer) or 0.0
+            self.task.value = suggest_task(image_info(layer))
 
     def _rois(self, layer) -> list:
         mode = self.region.value
         if mode == "current view":
-            roi = view_roi(layer)
+            roi = view_roi(layer, self._viewer)
             if roi is None:
-                show_warning("napari-hemato: the view is not drawn yet; analysing the whole image")
+                raise HematoError("the image is not in view: pan to it, or choose 'whole image'")
             return [roi]
         if mode == "drawn shapes":
             shapes = self.shapes.value
@@ -145,6 +153,7 @@ class AnalyzeWidget(Container):
         self.worker.finished.connect(self._on_finished)
         self.run_button.enabled = self.resume_button.enabled = False
         self.cancel_button.enabled = True
+        self.progress.min, self.progress.max, self.progress.value = 0, 0, 0  # busy, not last run's 100 %
         self.status.value = "starting…"
         self.worker.start()
 
@@ -156,7 +165,7 @@ class AnalyzeWidget(Container):
         for k, (roi, out) in enumerate(zip(params["rois"], params["outs"], strict=True)):
             gen = iter_analyze(params["slide"], task=params["task"], model=params["model"],
                                out=out, roi=roi, tile=params["tile"],
-                               resume=resume and Path(out).exists(), cancel=token)
+                               resume=resume and Path(out).exists(), cancel=token, phases=True)
             while True:
                 try:
                     event = next(gen)
@@ -175,7 +184,13 @@ class AnalyzeWidget(Container):
         self.status.value = "cancelling…"
 
     def _on_progress(self, item) -> None:
+        from napari_hemato.api import Phase
+
         k, n_rois, _out, event = item
+        if isinstance(event, Phase):  # before the first tile: say what takes the time
+            self.progress.max = 0  # busy indicator
+            self.status.value = f"region {k + 1}/{n_rois}: {event.name}…"
+            return
         if self._pbar is None:
             self._pbar = napari_progress(total=event.total * n_rois, desc=f"napari-hemato {self._last['task']}")
         self._pbar.n = k * event.total + event.done

@@ -15,7 +15,7 @@ from magicgui.widgets import CheckBox, ComboBox, Container, FileEdit, Label, Pus
 from napari.utils.notifications import show_error, show_info
 
 from napari_hemato.core.errors import HematoError
-from napari_hemato.core.export.formats import FORMATS, export_annotations, formats_for
+from napari_hemato.core.export.formats import FORMATS, destinations, export_annotations, formats_for
 from napari_hemato.io.layers import KEY, annotations_from_layer
 
 
@@ -38,6 +38,7 @@ class ExportWidget(Container):
         self.overwrite = CheckBox(value=False, text="overwrite existing files")
         self.button = PushButton(text="Export")
         self.status = Label(value="")
+        self.status.native.setWordWrap(True)  # long paths wrap, the dock keeps its width
         self.extend([self.layer, self.folder, *self.checks.values(), self.only_reviewed,
                      self.overwrite, self.button, self.status])
         self.button.changed.connect(self.export)
@@ -63,14 +64,25 @@ class ExportWidget(Container):
             return {}
         ann = annotations_from_layer(layer)
         formats = [n for n, box in self.checks.items() if box.value and box.enabled]
+        folder = Path(self.folder.value)
+        existing = [p for p in destinations(folder, formats, name=layer.name).values() if p.exists()]
+        if existing and not self.overwrite.value:
+            names = ", ".join(p.name for p in existing)
+            self.status.value = (f"not exported: {names} already exist in {folder}. Tick "
+                                 "'overwrite existing files' to replace them, or choose another folder.")
+            show_error("napari-hemato: export files already exist; tick 'overwrite existing files' "
+                       "(details in the Export panel)")
+            return {}
         try:
             written = export_annotations(ann, Path(self.folder.value), formats, name=layer.name,
                                          overwrite=self.overwrite.value,
                                          only_reviewed=self.only_reviewed.value)
         except (HematoError, OSError, ValueError) as err:
-            show_error(f"napari-hemato: export failed, nothing written for the failing format: {err}")
+            show_error("napari-hemato: export failed, nothing written for the failing format "
+                       "(details in the Export panel)")
             self.status.value = f"failed: {err}"
             return {}
-        self.status.value = f"wrote {len(written)} export(s) to {self.folder.value}"
-        show_info(f"napari-hemato: exported {', '.join(written)} to {self.folder.value}")
+        self.status.value = (f"wrote {', '.join(p.name for p in written.values())} "
+                             f"to {self.folder.value}")
+        show_info(f"napari-hemato: exported {len(written)} file(s) (see the Export panel)")
         return written

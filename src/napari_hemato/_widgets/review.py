@@ -1,11 +1,15 @@
 """Review dock widget: inspect, correct and confirm every object; live summaries.
 
-Click an object (or walk the queue with Alt-N / Alt-P) to see its class, the
-probability of every class and, for white cells, where the classifier looked.
-Alt-1 … Alt-9, Alt-0, Alt-Minus set the 1st … 11th class; Alt-R marks reviewed;
-Alt-Z undoes the last class change. Painting, erasing or filling with napari's
-tools keeps the table in step; merge, split and delete act on the selection.
-Every change is autosaved next to the image within a second.
+Click an object (or walk the queue with Alt-N / Alt-P, which zoom to it and frame
+it) to see its class, the probability of every class and, for white cells, where
+the classifier looked. The task's class hierarchy puts every class on a hotkey:
+Alt-1 … Alt-0, Alt-Minus the first bank (a smear's 11 white-cell subtypes), Control-Alt-1 …
+the second (its cell types). Alt-R marks reviewed; Alt-Z undoes and Alt-Y (or
+Shift-Alt-Z) redoes any review action, per layer. Painting, erasing or filling with
+napari's tools keeps the table in step; merge, split and delete act on the selection.
+Review sessions are keyed on the layer's ``unique_id`` (napari hands plugin widgets
+proxies, never the same object twice), so undo and the queue position survive
+switching layers. Every change is autosaved next to the image within a second.
 """
 
 from __future__ import annotations
@@ -15,22 +19,31 @@ from pathlib import Path
 
 import napari
 import numpy as np
+import pandas as pd
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QWidget
 
 from napari_hemato._widgets.review_layout import build_panel
+from napari_hemato.core.classes import BANK_KEYS, BANK_MODIFIERS
 from napari_hemato.core.review import ReviewSession
 from napari_hemato.core.sidecar import REVISION, autosave
 from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
 from napari_hemato.tasks import task_for
 
 log = logging.getLogger(__name__)
-CLASS_KEYS = [f"Alt-{k}" for k in "1234567890"] + ["Alt-Minus"]
+CLASS_KEYS = [f"{m}-{k}" for m in BANK_MODIFIERS for k in BANK_KEYS]
+#: Next / Prev frame an object in a window this many times its size (at least REVIEW_MIN_UM)
+REVIEW_CONTEXT, REVIEW_MIN_UM = 4.0, 60.0
 
 
 def _is_ours(layer) -> bool:
     meta = layer.metadata.get(KEY, {})
     return meta.get("role") in ("instances", "points")
+
+
+def _uid(layer):
+    """A layer's identity across napari's proxies (``unique_id``, napari >= 0.5)."""
+    return None if layer is None else getattr(layer, "unique_id", None) or id(layer)
 
 
 class ReviewWidget(QWidget):
@@ -39,10 +52,12 @@ class ReviewWidget(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = viewer
-        self.sessions: dict[int, ReviewSession] = {}
+        self.sessions: dict = {}  # unique_id of a layer -> its session
         self.layer = None
         self.selected: int | None = None
-        self._saved_revision: dict[int, int] = {}
+        self._saved_revision: dict = {}
+        self._highlight = None
+        self._names: dict = {}  # unique_id -> sidecar name, so a removed layer still saves
         self._summary: dict = {}
         self._build()
         self._autosave_timer = QTimer(self)
@@ -59,29 +74,39 @@ class ReviewWidget(QWidget):
         build_panel(self)
 
     def _bind_keys(self) -> None:
-        for k, key in enumerate(CLASS_KEYS):
-            self.viewer.bind_key(key, self._class_key(k), overwrite=True)
+        for key in CLASS_KEYS:
+            self.viewer.bind_key(key, self._class_key(key), overwrite=True)
         for key, fn in (("Alt-N", self.next), ("Alt-P", self.previous),
-                        ("Alt-R", self.mark_reviewed), ("Alt-Z", self.undo)):
+                        ("Alt-R", self.mark_reviewed), ("Alt-Z", self.undo),
+                        ("Alt-Y", self.redo), ("Shift-Alt-Z", self.redo)):
             self.viewer.bind_key(key, lambda _v, fn=fn: fn(), overwrite=True)
 
-    def _class_key(self, k: int):
+    @property
+    def hotkeys(self) -> dict[str, str]:
+        """``{key: class}`` of the layer under review (every class of its task's hierarchy)."""
+        return self.session.hierarchy.hotkeys() if self.session is not None else {}
+
+    def _class_key(self, key: str):
         def handler(_viewer):
-            if self.session is not None and k < len(self.session.class_names):
-                self.set_class(self.session.class_names[k])
+            if (name := self.hotkeys.get(key)) is not None:
+                self.set_class(name)
         return handler
 
     # -- layers and sessions ----------------------------------------------------
     def _refresh_layers(self, event=None) -> None:
         ours = [layer for layer in self.viewer.layers if _is_ours(layer)]
-        current = self.layer
+        uids = [_uid(layer) for layer in ours]
         self.layer_box.blockSignals(True)
         self.layer_box.clear()
         for layer in ours:
             self.layer_box.addItem(layer.name)
         self.layer_box.blockSignals(False)
-        if current in ours:
-            self.layer_box.setCurrentIndex(ours.index(current))
+        if set(self.sessions) - set(uids):  # a removed layer: save its last corrections
+            self.autosave()
+            for gone in set(self.sessions) - set(uids):
+                self.sessions.pop(gone, None)
+        if _uid(self.layer) in uids:
+            self.layer_box.setCurrentIndex(uids.index(_uid(self.layer)))
         elif ours:
             self.bind_layer(ours[-1])
         else:
@@ -89,7 +114,7 @@ class ReviewWidget(QWidget):
 
     def _on_active(self, event=None) -> None:
         layer = self.viewer.layers.selection.active
-        if layer is not None and _is_ours(layer) and layer is not self.layer:
+        if layer is not None and _is_ours(layer) and _uid(layer) != _uid(self.layer):
             self.bind_layer(layer)
 
     def _on_layer_choice(self, index: int) -> None:
@@ -99,18 +124,22 @@ class ReviewWidget(QWidget):
 
     @property
     def session(self) -> ReviewSession | None:
-        return self.sessions.get(id(self.layer)) if self.layer is not None else None
+        return self.sessions.get(_uid(self.layer)) if self.layer is not None else None
 
     def bind_layer(self, layer) -> ReviewSession:
-        """Review ``layer`` (a layer made by napari-hemato)."""
+        """Review ``layer`` (a layer made by napari-hemato); its session (undo history,
+        queue and position) is kept while the layer exists."""
         self.layer = layer
-        if id(layer) not in self.sessions:
+        uid = _uid(layer)
+        new = uid not in self.sessions
+        if new:
             ann = annotations_from_layer(layer)
             if ann.metadata.get("lazy"):
                 ann.labels = None  # whole-slide labels stay read-only; classes are editable
-            session = ReviewSession(ann)
-            self.sessions[id(layer)] = session
-            self._saved_revision[id(layer)] = 0
+            session = ReviewSession(ann, hierarchy=task_for(ann).hierarchy(ann))
+            self.sessions[uid] = session
+            self._saved_revision[uid] = 0
+            self._names[uid] = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
             layer.mouse_drag_callbacks.append(self._on_click)
             if ann.kind == "instances" and ann.labels is not None:
                 layer.events.paint.connect(lambda e, layer=layer: self._on_paint(layer))
@@ -119,19 +148,21 @@ class ReviewWidget(QWidget):
                                           "id": -1, "index": -1, "class": "unassigned",
                                           "provenance": "manual", "reviewed": False}
                 layer.events.data.connect(lambda e, layer=layer: self._on_points_data(layer))
-        session = self.sessions[id(layer)]
-        ours = [lyr for lyr in self.viewer.layers if _is_ours(lyr)]
-        if layer in ours and self.layer_box.currentIndex() != ours.index(layer):
+        session = self.sessions[uid]
+        uids = [_uid(lyr) for lyr in self.viewer.layers if _is_ours(lyr)]
+        if uid in uids and self.layer_box.currentIndex() != uids.index(uid):
             self.layer_box.blockSignals(True)
-            self.layer_box.setCurrentIndex(ours.index(layer))
+            self.layer_box.setCurrentIndex(uids.index(uid))
             self.layer_box.blockSignals(False)
         self.selected = None
         self.info.setText("click an object, or Next (Alt-N) to walk the queue")
         self.class_box.clear()
-        self.class_box.addItems(session.class_names)
+        for name in session.classes:
+            self.class_box.addItem(session.hierarchy.label(name), name)
         self.queue_mode.blockSignals(True)
         self.queue_mode.clear()
-        self.queue_mode.addItems(["uncertain", "confidence"] + [f"class:{c}" for c in session.class_names])
+        self.queue_mode.addItems(["uncertain", "confidence"] + [f"class:{c}" for c in session.classes])
+        self.queue_mode.setCurrentText(session.queue_mode)
         self.queue_mode.blockSignals(False)
         is_points = session.annotations.kind == "points"
         for w in (self.merge_button, self.merge_with, self.split_button):
@@ -139,7 +170,8 @@ class ReviewWidget(QWidget):
         self.accept_button.setEnabled(is_points)
         self.reject_button.setEnabled(is_points)
         self.hotspot_button.setVisible(is_points)
-        self.build_queue()
+        if new:
+            self.build_queue()  # a known layer keeps its queue and position
         self._update_summary()
         return session
 
@@ -148,7 +180,7 @@ class ReviewWidget(QWidget):
         if event.type != "mouse_press":
             return
         value = layer.get_value(event.position, world=True)
-        if layer is not self.layer:
+        if _uid(layer) != _uid(self.layer):
             self.bind_layer(layer)
         if self.session.annotations.kind == "points":
             if value is None:
@@ -159,30 +191,67 @@ class ReviewWidget(QWidget):
         if obj_id > 0 and obj_id in self.session.table.index:
             self.select(obj_id, center=False)
 
-    def select(self, obj_id: int, *, center: bool = True) -> None:
-        """Show object ``obj_id`` (and centre the view on it)."""
+    def select(self, obj_id: int, *, center: bool = True, zoom: bool = False) -> None:
+        """Show object ``obj_id``: centre the view on it and, with ``zoom``, frame it at a
+        review scale and draw a box around it."""
         session = self.session
         self.selected = int(obj_id)
         row = session.row(obj_id)
         mark = "✓ reviewed" if row["reviewed"] else "not reviewed"
-        self.info.setText(f"id {obj_id}: <b>{row['class']}</b> ({row['provenance']}, {mark})<br>"
-                          f"model said {row.get('class_auto', row['class'])} with "
-                          f"{float(row['confidence']):.2f}")
+        conf = pd.to_numeric(pd.Series([row.get("confidence")]), errors="coerce").iloc[0]
+        said = (f"model said {row.get('class_auto', row['class'])} with {conf:.2f}"
+                if np.isfinite(conf) else "added by hand")
+        self.info.setText(f"id {obj_id}: <b>{session.hierarchy.label(str(row['class']))}</b> "
+                          f"({row['provenance']}, {mark})<br>{said}")
         self.bars.set_probabilities(session.probabilities(obj_id), chosen=row["class"])
-        if row["class"] in session.class_names:
-            self.class_box.setCurrentText(str(row["class"]))
+        if (k := self.class_box.findData(str(row["class"]))) >= 0:
+            self.class_box.setCurrentIndex(k)
         self.merge_with.setValue(0)
         self._show_cam(row)
-        if center:
-            from napari_hemato.io.viewer import level0_to_world
-
-            camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
-            camera.center = level0_to_world(self.layer, float(row["y"]), float(row["x"]))
+        if center or zoom:
+            self._frame(row, zoom=zoom)
         if session.annotations.kind == "instances" and session.labels is not None:
             self.layer.selected_label = int(obj_id)
 
+    def _frame(self, row, *, zoom: bool) -> None:
+        """Centre on ``row``'s object; with ``zoom``, at a review scale, boxed."""
+        from napari_hemato.io.viewer import level0_to_world, review_box
+
+        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
+        box0 = review_box(row, mpp=self.session.annotations.mpp, context=REVIEW_CONTEXT,
+                          min_um=REVIEW_MIN_UM)
+        (wy0, wx0), (wy1, wx1) = (level0_to_world(self.layer, *box0[:2]),
+                                  level0_to_world(self.layer, *box0[2:]))
+        camera.center = level0_to_world(self.layer, float(row["y"]), float(row["x"]))
+        if not zoom:
+            return
+        canvas = getattr(getattr(self.viewer, "canvas", None), "size", None) or (600, 800)
+        camera.zoom = 0.9 * min(canvas[0] / max(wy1 - wy0, 1e-9), canvas[1] / max(wx1 - wx0, 1e-9))
+        self._show_highlight(row, [[wy0, wx0], [wy1, wx1]])
+
+    def _show_highlight(self, row, corners) -> None:
+        """A box around the object under review (one Shapes layer, reused)."""
+        (y0, x0), (y1, x1) = corners
+        oy, ox = (y1 - y0) / 2.5 / REVIEW_CONTEXT, (x1 - x0) / 2.5 / REVIEW_CONTEXT
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        rect = np.array([[cy - oy, cx - ox], [cy + oy, cx + ox]])
+        active = self.viewer.layers.selection.active
+        highlight = self._highlight
+        if highlight is None or _uid(highlight) not in {_uid(lyr) for lyr in self.viewer.layers}:
+            highlight = self._highlight = self.viewer.add_shapes(
+                [rect], shape_type="rectangle", edge_color="yellow", face_color="transparent",
+                edge_width=max(2 * oy, 2 * ox) / 25, name="review: selected",
+                metadata={KEY: {"role": "highlight"}})
+        else:
+            highlight.data = [rect]
+            highlight.shape_type = ["rectangle"]
+        highlight.edge_width = [max(2 * oy, 2 * ox) / 25]
+        if active is not None and _uid(active) != _uid(highlight):
+            self.viewer.layers.selection.active = active  # painting stays on the reviewed layer
+
     def _show_cam(self, row) -> None:
         self.cam.clear()
+        self.cam_caption.setVisible(False)
         task = task_for(self.session.annotations)
         if not task.has_cam(row):
             return
@@ -194,6 +263,10 @@ class ReviewWidget(QWidget):
         from napari_hemato._widgets.prob_bars import heatmap_pixmap
 
         self.cam.setPixmap(heatmap_pixmap(crop, cam))
+        called = row["class_auto"] if "class_auto" in row else row["class"]
+        self.cam_caption.setText(f"The crop the classifier saw; red marks where it looked to "
+                                 f"call it {called} (class activation map)")
+        self.cam_caption.setVisible(True)
 
     # -- actions ----------------------------------------------------------------
     def _after_change(self) -> None:
@@ -226,9 +299,35 @@ class ReviewWidget(QWidget):
             self.session.mark_reviewed([self.selected])
             self._after_change()
 
-    def undo(self) -> None:
-        if self.session is not None and self.session.undo():
-            self._after_change()
+    def undo(self) -> str | None:
+        """Take back the last review action on this layer (Alt-Z); its name."""
+        return self._history(self.session.undo) if self.session is not None else None
+
+    def redo(self) -> str | None:
+        """Replay the last undone action on this layer (Alt-Y, Shift-Alt-Z); its name."""
+        return self._history(self.session.redo) if self.session is not None else None
+
+    def _history(self, step) -> str | None:
+        action = step()
+        if action is None:
+            return None
+        if self.session.annotations.kind == "points":
+            self._points_from_table()
+        else:
+            self.layer.refresh()
+        if self.selected is not None and self.selected not in self.session.table.index:
+            self.selected = None
+        self._after_change()
+        self.info.setText(f"{'undid' if step == self.session.undo else 'redid'} {action}. "
+                          + self.info.text())
+        return action
+
+    def _points_from_table(self) -> None:
+        """Put the points back where the (restored) table says, without a sync."""
+        session, layer = self.session, self.layer
+        yx = session.table[["y", "x"]].to_numpy(float) - np.asarray(session.annotations.origin, float)
+        with layer.events.data.blocker():
+            layer.data = yx.reshape(-1, 2)
 
     def merge(self) -> None:
         other = self.merge_with.value()
@@ -270,13 +369,13 @@ class ReviewWidget(QWidget):
             self._after_change()
 
     def _on_paint(self, layer) -> None:
-        if layer is not self.layer:
+        if _uid(layer) != _uid(self.layer):
             self.bind_layer(layer)
-        added, removed = self.session.sync_with_labels()
+        self.session.sync_with_labels()
         self._after_change()
 
     def _on_points_data(self, layer) -> None:
-        if layer is not self.layer:
+        if _uid(layer) != _uid(self.layer):
             self.bind_layer(layer)
         session = self.session
         ids = layer.features["id"].to_numpy(np.int64).copy() if len(layer.features) else np.zeros(0, np.int64)
@@ -292,11 +391,11 @@ class ReviewWidget(QWidget):
 
     def next(self) -> None:
         if self.session is not None and (obj_id := self.session.next()) is not None:
-            self.select(obj_id)
+            self.select(obj_id, zoom=True)
 
     def previous(self) -> None:
         if self.session is not None and (obj_id := self.session.previous()) is not None:
-            self.select(obj_id)
+            self.select(obj_id, zoom=True)
 
     def _update_progress(self) -> None:
         done, total = self.session.progress
@@ -310,7 +409,7 @@ class ReviewWidget(QWidget):
         self._update_progress()
         ann = session.annotations
         task = task_for(ann)
-        summary = task.summary(session.table, area_mm2=_area_mm2(ann), mpp=ann.mpp)
+        summary = task.summary(session.table, area_mm2=ann.region_mm2, mpp=ann.mpp, region=ann.region)
         lines = task.summary_lines({**summary, **(extra or {})})
         if not lines:
             counts = session.table["class"].value_counts()
@@ -331,11 +430,17 @@ class ReviewWidget(QWidget):
     def autosave(self) -> Path | None:
         """Save every changed session next to its image."""
         saved = None
+        layers = {}
         for layer in list(self.viewer.layers):
-            session = self.sessions.get(id(layer))
-            if session is None or session.revision == self._saved_revision.get(id(layer)):
+            uid = _uid(layer)
+            if uid in self.sessions:
+                layers[uid] = layer
+                self._names[uid] = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
+        for uid, session in self.sessions.items():
+            if session.revision == self._saved_revision.get(uid) or uid not in self._names:
                 continue
-            name = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
+            name = self._names[uid]
+            layer = layers.get(uid)
             ann = session.to_annotations()
             path = autosave(ann, name)
             if path is not None:
@@ -343,18 +448,15 @@ class ReviewWidget(QWidget):
                 # the revision saved is the base of the next save; another viewer's newer save
                 # made this one a copy: keep saving this layer there (nothing is overwritten)
                 session.annotations.metadata[REVISION] = ann.metadata[REVISION]
-                layer.metadata.setdefault(KEY, {}).update(
-                    {REVISION: ann.metadata[REVISION], "sidecar_name": path.name})
+                self._names[uid] = path.name
+                if layer is not None:
+                    layer.metadata.setdefault(KEY, {}).update(
+                        {REVISION: ann.metadata[REVISION], "sidecar_name": path.name})
                 if path.name != name:
                     from napari.utils.notifications import show_warning
 
                     show_warning(f"{name} was changed by another viewer: your corrections are "
                                  f"saved as {path.name}")
-                self._saved_revision[id(layer)] = session.revision
+                self._saved_revision[uid] = session.revision
         return saved
 
-
-def _area_mm2(ann) -> float | None:
-    """Area of the image the objects were found on, in mm² (None without a pixel size)."""
-    shape = ann.image_shape or (0, 0)
-    return shape[0] * shape[1] * ann.mpp**2 / 1e6 if ann.mpp and shape[0] else None

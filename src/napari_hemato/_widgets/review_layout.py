@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QComboBox,
     QGridLayout,
@@ -9,30 +10,50 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QScrollArea,
+    QSizePolicy,
     QSpinBox,
     QVBoxLayout,
+    QWidget,
 )
 
 from napari_hemato._widgets.prob_bars import ProbabilityBars
 
 
 def build_panel(w) -> None:
-    """Create the Review dock's controls on ``w`` (a ReviewWidget) and wire them to it."""
-    root = QVBoxLayout(w)
+    """Create the Review dock's controls on ``w`` (a ReviewWidget) and wire them to it.
+
+    The controls sit in a scroll area, so the dock never asks for more height than a
+    1000 px screen has next to the other docks; long texts wrap instead of widening it."""
+    outer = QVBoxLayout(w)
+    outer.setContentsMargins(0, 0, 0, 0)
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    body = QWidget()
+    scroll.setWidget(body)
+    outer.addWidget(scroll)
+    root = QVBoxLayout(body)
     w.layer_box = QComboBox()
     w.layer_box.currentIndexChanged.connect(w._on_layer_choice)
     root.addWidget(w.layer_box)
     w.info = QLabel("click an object")
     w.info.setWordWrap(True)
+    w.info.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     root.addWidget(w.info)
     w.bars = ProbabilityBars()
     root.addWidget(w.bars)
     w.cam = QLabel()
     root.addWidget(w.cam)
+    w.cam_caption = QLabel("")
+    w.cam_caption.setWordWrap(True)
+    w.cam_caption.setVisible(False)
+    root.addWidget(w.cam_caption)
     row = QHBoxLayout()
     w.class_box = QComboBox()
     w.set_class_button = QPushButton("Set class")
-    w.set_class_button.clicked.connect(lambda: w.set_class(w.class_box.currentText()))
+    w.set_class_button.clicked.connect(
+        lambda: w.set_class(w.class_box.currentData() or w.class_box.currentText()))
     w.reviewed_button = QPushButton("Reviewed (Alt-R)")
     w.reviewed_button.clicked.connect(w.mark_reviewed)
     for c in (w.class_box, w.set_class_button, w.reviewed_button):
@@ -46,14 +67,17 @@ def build_panel(w) -> None:
     w.prev_button, w.next_button = QPushButton("◀ Prev (Alt-P)"), QPushButton("Next (Alt-N) ▶")
     w.prev_button.clicked.connect(w.previous)
     w.next_button.clicked.connect(w.next)
-    w.undo_button = QPushButton("Undo class (Alt-Z)")
+    w.undo_button = QPushButton("Undo (Alt-Z)")
     w.undo_button.clicked.connect(w.undo)
+    w.redo_button = QPushButton("Redo (Alt-Y)")
+    w.redo_button.clicked.connect(w.redo)
     w.progress_label = QLabel("")
     grid.addWidget(w.queue_mode, 0, 0, 1, 2)
     grid.addWidget(w.prev_button, 1, 0)
     grid.addWidget(w.next_button, 1, 1)
     grid.addWidget(w.undo_button, 2, 0)
-    grid.addWidget(w.progress_label, 2, 1)
+    grid.addWidget(w.redo_button, 2, 1)
+    grid.addWidget(w.progress_label, 3, 0, 1, 2)
     root.addWidget(queue)
 
     edit = QGroupBox("Edit objects")
@@ -77,6 +101,7 @@ def build_panel(w) -> None:
 
     w.summary = QLabel("")
     w.summary.setWordWrap(True)
+    w.summary.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
     root.addWidget(w.summary)
     w.hotspot_button = QPushButton("Jump to mitotic hotspot")
     w.hotspot_button.clicked.connect(w.jump_to_hotspot)

@@ -66,6 +66,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("demo", help="analyse the bundled H&E sample slide (the README's main job)")
     p.add_argument("--out", type=Path, help="where to keep the result (default: a temporary folder)")
+    p.add_argument("--view", action="store_true",
+                   help="then open the slide and its result in napari (needs the viewer extra: "
+                        "pip install 'napari-hemato[viewer]')")
     p.set_defaults(func=cmd_demo)
 
 
@@ -137,7 +140,8 @@ def summary(result, slide_path: Path) -> dict:
         **class_summary(table),
     }
     s.update(task_of(result.spec.task).summary(table, area_mm2=area_mm2,
-                                              mpp=None if grid.mpp_assumed else grid.mpp0))
+                                              mpp=None if grid.mpp_assumed else grid.mpp0,
+                                              region=tuple(grid.roi)))
     return s
 
 
@@ -259,9 +263,24 @@ def cmd_analyze(args) -> int:
     return 2 if failed else 0
 
 
+VIEWER_HINT = "pip install 'napari-hemato[viewer]'"
+QT_BINDINGS = ("PyQt6", "PySide6", "PyQt5", "PySide2")
+
+
+def qt_binding() -> str | None:
+    """The Qt binding napari would use, if one is installed (found, not imported)."""
+    import importlib.util
+
+    return next((b for b in QT_BINDINGS if importlib.util.find_spec(b) is not None), None)
+
+
 def cmd_demo(args) -> int:
     from napari_hemato.samples import sample_path
 
+    if args.view and qt_binding() is None:  # say so before spending a minute on the analysis
+        sys.stderr.write(f"napari-hemato demo --view: napari needs a Qt binding (PyQt6, PySide6, "
+                         f"...), and none is installed. Install the viewer extra:  {VIEWER_HINT}\n")
+        return 3
     slide = sample_path("he_slide")
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="hemato-demo-"))
     store = out_dir / "cmu_small_region.hemato.zarr"
@@ -272,5 +291,29 @@ def cmd_demo(args) -> int:
     if len(table):
         q = table["area_um2"].quantile([0.25, 0.5, 0.75])
         out(f"  nucleus area  median {q[0.5]:.1f} µm², IQR {q[0.25]:.1f}–{q[0.75]:.1f} µm²")
-    out(f"Open in napari:  napari {slide}   (Plugins > napari-hemato > Analyse / Review)")
+    if args.view:
+        out("Opening napari (close its window to finish)…")
+        view_result(slide, result)
+    else:
+        out(f"See it in napari:  napari-hemato demo --view   (needs the viewer extra: {VIEWER_HINT})")
     return 0
+
+
+def view_result(slide, result, *, run: bool = True):
+    """Open ``slide`` and ``result``'s layers in a napari viewer (blocks until it closes,
+    unless ``run`` is False: then the viewer is returned, for tests)."""
+    import napari
+
+    from napari_hemato.io.reader import read_slide
+    from napari_hemato.io.viewer import result_layer_data
+
+    viewer = napari.Viewer(title=f"napari-hemato: {Path(slide).name}")
+    for data, kwargs, kind in read_slide(str(slide))[:1]:
+        viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
+    name = f"{Path(slide).stem} {result.spec.task}"
+    for data, kwargs, kind in result_layer_data(result, name=name):
+        viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
+    viewer.window.add_plugin_dock_widget("napari-hemato", "Review and correct")
+    if run:
+        napari.run()
+    return viewer

@@ -69,6 +69,39 @@ class AnnotationSet:
         y0, x0 = self.origin
         return (y0, x0, y0 + self.labels.shape[0], x0 + self.labels.shape[1])
 
+    @property
+    def region(self) -> Box | None:
+        """The level-0 box that was analysed: recorded by the run (``metadata["region"]``),
+        else the label image's box, else the whole image (None when nothing says)."""
+        if self.metadata.get("region"):
+            return tuple(int(v) for v in self.metadata["region"])
+        if self.box is not None:
+            return self.box
+        if self.image_shape:
+            return (0, 0, int(self.image_shape[0]), int(self.image_shape[1]))
+        return None
+
+    @property
+    def region_mm2(self) -> float | None:
+        """Area of :attr:`region` in mm² (None without a pixel size): rates are over it.
+
+        Examples
+        --------
+        >>> a = AnnotationSet("points", pd.DataFrame(), [], mpp=0.5, image_shape=(10000, 10000),
+        ...                   metadata={"region": [0, 0, 1000, 2000]})
+        >>> a.region_mm2
+        0.5
+        """
+        return region_area_mm2(self.region, self.mpp)
+
+
+def region_area_mm2(region: Box | None, mpp: float | None) -> float | None:
+    """Area of a level-0 box in mm² (None without a box or a pixel size)."""
+    if region is None or not mpp:
+        return None
+    y0, x0, y1, x1 = region
+    return max(y1 - y0, 0) * max(x1 - x0, 0) * float(mpp) ** 2 / 1e6
+
 
 def upsample_labels(labels: np.ndarray, factor: float, shape: tuple[int, int],
                     start: tuple[int, int] = (0, 0), work_start: tuple[int, int] = (0, 0)
@@ -125,5 +158,14 @@ def from_result(result, *, roi: Box | None = None) -> AnnotationSet:
         mpp=cfg["slide"]["mpp"],
         image_path=cfg["slide"]["path"],
         image_shape=tuple(cfg["slide"]["shape"]),
-        metadata={"model": cfg["model"], "result": str(result.path)},
+        metadata={"model": cfg["model"], "result": str(result.path), **region_metadata(
+            roi, None if grid.mpp_assumed else grid.mpp0)},
     )
+
+
+def region_metadata(region: Box, mpp: float | None) -> dict:
+    """``{"region": [y0, x0, y1, x1], "region_mm2": area}``: what a run analysed, carried by
+    its layers and annotation sets so that rates are over that area (not the whole slide)."""
+    area = region_area_mm2(region, mpp)
+    return {"region": [int(v) for v in region],
+            **({"region_mm2": round(area, 6)} if area is not None else {})}

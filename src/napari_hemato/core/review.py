@@ -5,7 +5,11 @@ A :class:`ReviewSession` owns an :class:`~napari_hemato.core.annotations.Annotat
 place) and keeps the object table in step with every correction:
 
 - class changes mark ``provenance = "corrected"`` (the model's original call is
-  kept in ``class_auto``) and can be undone;
+  kept in ``class_auto``); a class of the task's :class:`ClassHierarchy` also sets
+  the object's type column (``cell_type``), so it moves between the counts;
+- every action (class, reviewed, accept/reject, merge, split, delete, painting,
+  points moved) is one step that :meth:`ReviewSession.undo` and
+  :meth:`ReviewSession.redo` take back and replay, label pixels included;
 - objects painted with a new id get class ``unassigned`` and provenance
   ``manual``; deleted objects leave the table; merge and split update both;
 - a queue walks the objects most in need of a human first.
@@ -15,6 +19,8 @@ Every mutating method bumps :attr:`revision`, which the autosave watches.
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,16 +29,32 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from napari_hemato.core.annotations import AnnotationSet
+from napari_hemato.core.classes import REJECTED, UNASSIGNED, ClassHierarchy
 
-UNASSIGNED = "unassigned"
-#: class given to rejected detections (kept: they are hard negatives for training)
-REJECTED = "rejected"
+__all__ = ["REJECTED", "UNASSIGNED", "ReviewSession"]
+
 
 
 @dataclass
-class _Undo:
-    ids: list[int]
-    rows: pd.DataFrame
+class _Step:
+    """One undoable action: row values (``ids``) or whole tables, and label pixels."""
+
+    action: str
+    before: pd.DataFrame
+    after: pd.DataFrame
+    ids: list[int] | None = None  # row-level step; None: ``before``/``after`` are whole tables
+    pixels: tuple | None = None  # (flat indices, old values, new values)
+
+
+def _recorded(action: str):
+    """Make a method one undoable step (whole table + label pixels)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def inner(self, *args, **kwargs):
+            with self._step(action):
+                return method(self, *args, **kwargs)
+        return inner
+    return wrap
 
 
 class ReviewSession:
@@ -40,22 +62,29 @@ class ReviewSession:
 
     Examples
     --------
-    >>> s = ReviewSession(annotations)                       # doctest: +SKIP
-    >>> s.set_class([12], "EO"); s.mark_reviewed([12]); s.undo()  # doctest: +SKIP
+    >>> s = ReviewSession(annotations, hierarchy=task.hierarchy(annotations))  # doctest: +SKIP
+    >>> s.set_class([12], "EO"); s.mark_reviewed([12]); s.undo(); s.undo(); s.redo()  # doctest: +SKIP
     """
 
-    def __init__(self, annotations: AnnotationSet) -> None:
+    def __init__(self, annotations: AnnotationSet, *,
+                 hierarchy: ClassHierarchy | None = None) -> None:
         self.annotations = annotations
+        self.hierarchy = hierarchy or ClassHierarchy.flat(annotations.class_names)
         table = annotations.table.copy()
         if "class_auto" not in table:
             table["class_auto"] = table["class"] if len(table) else pd.Series(dtype=object)
         table["reviewed"] = table["reviewed"].astype(bool) if len(table) else table["reviewed"]
         self.table = table.set_index("id", drop=False)
         self.table.index.name = None
-        self._undo: list[_Undo] = []
+        self._undo: list[_Step] = []
+        self._redo: list[_Step] = []
+        self._depth = 0
+        # the label image as of the last recorded step: painting is diffed against it
+        self._shadow = None if annotations.labels is None else np.array(annotations.labels)
         self.revision = 0
         self._queue: list[int] = []
         self._cursor = -1
+        self.queue_mode = "uncertain"
         self._max_id = 0
         self._max_id = self._next_id() - 1  # the largest id in use at the start
 
@@ -73,7 +102,9 @@ class ReviewSession:
 
     def probabilities(self, obj_id: int) -> dict[str, float]:
         row = self.row(obj_id)
-        return {c: float(row.get(f"prob_{c}", np.nan)) for c in self.class_names}
+        values = pd.to_numeric(pd.Series([row.get(f"prob_{c}", np.nan) for c in self.class_names],
+                                         dtype=object), errors="coerce")
+        return dict(zip(self.class_names, values.astype(float), strict=True))
 
     def to_annotations(self) -> AnnotationSet:
         """The corrected set (a copy of the table; the same label image)."""
@@ -84,43 +115,106 @@ class ReviewSession:
     def _changed(self) -> None:
         self.revision += 1
 
-    def _remember(self, ids) -> None:
-        ids = [int(i) for i in ids]
-        self._undo.append(_Undo(ids, self.table.loc[ids].copy()))
+    @property
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return bool(self._redo)
+
+    @contextmanager
+    def _step(self, action: str, ids=None):
+        """Record what the body changes as one undoable step (nested steps join the outer).
+
+        ``ids``: the body changes only these rows' values (cheap on big tables);
+        otherwise the whole table and the label pixels are compared before and after."""
+        if self._depth:
+            yield
+            return
+        self._depth += 1
+        try:
+            ids = None if ids is None else [int(i) for i in ids]
+            before = self.table.loc[ids].copy() if ids is not None else self.table.copy()
+            yield
+            after = self.table.loc[ids].copy() if ids is not None else self.table.copy()
+            pixels = None
+            if ids is None and self._shadow is not None:
+                changed = np.flatnonzero(self.labels.ravel() != self._shadow.ravel())
+                if changed.size:
+                    pixels = (changed, self._shadow.ravel()[changed].copy(),
+                              self.labels.ravel()[changed].copy())
+                    self._shadow.ravel()[changed] = pixels[2]
+            if ids is None and pixels is None and before.equals(after):
+                return  # a sync that found nothing; a user's action is a step even when idle
+            self._undo.append(_Step(action, before, after, ids, pixels))
+            self._redo.clear()
+            self._changed()
+        finally:
+            self._depth -= 1
+
+    def _apply(self, step: _Step, *, forward: bool) -> None:
+        rows = step.after if forward else step.before
+        if step.ids is None:
+            self.table = rows.copy()
+        else:
+            present = [i for i in step.ids if i in self.table.index]
+            self.table.loc[present, rows.columns] = rows.loc[present].to_numpy()
+        if step.pixels is not None:
+            index, old, new = step.pixels
+            values = new if forward else old
+            self.labels.ravel()[index] = values
+            self._shadow.ravel()[index] = values
+        self._changed()
+
+    def undo(self) -> str | None:
+        """Take back the last action; its name, or None when there is nothing to undo."""
+        if not self._undo:
+            return None
+        step = self._undo.pop()
+        self._apply(step, forward=False)
+        self._redo.append(step)
+        return step.action
+
+    def redo(self) -> str | None:
+        """Replay the last undone action; its name, or None when there is nothing to redo."""
+        if not self._redo:
+            return None
+        step = self._redo.pop()
+        self._apply(step, forward=True)
+        self._undo.append(step)
+        return step.action
 
     # -- classes ------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        """Every class an object may be given: the hierarchy's, then any other of the set's."""
+        return list(dict.fromkeys([*self.hierarchy.classes, *self.class_names]))
+
     def set_class(self, ids, name: str) -> None:
-        """Give ``ids`` the class ``name`` (provenance becomes corrected/manual)."""
-        if name not in self.class_names and name not in (UNASSIGNED, REJECTED):
-            raise ValueError(f"unknown class {name!r}; choose from {self.class_names}")
+        """Give ``ids`` the class ``name`` (provenance becomes corrected/manual).
+
+        A class of the hierarchy also sets the type column (``cell_type``): a red cell
+        given a white-cell subtype becomes a WBC and moves between the counts."""
+        if name not in self.classes and name not in (UNASSIGNED, REJECTED):
+            raise ValueError(f"unknown class {name!r}; choose from {self.classes}")
         ids = [int(i) for i in np.atleast_1d(ids)]
         missing = [i for i in ids if i not in self.table.index]
         if missing:
             raise KeyError(f"no object(s) with id {missing}")
-        self._remember(ids)
-        self.table.loc[ids, "class"] = name
-        auto = self.table.loc[ids, "provenance"] == "auto"
-        self.table.loc[[i for i, a in zip(ids, auto, strict=True) if a], "provenance"] = "corrected"
-        self.table.loc[ids, "reviewed"] = True
-        self._changed()
+        with self._step("set class", ids):
+            self.table.loc[ids, "class"] = name
+            column, kind = self.hierarchy.type_column, self.hierarchy.type_of(name)
+            if column and kind is not None and column in self.table:
+                self.table.loc[ids, column] = kind
+            auto = self.table.loc[ids, "provenance"] == "auto"
+            self.table.loc[[i for i, a in zip(ids, auto, strict=True) if a], "provenance"] = "corrected"
+            self.table.loc[ids, "reviewed"] = True
 
     def mark_reviewed(self, ids, reviewed: bool = True) -> None:
         ids = [int(i) for i in np.atleast_1d(ids)]
-        self._remember(ids)
-        self.table.loc[ids, "reviewed"] = reviewed
-        self._changed()
-
-    def undo(self) -> bool:
-        """Undo the last class/reviewed change; False when there is nothing to undo."""
-        while self._undo:
-            step = self._undo.pop()
-            present = [i for i in step.ids if i in self.table.index]
-            if not present:
-                continue
-            self.table.loc[present, step.rows.columns] = step.rows.loc[present].to_numpy()
-            self._changed()
-            return True
-        return False
+        with self._step("reviewed", ids):
+            self.table.loc[ids, "reviewed"] = reviewed
 
     # -- review queue -------------------------------------------------------------
     def build_queue(self, *, mode: str = "uncertain", only_unreviewed: bool = True) -> list[int]:
@@ -135,11 +229,11 @@ class ReviewSession:
         elif mode == "confidence":
             key = t["confidence"].to_numpy(float)
         elif mode == "uncertain":
-            cols = [f"prob_{c}" for c in self.class_names if f"prob_{c}" in t]
-            probs = np.sort(t[cols].to_numpy(float), axis=1) if cols and len(t) else np.zeros((len(t), 1))
-            key = probs[:, -1] - (probs[:, -2] if probs.shape[1] > 1 else 0.0)
+            # at the deepest level each row has probabilities for: NaN ones are absent
+            key = self.hierarchy.margins(t)
         else:
             raise ValueError(f"unknown queue mode {mode!r}")
+        self.queue_mode = mode
         order = np.lexsort((t.index.to_numpy(), np.nan_to_num(key, nan=-1.0)))
         self._queue = [int(i) for i in t.index.to_numpy()[order]]
         self._cursor = -1
@@ -212,6 +306,7 @@ class ReviewSession:
         self.table = pd.concat([self.table, row])
         self._max_id = max(self._max_id, obj_id)
 
+    @_recorded('paint')
     def sync_with_labels(self) -> tuple[list[int], list[int]]:
         """After painting: add rows for new ids, drop rows whose pixels are gone.
 
@@ -231,6 +326,7 @@ class ReviewSession:
             self._changed()
         return added, removed
 
+    @_recorded('delete')
     def delete(self, ids) -> None:
         ids = [int(i) for i in np.atleast_1d(ids)]
         if self.labels is not None:
@@ -238,6 +334,7 @@ class ReviewSession:
         self.table = self.table.drop(index=[i for i in ids if i in self.table.index])
         self._changed()
 
+    @_recorded('merge')
     def merge(self, keep: int, other: int) -> None:
         """Merge ``other`` into ``keep`` (mask and table)."""
         labels = self._require_labels()
@@ -248,6 +345,7 @@ class ReviewSession:
         self._measure([keep])
         self._changed()
 
+    @_recorded('split')
     def split(self, obj_id: int) -> int:
         """Split an object in two along its narrowest waist; returns the new id."""
         labels = self._require_labels()
@@ -278,6 +376,7 @@ class ReviewSession:
         return new_id
 
     # -- points ---------------------------------------------------------------------
+    @_recorded('add point')
     def add_point(self, y: float, x: float, *, name: str | None = None) -> int:
         """A manual point at level-0 (y, x); returns its id."""
         new_id = self._next_id()
@@ -292,6 +391,7 @@ class ReviewSession:
         self._changed()
         return new_id
 
+    @_recorded('edit points')
     def sync_points(self, yx: np.ndarray, ids: np.ndarray) -> tuple[list[int], list[int], list[int]]:
         """Follow a points layer: ``yx`` level-0 coordinates, ``ids`` (-1 = a new point).
 
@@ -324,12 +424,17 @@ class ReviewSession:
 
     def accept(self, ids) -> None:
         """Confirm detections as they are (reviewed, class unchanged)."""
-        self.mark_reviewed(ids, True)
+        ids = [int(i) for i in np.atleast_1d(ids)]
+        with self._step("accept", ids):
+            self.mark_reviewed(ids, True)
 
     def reject(self, ids) -> None:
         """Mark detections as false positives (class ``rejected``, kept for training)."""
-        self.set_class(ids, REJECTED)
+        ids = [int(i) for i in np.atleast_1d(ids)]
+        with self._step("reject", ids):
+            self.set_class(ids, REJECTED)
 
+    @_recorded('move point')
     def move_point(self, obj_id: int, y: float, x: float) -> None:
         mpp = self.annotations.mpp or np.nan
         self.table.loc[obj_id, ["y", "x", "y_um", "x_um"]] = [y, x, y * mpp, x * mpp]
@@ -338,10 +443,16 @@ class ReviewSession:
         self._changed()
 
 
+#: text columns of the object table; any other column of an empty table is numeric
+TEXT_COLUMNS = {"class", "class_auto", "cell_type", "provenance", "model", "model_version",
+                "slide", "path", "split"}
+
+
 def _blank(column: pd.Series):
-    """An empty value of a column's kind (NaN, "" or False)."""
-    if pd.api.types.is_bool_dtype(column):
+    """An empty value of a column's kind (NaN, "" or False). An empty table (a run that
+    found nothing) has object columns: only its text columns take ""."""
+    if pd.api.types.is_bool_dtype(column) or column.name == "reviewed":
         return False
-    if pd.api.types.is_numeric_dtype(column):
+    if pd.api.types.is_numeric_dtype(column) or (not len(column) and column.name not in TEXT_COLUMNS):
         return np.nan
     return ""

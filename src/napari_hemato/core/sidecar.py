@@ -3,7 +3,7 @@
 ``<image>.hemato/<name>/`` holds one annotation set: ``objects.csv`` (the
 corrected table), ``labels.npz`` (the label image, instances only) and
 ``meta.json`` (kind, classes, origin, µm/px, image, revision). When the image's
-folder is read-only the sidecar goes to the user's cache
+folder is read-only, or inside the installed package (its bundled samples), the sidecar goes to the user's cache
 (``~/.cache/napari-hemato/sidecars/<hash>``) instead.
 
 Crash safety: each save builds the new version in a temporary folder
@@ -52,6 +52,8 @@ REVISION = "sidecar_revision"
 LOCK_WAIT_S = 30.0
 
 log = logging.getLogger(__name__)
+#: the installed package: nothing is ever written inside it (its samples' sidecars go to the cache)
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 def sidecar_dir(image_path: str | Path, *, create: bool = False) -> Path:
@@ -59,10 +61,11 @@ def sidecar_dir(image_path: str | Path, *, create: bool = False) -> Path:
     image_path = Path(image_path).resolve()
     beside = image_path.with_name(image_path.name + ".hemato")
     cache = _cache_dir(image_path)
-    for existing in (beside, cache):
+    in_package = image_path.is_relative_to(PACKAGE_DIR)
+    for existing in (cache,) if in_package else (beside, cache):
         if existing.is_dir():
             return existing
-    target = beside if os.access(image_path.parent, os.W_OK) else cache
+    target = beside if os.access(image_path.parent, os.W_OK) and not in_package else cache
     if create:
         target.mkdir(parents=True, exist_ok=True)
         if target == cache:

@@ -74,7 +74,14 @@ def read_slide(path: str | Sequence[str]) -> list[LayerData]:
 
     if isinstance(path, list | tuple):
         path = path[0]
-    return [slide_to_layer_data(open_slide(path)), *restore_saved_layers(path)]
+    image = slide_to_layer_data(open_slide(path))
+    return [image, *restore_saved_layers(path, image_mpp=_image_mpp(image))]
+
+
+def _image_mpp(layer_data: LayerData) -> float | None:
+    """The µm/px an image layer from :func:`slide_to_layer_data` is placed at (None: pixels)."""
+    kwargs = layer_data[1]
+    return float(kwargs["scale"][0]) if "units" in kwargs else None
 
 
 def slide_to_layer_data(slide: Slide) -> LayerData:
@@ -129,10 +136,13 @@ def _is_ome_zarr(path: Path) -> bool:
 
 
 def _sample(name: str, mpp: float | None = None) -> list[tuple]:
-    from napari_hemato.core.slide import open_slide
+    """A bundled sample, with the corrections saved for it (in the user cache)."""
+    from napari_hemato.io.viewer import restore_saved_layers
     from napari_hemato.samples import sample_path
 
-    return [slide_to_layer_data(open_slide(sample_path(name), mpp=mpp))]
+    path = sample_path(name)
+    image = slide_to_layer_data(open_slide(path, mpp=mpp))
+    return [image, *restore_saved_layers(path, image_mpp=_image_mpp(image))]
 
 
 def sample_he_slide() -> list[tuple]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_hemato.core.annotations import AnnotationSet, from_result
+from napari_hemato.core.annotations import AnnotationSet, from_result, region_metadata
 from napari_hemato.core.errors import HematoError
 from napari_hemato.core.sidecar import load_annotations, saved_sets, sidecar_dir
 from napari_hemato.core.slide import Slide, open_slide, slide_from_array
@@ -36,6 +36,18 @@ def layer_mpp(layer) -> float | None:
     return None
 
 
+def image_info(layer) -> dict:
+    """What is known of an image layer's image (:meth:`Slide.info` keys): from our reader's
+    metadata, else from the layer (napari's own reader: path, levels, channels, scale)."""
+    meta = layer.metadata.get(KEY, {})
+    if meta.get("levels"):
+        return meta
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return {"path": str(path or ""), "mpp": layer_mpp(layer),
+            "levels": [None] * (len(layer.data) if layer.multiscale else 1),
+            "channels": 3 if getattr(layer, "rgb", False) else 1}
+
+
 def slide_for_layer(layer, *, mpp: float | None = None) -> Slide:
     """The slide behind an image layer: reopened from its file, or wrapped in memory."""
     meta = layer.metadata.get(KEY, {})
@@ -53,16 +65,38 @@ def _to_level0_box(layer, world_corners: np.ndarray) -> tuple[int, int, int, int
     return (int(y0), int(x0), int(y1), int(x1))
 
 
-def view_roi(layer) -> tuple[int, int, int, int] | None:
-    """Level-0 box of the image layer visible in the canvas (None before a draw)."""
-    corners = np.asarray(layer.corner_pixels, float)[:, -2:]
-    if layer.multiscale:
-        corners = corners * np.asarray(layer.downsample_factors[layer.data_level], float)[-2:]
-    y0, x0 = np.floor(corners[0]).astype(int)
-    y1, x1 = np.ceil(corners[1]).astype(int)
+def view_roi(layer, viewer=None) -> tuple[int, int, int, int] | None:
+    """Level-0 box of the image layer visible on screen (None when nothing of it is).
+
+    With ``viewer``, the box is what the camera shows (its centre, zoom and the canvas
+    size), clipped to the image: never more than the canvas holds, never off the image.
+    Without it, the layer's ``corner_pixels`` from the last draw (which napari pads to
+    whole tiles, so it may exceed the view).
+    """
+    shape = np.asarray(layer.level_shapes[0], int)
+    h, w = (shape[:2] if getattr(layer, "rgb", False) else shape[-2:])
+    if viewer is not None:
+        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+        canvas = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or (600, 800),
+                            float)
+        cy, cx = (float(v) for v in camera.center[-2:])
+        hy, hx = canvas / 2.0 / float(camera.zoom)
+        world = np.array([[cy - hy, cx - hx], [cy + hy, cx + hx]])
+        data = np.array([layer.world_to_data(p)[-2:] for p in world])
+        # pixel i covers [i - 0.5, i + 0.5) in napari data coordinates
+        y0, x0 = np.floor(data.min(axis=0) + 0.5).astype(int)
+        y1, x1 = np.ceil(data.max(axis=0) + 0.5).astype(int)
+    else:
+        corners = np.asarray(layer.corner_pixels, float)[:, -2:]
+        if layer.multiscale:
+            corners = corners * np.asarray(layer.downsample_factors[layer.data_level], float)[-2:]
+        y0, x0 = np.floor(corners[0]).astype(int)
+        y1, x1 = np.ceil(corners[1]).astype(int)
+    y0, y1 = max(int(y0), 0), min(int(y1), int(h))
+    x0, x1 = max(int(x0), 0), min(int(x1), int(w))
     if y1 <= y0 or x1 <= x0:
         return None
-    return (int(y0), int(x0), int(y1), int(x1))
+    return (y0, x0, y1, x1)
 
 
 def shape_rois(shapes_layer, image_layer) -> list[tuple[int, int, int, int]]:
@@ -105,7 +139,9 @@ def result_layer_data(result, *, name: str, roi=None) -> list[tuple]:
     ann = AnnotationSet("instances", table, list(result.spec.class_names), None,
                         origin=(grid.roi[0], grid.roi[1]), mpp=grid.mpp0,
                         image_path=str(result.store.config["slide"]["path"]),
-                        metadata={"result": str(result.path), "lazy": True})
+                        metadata={"result": str(result.path), "lazy": True,
+                                  **region_metadata(grid.roi, None if grid.mpp_assumed
+                                                    else grid.mpp0)})
     scale, translate = grid.napari_placement()
     meta = layer_metadata(ann, role="instances", run_id=result.path.stem)
     meta[KEY]["px0_per_data"] = float(grid.factor)
@@ -144,8 +180,10 @@ def preview_layer_data(info, image_layer, *, name: str) -> tuple | None:
     return data, kwargs
 
 
-def restore_saved_layers(image_path: str | Path) -> list[tuple]:
-    """Layer data for every annotation set autosaved next to an image.
+def restore_saved_layers(image_path: str | Path, *, image_mpp: float | None = None) -> list[tuple]:
+    """Layer data for every annotation set autosaved next to an image, placed in the world of
+    its image layer: µm when the image states its pixel size (``image_mpp``), its pixels
+    otherwise (a JPEG whose run measured or assumed a pixel size is still shown in pixels).
 
     A lazy whole-slide set saved its table only: its labels are reopened from the
     run's store, with the saved (corrected) table as features.
@@ -162,12 +200,21 @@ def restore_saved_layers(image_path: str | Path) -> list[tuple]:
                 data, kwargs, kind = result_layer_data(open_result(ann.metadata["result"]),
                                                        name=name)[0]
                 kwargs["features"] = features_of(ann.table)
-                layers.append((data, kwargs, kind))
             else:
-                layers.append(annotation_layer_data(ann, name=name))
+                data, kwargs, kind = annotation_layer_data(ann, name=name)
+            if image_mpp is None and "units" in kwargs:
+                kwargs = in_image_world(kwargs, _PixelImage, ann.mpp)
+            kwargs["metadata"][KEY]["sidecar_name"] = name
+            layers.append((data, kwargs, kind))
         except (OSError, ValueError, KeyError, HematoError) as err:
             log.warning("could not restore %s: %s", folder, err)
     return layers
+
+
+class _PixelImage:
+    """An image layer in level-0 pixels (no pixel size): what the reader makes of a JPEG."""
+
+    scale, translate, units, metadata = (1.0, 1.0), (0.0, 0.0), ("pixel", "pixel"), {}
 
 
 def in_image_world(kwargs: dict, image_layer, mpp0: float | None) -> dict:
@@ -198,6 +245,29 @@ def in_image_world(kwargs: dict, image_layer, mpp0: float | None) -> dict:
     out["scale"] = (float(scale[0]) / mpp0 * sy, float(scale[1]) / mpp0 * sx)
     out["translate"] = (float(translate[0]) / mpp0 * sy + ty, float(translate[1]) / mpp0 * sx + tx)
     return out
+
+
+def review_box(row, *, mpp: float | None, context: float = 4.0,
+               min_um: float = 60.0) -> tuple[float, float, float, float]:
+    """Level-0 box framing an object for review: ``context`` times its bounding box, at
+    least ``min_um`` (or ``2 * min_um`` pixels without a pixel size), centred on it.
+
+    Examples
+    --------
+    >>> review_box({"y": 100.0, "x": 50.0, "bbox_y0": 95, "bbox_x0": 40, "bbox_y1": 105,
+    ...             "bbox_x1": 60}, mpp=0.5, min_um=20.0)
+    (60.0, 10.0, 140.0, 90.0)
+    """
+    size = 0.0
+    try:
+        size = max(float(row["bbox_y1"]) - float(row["bbox_y0"]),
+                   float(row["bbox_x1"]) - float(row["bbox_x0"]))
+    except (KeyError, TypeError, ValueError):
+        pass
+    side = max(context * (size if np.isfinite(size) else 0.0),
+               min_um / mpp if mpp else 2 * min_um)
+    y, x = float(row["y"]), float(row["x"])
+    return (y - side / 2, x - side / 2, y + side / 2, x + side / 2)
 
 
 def level0_to_world(layer, y: float, x: float) -> tuple[float, float]:

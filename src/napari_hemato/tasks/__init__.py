@@ -21,7 +21,10 @@ import pkgutil
 from napari_hemato.core.errors import ModelError
 from napari_hemato.tasks.base import Task
 
-__all__ = ["Task", "get_task", "register", "task_for", "task_names", "task_of", "unregister"]
+__all__ = ["Task", "get_task", "register", "suggest_task", "task_for", "task_names", "task_of",
+           "unregister"]
+#: the task the Analyse widget offers when no task :meth:`~Task.suits` an image
+DEFAULT_TASK = "nuclei"
 
 _TASKS: dict[str, Task] = {}
 _found = False
@@ -90,3 +93,19 @@ def task_of(model_task: str | None) -> Task:
         if (task.model_task or task.name) == model_task:
             return task
     return Task()
+
+
+def suggest_task(info: dict) -> str:
+    """The task to offer for an image described by ``info`` (a slide's
+    :meth:`~napari_hemato.core.slide.Slide.info`): the first task that
+    :meth:`~Task.suits` it, else :data:`DEFAULT_TASK`.
+
+    Examples
+    --------
+    >>> suggest_task({"path": "field.jpg", "mpp": None, "levels": [{}], "channels": 3})
+    'smear'
+    >>> suggest_task({"path": "slide.svs", "mpp": 0.25, "levels": [{}, {}], "channels": 3})
+    'nuclei'
+    """
+    _discover()
+    return next((name for name in task_names() if _TASKS[name].suits(info)), DEFAULT_TASK)

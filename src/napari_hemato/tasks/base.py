@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from napari_hemato.core.classes import ClassHierarchy
 from napari_hemato.core.errors import ModelError
 
 
@@ -64,6 +65,11 @@ class Task:
         """Second-stage models for :meth:`finish` (none by default)."""
         return {}
 
+    def suits(self, info: dict) -> bool:
+        """Whether this task is the one to offer for an image (``info``: a slide's
+        :meth:`~napari_hemato.core.slide.Slide.info`). Default: no."""
+        return False
+
     # -- running ----------------------------------------------------------------
     def prepare_slide(self, slide, predictor, *, roi=None, estimate_mpp: bool = True):
         """The slide as the run should see it (the pixel-size policy). Default: unchanged.
@@ -77,8 +83,10 @@ class Task:
 
     # -- summaries ----------------------------------------------------------------
     def summary(self, table: pd.DataFrame, *, area_mm2: float | None = None,
-                mpp: float | None = None) -> dict[str, Any]:
-        """Task-specific numbers from an object table (JSON-able). Default: none."""
+                mpp: float | None = None, region=None) -> dict[str, Any]:
+        """Task-specific numbers from an object table (JSON-able). Default: none.
+
+        ``area_mm2`` is the area analysed (rates are over it), ``region`` its level-0 box."""
         return {}
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:
@@ -86,6 +94,12 @@ class Task:
         return []
 
     # -- review hints ---------------------------------------------------------------
+    def hierarchy(self, annotations) -> ClassHierarchy:
+        """The classes of this task's objects, by level (review, hotkeys, summaries, exports).
+
+        Default: one level, the annotation set's class names."""
+        return ClassHierarchy.flat(annotations.class_names)
+
     def claims(self, annotations) -> bool:
         """Whether objects saved without their model's task (older files) are this task's."""
         return False

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
+from napari_hemato.core.classes import REJECTED, UNASSIGNED, ClassHierarchy
 from napari_hemato.tasks.base import Task
 
 #: one high-power field; 10 HPF = 2.37 mm², the area used by the MIDOG challenge
 HPF_MM2 = 0.237
-EXCLUDED = ("rejected", "unassigned")
+EXCLUDED = (REJECTED, UNASSIGNED)
 
 
 def mitotic_count(table: pd.DataFrame, *, area_mm2: float) -> dict:
@@ -28,21 +29,41 @@ def mitotic_count(table: pd.DataFrame, *, area_mm2: float) -> dict:
     }
 
 
-def hotspot(table: pd.DataFrame, *, mpp: float, area_mm2: float = 10 * HPF_MM2) -> dict | None:
-    """The square window of ``area_mm2`` holding most mitoses (centred on a mitosis).
+def hotspot(table: pd.DataFrame, *, mpp: float, area_mm2: float = 10 * HPF_MM2,
+            region=None) -> dict | None:
+    """The square window of ``area_mm2`` holding most mitoses, inside ``region``.
 
-    Returns ``{"y", "x"}`` (level-0 px) of the window centre, ``count`` and the
-    window side in µm; None when there are no mitoses.
+    ``region`` (level-0 box ``(y0, x0, y1, x1)``, the area analysed) bounds the window:
+    its side is at most the region's shorter side, and a window centred on a mitosis
+    near the region's edge is shifted inside it. Returns ``{"y", "x"}`` (level-0 px) of
+    the window centre, ``count``, the window side in µm and the ``id`` of a mitosis in
+    it; None when there are no mitoses.
+
+    Examples
+    --------
+    >>> t = pd.DataFrame({"id": [1, 2], "y": [10.0, 20.0], "x": [10.0, 30.0], "class": ["m", "m"]})
+    >>> spot = hotspot(t, mpp=0.25, region=(0, 0, 200, 400))
+    >>> spot["side_um"], spot["count"], 0 <= spot["y"] - 100 <= 1
+    (50.0, 2, True)
     """
     t = table[~table["class"].astype(str).isin(EXCLUDED)] if len(table) else table
     if not len(t):
         return None
     side_um = np.sqrt(area_mm2) * 1000.0
-    yx = t[["y", "x"]].to_numpy(float) * mpp
-    tree = cKDTree(yx)
-    counts = np.array([len(tree.query_ball_point(p, side_um / 2, p=np.inf)) for p in yx])
+    yx = t[["y", "x"]].to_numpy(float)
+    centres = yx.copy()
+    if region is not None:
+        y0, x0, y1, x1 = (float(v) for v in region)
+        side_um = min(side_um, (y1 - y0) * mpp, (x1 - x0) * mpp)
+        half = side_um / mpp / 2
+        # the window centred on each mitosis, moved inside the region
+        centres[:, 0] = np.clip(centres[:, 0], y0 + half, max(y1 - half, y0 + half))
+        centres[:, 1] = np.clip(centres[:, 1], x0 + half, max(x1 - half, x0 + half))
+    tree = cKDTree(yx * mpp)
+    counts = np.array([len(tree.query_ball_point(c * mpp, side_um / 2 * (1 + 1e-9), p=np.inf))
+                       for c in centres])
     best = int(np.argmax(counts))
-    return {"y": float(t["y"].iloc[best]), "x": float(t["x"].iloc[best]),
+    return {"y": float(centres[best, 0]), "x": float(centres[best, 1]),
             "count": int(counts[best]), "side_um": round(side_um, 1), "id": int(t["id"].iloc[best])}
 
 
@@ -53,19 +74,26 @@ class MitosisTask(Task):
     def claims(self, annotations) -> bool:
         return annotations.kind == "points"
 
-    def summary(self, table, *, area_mm2=None, mpp=None) -> dict:
+    def hierarchy(self, annotations) -> ClassHierarchy:
+        """The model's mitosis classes (normal, atypical) and ``rejected`` (a false positive,
+        kept as a hard negative): one level, every class on a hotkey."""
+        return ClassHierarchy.flat([*annotations.class_names, REJECTED])
+
+    def summary(self, table, *, area_mm2=None, mpp=None, region=None) -> dict:
+        """The mitotic count over ``area_mm2`` (the area analysed) and the hotspot inside
+        ``region`` (its level-0 box)."""
         if not area_mm2:
             return {}
         out = {"mitotic_count": mitotic_count(table, area_mm2=area_mm2)}
         if mpp:
-            out["hotspot"] = hotspot(table, mpp=mpp)
+            out["hotspot"] = hotspot(table, mpp=mpp, region=region)
         return out
 
     def summary_lines(self, summary: dict) -> list[str]:
         if "mitotic_count" not in summary:
             return []
         c = summary["mitotic_count"]
-        lines = [f"{c['mitoses']} mitoses in {c['area_mm2']} mm²: {c['per_10_hpf']} / 10 HPF, "
+        lines = [f"{c['mitoses']} mitoses in {c['area_mm2']} mm² analysed: {c['per_10_hpf']} / 10 HPF, "
                  f"{c['per_2_mm2']} / 2 mm²"]
         spot = summary.get("hotspot")
         if spot:

@@ -18,6 +18,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from napari_hemato.core.classes import ClassHierarchy
 from napari_hemato.core.errors import SlideError
 from napari_hemato.models.cell_classifier import CLASS_NAMES
 from napari_hemato.tasks.base import Task
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 #: a red-cell estimate within this ratio of the spec's ``assumed_input_mpp`` confirms it: the
 #: estimate's p10-p90 spread on held-out BCCD fields (0.86-1.09 of the truth, see the smear card)
 AGREEMENT = (0.87, 1.15)
+WBC = "WBC"
 
 
 def differential(table: pd.DataFrame, *, target: int = 100) -> dict:
@@ -114,6 +116,14 @@ class SmearTask(Task):
     name = "smear"
     title = "Blood smear cells (RBC / WBC / platelets) and the WBC differential"
 
+    def suits(self, info) -> bool:
+        """A smear field: a single-level colour camera image (JPEG, PNG, BMP) stating no pixel
+        size; slides (pyramids, TIFF/SVS with a pixel size) are offered the H&E tasks."""
+        path = str(info.get("path") or "").lower()
+        return (not info.get("mpp") and len(info.get("levels") or [None]) == 1
+                and int(info.get("channels") or 3) in (3, 4)
+                and path.endswith((".jpg", ".jpeg", ".png", ".bmp")))
+
     def load_stages(self, *, classifier=None, providers=None, threads=None, **options) -> dict:
         """``{"wbc": CellClassifier}``: ``classifier`` a folder, None for the bundled one,
         ``False`` for none (also when no WBC model is bundled)."""
@@ -134,7 +144,7 @@ class SmearTask(Task):
         if "wbc" in stages:
             add_wbc_subtypes(result, slide, stages["wbc"])
 
-    def summary(self, table, *, area_mm2=None, mpp=None) -> dict:
+    def summary(self, table, *, area_mm2=None, mpp=None, region=None) -> dict:
         return {"differential": differential(table)} if "cell_type" in table else {}
 
     def summary_lines(self, summary) -> list[str]:
@@ -149,6 +159,17 @@ class SmearTask(Task):
 
     def claims(self, annotations) -> bool:
         return "cell_type" in annotations.table
+
+    def hierarchy(self, annotations) -> ClassHierarchy:
+        """Cell types (the detector's RBC, WBC, Platelets) -> the WBC classifier's 11
+        subtypes; the type lives in ``cell_type``. The classifier's PLT and ERB are white-cell
+        subtypes (what the classifier calls a cell the detector saw as a WBC), not types."""
+        names = [str(c) for c in annotations.class_names]
+        types = tuple(c for c in names if c not in CLASS_NAMES) or ("RBC", WBC, "Platelets")
+        subtypes = tuple(c for c in CLASS_NAMES if c in names) or CLASS_NAMES
+        if WBC not in types:
+            return ClassHierarchy.flat(names)
+        return ClassHierarchy(types, {WBC: subtypes}, type_column="cell_type")
 
     def has_cam(self, row) -> bool:
         subtype_probs = [k for k in row.index if k.startswith("prob_")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +32,26 @@ def formats_for(kind: str) -> list[str]:
     return [f.name for f in FORMATS.values() if kind in f.kinds]
 
 
+def safe_name(name: str) -> str:
+    """A file name base without spaces or path separators.
+
+    Examples
+    --------
+    >>> safe_name("field 1 smear (region 2)")
+    'field_1_smear_region_2'
+    """
+    return re.sub(r"[^\w.-]+", "_", str(name)).strip("._") or "export"
+
+
+def destinations(folder: str | Path, formats, *, name: str) -> dict[str, Path]:
+    """``{format: path}`` :func:`export_annotations` writes (to check before writing)."""
+    return {fmt: Path(folder) / f"{safe_name(name)}{FORMATS[fmt].suffix}" for fmt in formats}
+
+
 def export_annotations(ann: AnnotationSet, folder: str | Path, formats, *, name: str,
                        overwrite: bool = False, only_reviewed: bool = False) -> dict[str, Path]:
-    """Write ``ann`` in each of ``formats`` into ``folder`` as ``<name><suffix>``.
+    """Write ``ann`` in each of ``formats`` into ``folder`` as ``<name><suffix>`` (``name``
+    without spaces: :func:`safe_name`).
 
     Destinations outside ``folder`` are refused; each file appears whole or not at all.
 
@@ -62,6 +80,6 @@ def export_annotations(ann: AnnotationSet, folder: str | Path, formats, *, name:
         spec = FORMATS[fmt]
         if ann.kind not in spec.kinds:
             raise ex.ExportError(f"{fmt} export does not apply to {ann.kind}")
-        dest = folder / f"{name}{spec.suffix}"
+        dest = folder / f"{safe_name(name)}{spec.suffix}"
         written[fmt] = functions[fmt](ann, dest, overwrite=overwrite, base_dir=folder)
     return written
