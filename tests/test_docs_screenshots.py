@@ -112,5 +112,7 @@ def test_smear_walkthrough_screenshot(make_napari_viewer, qtbot, tmp_path):
     viewer.window.add_dock_widget(review, name="Review and correct")
     viewer.layers.selection.active = cells
     wbc = int(table.loc[table["cell_type"] == "WBC", "id"].iloc[0])
-    review.select(wbc)
+    review.select(wbc, zoom=True)  # framed at a review scale, boxed, the CAM captioned
+    assert not review.cam.pixmap().isNull(), review.session.row(wbc).to_dict()
+    assert review.cam_caption.isVisibleTo(review) and "class activation" in review.cam_caption.text()
     save(viewer, "smear_review.png")

@@ -241,6 +241,7 @@ class ReviewWidget(QWidget):
             highlight = self._highlight = self.viewer.add_shapes(
                 [rect], shape_type="rectangle", edge_color="yellow", face_color="transparent",
                 edge_width=max(2 * oy, 2 * ox) / 25, name="review: selected",
+                units=tuple(str(u) for u in self.layer.units)[-2:],  # the reviewed layer's world
                 metadata={KEY: {"role": "highlight"}})
         else:
             highlight.data = [rect]

@@ -107,3 +107,6 @@ def build_panel(w) -> None:
     w.hotspot_button.clicked.connect(w.jump_to_hotspot)
     root.addWidget(w.hotspot_button)
     root.addStretch()
+    # no horizontal scrolling: the dock is at least as wide as its widest row of buttons
+    scroll.setMinimumWidth(body.minimumSizeHint().width()
+                           + scroll.verticalScrollBar().sizeHint().width() + 4)
