@@ -304,3 +304,37 @@ def test_live_preview_never_reads_the_store_being_written(make_napari_viewer, qt
     assert np.array_equal(np.asarray(preview.data[:]), result.labels()[:])
     widget._remove_preview()
     assert preview not in viewer.layers
+
+
+def test_signals_delivered_inside_a_progress_handler_wait_their_turn(make_napari_viewer, qtbot,
+                                                                     field, two_class_model,
+                                                                     monkeypatch):
+    """napari's progress bar (and adding a layer) may let Qt process events: the run's
+    remaining signals (more progress, returned, finished) were then handled *inside* the
+    first progress handler, which went on with the cleared run state (``TypeError`` in the
+    Qt event loop, seen in CI) or left a "(running)" preview layer behind the results.
+
+    Forced here without timing: the first progress bar waits until the worker thread has
+    finished (so every signal is queued) and then processes events.
+    """
+    from qtpy.QtCore import QCoreApplication, QThreadPool
+
+    import napari_hemato._widgets.analyze as analyze_mod
+
+    real_progress = analyze_mod.napari_progress
+
+    def progress_that_processes_events(*args, **kwargs):
+        QThreadPool.globalInstance().waitForDone()
+        QCoreApplication.processEvents()
+        return real_progress(*args, **kwargs)
+
+    monkeypatch.setattr(analyze_mod, "napari_progress", progress_that_processes_events)
+    viewer = make_napari_viewer(show=True)
+    viewer.open(field, plugin="napari-hemato")
+    widget = analyze_mod.AnalyzeWidget(viewer)
+    widget.tile.value = 128  # several tiles: several progress events
+    run_analysis(qtbot, widget, task="nuclei", model=two_class_model)
+    names = [layer.name for layer in viewer.layers]
+    assert not any("(running)" in name for name in names), names
+    assert widget.results and widget.results[0].status == "complete"
+    assert widget.status.value.startswith("done:")

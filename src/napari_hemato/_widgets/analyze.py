@@ -29,6 +29,7 @@ from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QSizePolicy
 
+from napari_hemato._widgets.serial import SerialHandlers
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
 from napari_hemato.io.layers import KEY
@@ -147,10 +148,11 @@ class AnalyzeWidget(Container):
         self._last = params
         self._token = CancelToken()
         self.worker = create_worker(self._job, params, resume, self._token)
-        self.worker.yielded.connect(self._on_progress)
-        self.worker.returned.connect(self._on_done)
-        self.worker.errored.connect(self._on_error)
-        self.worker.finished.connect(self._on_finished)
+        serial = SerialHandlers()  # handlers never nest (see _widgets/serial.py)
+        self.worker.yielded.connect(serial.wrap(lambda: self._on_progress))
+        self.worker.returned.connect(serial.wrap(lambda: self._on_done))
+        self.worker.errored.connect(serial.wrap(lambda: self._on_error))
+        self.worker.finished.connect(serial.wrap(lambda: self._on_finished))
         self.run_button.enabled = self.resume_button.enabled = False
         self.cancel_button.enabled = True
         self.progress.min, self.progress.max, self.progress.value = 0, 0, 0  # busy, not last run's 100 %
