@@ -23,6 +23,7 @@ import pandas as pd
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QWidget
 
+from napari_hemato._widgets.review_frame import frame_object, layer_uid, show_cam
 from napari_hemato._widgets.review_layout import build_panel
 from napari_hemato.core.classes import BANK_KEYS, BANK_MODIFIERS
 from napari_hemato.core.review import ReviewSession
@@ -32,18 +33,11 @@ from napari_hemato.tasks import task_for
 
 log = logging.getLogger(__name__)
 CLASS_KEYS = [f"{m}-{k}" for m in BANK_MODIFIERS for k in BANK_KEYS]
-#: Next / Prev frame an object in a window this many times its size (at least REVIEW_MIN_UM)
-REVIEW_CONTEXT, REVIEW_MIN_UM = 4.0, 60.0
 
 
 def _is_ours(layer) -> bool:
     meta = layer.metadata.get(KEY, {})
     return meta.get("role") in ("instances", "points")
-
-
-def _uid(layer):
-    """A layer's identity across napari's proxies (``unique_id``, napari >= 0.5)."""
-    return None if layer is None else getattr(layer, "unique_id", None) or id(layer)
 
 
 class ReviewWidget(QWidget):
@@ -95,7 +89,7 @@ class ReviewWidget(QWidget):
     # -- layers and sessions ----------------------------------------------------
     def _refresh_layers(self, event=None) -> None:
         ours = [layer for layer in self.viewer.layers if _is_ours(layer)]
-        uids = [_uid(layer) for layer in ours]
+        uids = [layer_uid(layer) for layer in ours]
         self.layer_box.blockSignals(True)
         self.layer_box.clear()
         for layer in ours:
@@ -105,8 +99,8 @@ class ReviewWidget(QWidget):
             self.autosave()
             for gone in set(self.sessions) - set(uids):
                 self.sessions.pop(gone, None)
-        if _uid(self.layer) in uids:
-            self.layer_box.setCurrentIndex(uids.index(_uid(self.layer)))
+        if layer_uid(self.layer) in uids:
+            self.layer_box.setCurrentIndex(uids.index(layer_uid(self.layer)))
         elif ours:
             self.bind_layer(ours[-1])
         else:
@@ -114,7 +108,7 @@ class ReviewWidget(QWidget):
 
     def _on_active(self, event=None) -> None:
         layer = self.viewer.layers.selection.active
-        if layer is not None and _is_ours(layer) and _uid(layer) != _uid(self.layer):
+        if layer is not None and _is_ours(layer) and layer_uid(layer) != layer_uid(self.layer):
             self.bind_layer(layer)
 
     def _on_layer_choice(self, index: int) -> None:
@@ -124,13 +118,13 @@ class ReviewWidget(QWidget):
 
     @property
     def session(self) -> ReviewSession | None:
-        return self.sessions.get(_uid(self.layer)) if self.layer is not None else None
+        return self.sessions.get(layer_uid(self.layer)) if self.layer is not None else None
 
     def bind_layer(self, layer) -> ReviewSession:
         """Review ``layer`` (a layer made by napari-hemato); its session (undo history,
         queue and position) is kept while the layer exists."""
         self.layer = layer
-        uid = _uid(layer)
+        uid = layer_uid(layer)
         new = uid not in self.sessions
         if new:
             ann = annotations_from_layer(layer)
@@ -149,7 +143,7 @@ class ReviewWidget(QWidget):
                                           "provenance": "manual", "reviewed": False}
                 layer.events.data.connect(lambda e, layer=layer: self._on_points_data(layer))
         session = self.sessions[uid]
-        uids = [_uid(lyr) for lyr in self.viewer.layers if _is_ours(lyr)]
+        uids = [layer_uid(lyr) for lyr in self.viewer.layers if _is_ours(lyr)]
         if uid in uids and self.layer_box.currentIndex() != uids.index(uid):
             self.layer_box.blockSignals(True)
             self.layer_box.setCurrentIndex(uids.index(uid))
@@ -180,7 +174,7 @@ class ReviewWidget(QWidget):
         if event.type != "mouse_press":
             return
         value = layer.get_value(event.position, world=True)
-        if _uid(layer) != _uid(self.layer):
+        if layer_uid(layer) != layer_uid(self.layer):
             self.bind_layer(layer)
         if self.session.annotations.kind == "points":
             if value is None:
@@ -207,67 +201,12 @@ class ReviewWidget(QWidget):
         if (k := self.class_box.findData(str(row["class"]))) >= 0:
             self.class_box.setCurrentIndex(k)
         self.merge_with.setValue(0)
-        self._show_cam(row)
+        show_cam(self, row)
         if center or zoom:
-            self._frame(row, zoom=zoom)
+            self._highlight = frame_object(self.viewer, self.layer, row, mpp=self.session.annotations.mpp,
+                                           zoom=zoom, highlight=self._highlight)
         if session.annotations.kind == "instances" and session.labels is not None:
             self.layer.selected_label = int(obj_id)
-
-    def _frame(self, row, *, zoom: bool) -> None:
-        """Centre on ``row``'s object; with ``zoom``, at a review scale, boxed."""
-        from napari_hemato.io.viewer import level0_to_world, review_box
-
-        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
-        box0 = review_box(row, mpp=self.session.annotations.mpp, context=REVIEW_CONTEXT,
-                          min_um=REVIEW_MIN_UM)
-        (wy0, wx0), (wy1, wx1) = (level0_to_world(self.layer, *box0[:2]),
-                                  level0_to_world(self.layer, *box0[2:]))
-        camera.center = level0_to_world(self.layer, float(row["y"]), float(row["x"]))
-        if not zoom:
-            return
-        canvas = getattr(getattr(self.viewer, "canvas", None), "size", None) or (600, 800)
-        camera.zoom = 0.9 * min(canvas[0] / max(wy1 - wy0, 1e-9), canvas[1] / max(wx1 - wx0, 1e-9))
-        self._show_highlight(row, [[wy0, wx0], [wy1, wx1]])
-
-    def _show_highlight(self, row, corners) -> None:
-        """A box around the object under review (one Shapes layer, reused)."""
-        (y0, x0), (y1, x1) = corners
-        oy, ox = (y1 - y0) / 2.5 / REVIEW_CONTEXT, (x1 - x0) / 2.5 / REVIEW_CONTEXT
-        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
-        rect = np.array([[cy - oy, cx - ox], [cy + oy, cx + ox]])
-        active = self.viewer.layers.selection.active
-        highlight = self._highlight
-        if highlight is None or _uid(highlight) not in {_uid(lyr) for lyr in self.viewer.layers}:
-            highlight = self._highlight = self.viewer.add_shapes(
-                [rect], shape_type="rectangle", edge_color="yellow", face_color="transparent",
-                edge_width=max(2 * oy, 2 * ox) / 25, name="review: selected",
-                units=tuple(str(u) for u in self.layer.units)[-2:],  # the reviewed layer's world
-                metadata={KEY: {"role": "highlight"}})
-        else:
-            highlight.data = [rect]
-            highlight.shape_type = ["rectangle"]
-        highlight.edge_width = [max(2 * oy, 2 * ox) / 25]
-        if active is not None and _uid(active) != _uid(highlight):
-            self.viewer.layers.selection.active = active  # painting stays on the reviewed layer
-
-    def _show_cam(self, row) -> None:
-        self.cam.clear()
-        self.cam_caption.setVisible(False)
-        task = task_for(self.session.annotations)
-        if not task.has_cam(row):
-            return
-        try:
-            crop, cam = task.cam(self.session.annotations, row)
-        except Exception as err:  # noqa: BLE001 - the CAM is an aid; never break review
-            log.info("no CAM for object %s: %s", row["id"], err)
-            return
-        from napari_hemato._widgets.prob_bars import heatmap_pixmap
-
-        self.cam.setPixmap(heatmap_pixmap(crop, cam))
-        called = row["class_auto"] if "class_auto" in row else row["class"]
-        self.cam_caption.setText(f"The crop the classifier saw; red marks where it looked to "
-                                 f"call it {called} (class activation map)")
-        self.cam_caption.setVisible(True)
 
     # -- actions ----------------------------------------------------------------
     def _after_change(self) -> None:
@@ -370,13 +309,13 @@ class ReviewWidget(QWidget):
             self._after_change()
 
     def _on_paint(self, layer) -> None:
-        if _uid(layer) != _uid(self.layer):
+        if layer_uid(layer) != layer_uid(self.layer):
             self.bind_layer(layer)
         self.session.sync_with_labels()
         self._after_change()
 
     def _on_points_data(self, layer) -> None:
-        if _uid(layer) != _uid(self.layer):
+        if layer_uid(layer) != layer_uid(self.layer):
             self.bind_layer(layer)
         session = self.session
         ids = layer.features["id"].to_numpy(np.int64).copy() if len(layer.features) else np.zeros(0, np.int64)
@@ -433,7 +372,7 @@ class ReviewWidget(QWidget):
         saved = None
         layers = {}
         for layer in list(self.viewer.layers):
-            uid = _uid(layer)
+            uid = layer_uid(layer)
             if uid in self.sessions:
                 layers[uid] = layer
                 self._names[uid] = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)

@@ -19,9 +19,7 @@ Every mutating method bumps :attr:`revision`, which the autosave watches.
 
 from __future__ import annotations
 
-import functools
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -30,34 +28,13 @@ from skimage.segmentation import watershed
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.classes import REJECTED, UNASSIGNED, ClassHierarchy
+from napari_hemato.core.review_points import PointEdits
+from napari_hemato.core.review_steps import Step, recorded
 
 __all__ = ["REJECTED", "UNASSIGNED", "ReviewSession"]
 
 
-
-@dataclass
-class _Step:
-    """One undoable action: row values (``ids``) or whole tables, and label pixels."""
-
-    action: str
-    before: pd.DataFrame
-    after: pd.DataFrame
-    ids: list[int] | None = None  # row-level step; None: ``before``/``after`` are whole tables
-    pixels: tuple | None = None  # (flat indices, old values, new values)
-
-
-def _recorded(action: str):
-    """Make a method one undoable step (whole table + label pixels)."""
-    def wrap(method):
-        @functools.wraps(method)
-        def inner(self, *args, **kwargs):
-            with self._step(action):
-                return method(self, *args, **kwargs)
-        return inner
-    return wrap
-
-
-class ReviewSession:
+class ReviewSession(PointEdits):
     """Corrections on one annotation set.
 
     Examples
@@ -76,8 +53,8 @@ class ReviewSession:
         table["reviewed"] = table["reviewed"].astype(bool) if len(table) else table["reviewed"]
         self.table = table.set_index("id", drop=False)
         self.table.index.name = None
-        self._undo: list[_Step] = []
-        self._redo: list[_Step] = []
+        self._undo: list[Step] = []
+        self._redo: list[Step] = []
         self._depth = 0
         # the label image as of the last recorded step: painting is diffed against it
         self._shadow = None if annotations.labels is None else np.array(annotations.labels)
@@ -147,13 +124,13 @@ class ReviewSession:
                     self._shadow.ravel()[changed] = pixels[2]
             if ids is None and pixels is None and before.equals(after):
                 return  # a sync that found nothing; a user's action is a step even when idle
-            self._undo.append(_Step(action, before, after, ids, pixels))
+            self._undo.append(Step(action, before, after, ids, pixels))
             self._redo.clear()
             self._changed()
         finally:
             self._depth -= 1
 
-    def _apply(self, step: _Step, *, forward: bool) -> None:
+    def _apply(self, step: Step, *, forward: bool) -> None:
         rows = step.after if forward else step.before
         if step.ids is None:
             self.table = rows.copy()
@@ -306,7 +283,7 @@ class ReviewSession:
         self.table = pd.concat([self.table, row])
         self._max_id = max(self._max_id, obj_id)
 
-    @_recorded('paint')
+    @recorded('paint')
     def sync_with_labels(self) -> tuple[list[int], list[int]]:
         """After painting: add rows for new ids, drop rows whose pixels are gone.
 
@@ -326,7 +303,7 @@ class ReviewSession:
             self._changed()
         return added, removed
 
-    @_recorded('delete')
+    @recorded('delete')
     def delete(self, ids) -> None:
         ids = [int(i) for i in np.atleast_1d(ids)]
         if self.labels is not None:
@@ -334,7 +311,7 @@ class ReviewSession:
         self.table = self.table.drop(index=[i for i in ids if i in self.table.index])
         self._changed()
 
-    @_recorded('merge')
+    @recorded('merge')
     def merge(self, keep: int, other: int) -> None:
         """Merge ``other`` into ``keep`` (mask and table)."""
         labels = self._require_labels()
@@ -345,7 +322,7 @@ class ReviewSession:
         self._measure([keep])
         self._changed()
 
-    @_recorded('split')
+    @recorded('split')
     def split(self, obj_id: int) -> int:
         """Split an object in two along its narrowest waist; returns the new id."""
         labels = self._require_labels()
@@ -374,73 +351,6 @@ class ReviewSession:
         self._measure([obj_id, new_id])
         self._changed()
         return new_id
-
-    # -- points ---------------------------------------------------------------------
-    @_recorded('add point')
-    def add_point(self, y: float, x: float, *, name: str | None = None) -> int:
-        """A manual point at level-0 (y, x); returns its id."""
-        new_id = self._next_id()
-        self._new_row(new_id)
-        mpp = self.annotations.mpp or np.nan
-        for k, v in {"y": y, "x": x, "y_um": y * mpp, "x_um": x * mpp, "area_px": 0.0,
-                     "bbox_y0": int(y), "bbox_x0": int(x), "bbox_y1": int(y) + 1,
-                     "bbox_x1": int(x) + 1}.items():
-            self.table.loc[new_id, k] = v
-        if name is not None:
-            self.table.loc[new_id, "class"] = name
-        self._changed()
-        return new_id
-
-    @_recorded('edit points')
-    def sync_points(self, yx: np.ndarray, ids: np.ndarray) -> tuple[list[int], list[int], list[int]]:
-        """Follow a points layer: ``yx`` level-0 coordinates, ``ids`` (-1 = a new point).
-
-        New points get fresh ids (class ``unassigned``, provenance ``manual``),
-        moved ones become ``corrected``, missing ones leave the table, and the table
-        follows the layer's point order. Returns ``(added, removed, moved)`` ids;
-        ``ids`` is updated in place.
-        """
-        yx = np.asarray(yx, float).reshape(-1, 2)
-        ids = np.asarray(ids)
-        known = set(self.table.index.tolist())
-        removed = sorted(known - {int(i) for i in ids if i >= 0})
-        if removed:
-            self.table = self.table.drop(index=removed)
-        added, moved, seen = [], [], set()
-        for k, obj_id in enumerate(ids):
-            y, x = yx[k]
-            # napari copies the selected point's features into a new point: a repeated id is new
-            if obj_id < 0 or obj_id not in self.table.index or obj_id in seen:
-                ids[k] = self.add_point(y, x)
-                added.append(int(ids[k]))
-            elif not np.allclose(self.table.loc[obj_id, ["y", "x"]].to_numpy(float), (y, x)):
-                self.move_point(int(obj_id), y, x)
-                moved.append(int(obj_id))
-            seen.add(int(ids[k]))
-        self.table = self.table.loc[[int(i) for i in ids]] if len(ids) else self.table.iloc[:0]
-        if removed:
-            self._changed()
-        return added, removed, moved
-
-    def accept(self, ids) -> None:
-        """Confirm detections as they are (reviewed, class unchanged)."""
-        ids = [int(i) for i in np.atleast_1d(ids)]
-        with self._step("accept", ids):
-            self.mark_reviewed(ids, True)
-
-    def reject(self, ids) -> None:
-        """Mark detections as false positives (class ``rejected``, kept for training)."""
-        ids = [int(i) for i in np.atleast_1d(ids)]
-        with self._step("reject", ids):
-            self.set_class(ids, REJECTED)
-
-    @_recorded('move point')
-    def move_point(self, obj_id: int, y: float, x: float) -> None:
-        mpp = self.annotations.mpp or np.nan
-        self.table.loc[obj_id, ["y", "x", "y_um", "x_um"]] = [y, x, y * mpp, x * mpp]
-        if self.table.loc[obj_id, "provenance"] == "auto":
-            self.table.loc[obj_id, "provenance"] = "corrected"
-        self._changed()
 
 
 #: text columns of the object table; any other column of an empty table is numeric

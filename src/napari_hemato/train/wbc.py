@@ -52,7 +52,6 @@ from napari_hemato.models.colour_standardize import COLOUR_MODES, apply_colour_m
 from napari_hemato.train import loop  # noqa: E402
 from napari_hemato.train.augment import StainAugment  # noqa: E402
 from napari_hemato.train.checkpoint import load_weights  # noqa: E402
-from napari_hemato.train.common import normalize as normalize_nchw  # noqa: E402
 from napari_hemato.train.data_coarse import CoarseCells, coarse_accuracy, load_coarse  # noqa: E402
 from napari_hemato.train.data_wbc import (  # noqa: E402
     CellImages,
@@ -60,37 +59,24 @@ from napari_hemato.train.data_wbc import (  # noqa: E402
     load_split,
     runtime_inputs,
 )
-from napari_hemato.train.evaluate_wbc import (  # noqa: E402
-    calibration_record,
-    fit_temperature,
-    quick_metrics,
-)
 from napari_hemato.train.nets import (  # noqa: E402
     PRETRAINED_SOURCE,
-    TFLITE_NORMALIZATION,
     CamOutputs,
     freeze,
     set_train_mode,
 )
 from napari_hemato.train.nets import build_efficientnet as build_model  # noqa: E402
+from napari_hemato.train.wbc_export import VERSION, export_model, normalize  # noqa: E402, F401
+from napari_hemato.train.wbc_metrics import (  # noqa: E402
+    calibration_record,
+    fit_temperature,
+    quick_metrics,
+)
 
 log = logging.getLogger(__name__)
 
-VERSION = "0.2.0"
 #: the export wrapper's historical name
 ExportNet = CamOutputs
-
-
-def normalize(batch_uint8_nhwc: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """uint8 / float [0, 255] NHWC -> normalised float32 NCHW (as ``ModelSpec.normalize``).
-
-    Examples
-    --------
-    >>> normalize(np.full((1, 2, 2, 3), 127, np.uint8)).shape
-    torch.Size([1, 3, 2, 2])
-    """
-    x = torch.as_tensor(np.asarray(batch_uint8_nhwc)).float().permute(0, 3, 1, 2)
-    return normalize_nchw(x, TFLITE_NORMALIZATION).contiguous()
 
 
 def make_batch(data, idx: np.ndarray, rng: np.random.Generator, *, size: int,
@@ -128,38 +114,6 @@ def predict_logits(net: nn.Module, inputs: np.ndarray, batch: int = 128) -> np.n
     net.eval()
     out = [net(normalize(inputs[i : i + batch])).numpy() for i in range(0, len(inputs), batch)]
     return np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)), np.float32)
-
-
-# -- export --------------------------------------------------------------------
-def export_model(net: nn.Module, out_dir: Path, *, size: int, context: float, extra: dict,
-                 check_inputs: np.ndarray | None = None, name: str = "hemato-wbc-pbc11",
-                 version: str = VERSION, temperature: float = 1.0, colour: str = "none"):
-    """Write ``model.onnx`` (opset 17, dynamic batch, single file), ``model.json`` and a card.
-
-    onnxruntime must agree with torch (max |Δ| < 1e-4 on probs, relative on
-    the CAM) on ``check_inputs`` (uint8 NHWC) or a random batch.
-    """
-    if check_inputs is None or len(check_inputs) == 0:
-        check_inputs = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
-    spec = dict(
-        name=name, version=version, task="wbc", kind="classifier", class_names=CLASS_NAMES,
-        outputs={"probs": "probs", "cam": "cam"}, mpp=None, tile=size, input_size=size,
-        receptive_field_px=size // 2, max_object_um=20.0, channels="RGB", pad_value=255,
-        input_name="image", normalization=dict(TFLITE_NORMALIZATION),
-        preprocess={
-            "context": context,
-            "window": "square, side = cell diameter x context, centred on the cell",
-            "diameter": "segmented cell's equivalent diameter (cell_classifier.estimate_cell_diameter) "
-                        "or the caller's segmentation",
-            "pad": "mirror (numpy symmetric) where the window leaves the image",
-            "resize": "Pillow bilinear (antialiased when shrinking)",
-            "colour": colour,
-        },
-        extra=extra,
-    )
-    return loop.export_model(CamOutputs(net, temperature).eval(), out_dir, spec,
-                             example=torch.zeros(1, 3, size, size),
-                             check_inputs=[normalize(check_inputs[:64])], spatial=False)
 
 
 # -- training ------------------------------------------------------------------
