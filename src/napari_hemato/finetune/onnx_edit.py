@@ -1,0 +1,128 @@
+"""Small, checked edits of an ONNX graph: expose a tensor, replace weights, find a head.
+
+The fine-tuned model is the shipped graph with new weights in its last layer (and,
+for detectors, a rescoring layer added): ``analyze`` and ``classify-cells`` run it
+like any other model. Uses the ``onnx`` package (protobuf only; no torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from napari_hemato.core.errors import ModelError
+
+
+def load(path) -> onnx.ModelProto:
+    return onnx.load(str(path))
+
+
+def save(model: onnx.ModelProto, path) -> None:
+    """Check and write a single-file model (no external data)."""
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path), save_as_external_data=False)
+
+
+def initializer(model: onnx.ModelProto, name: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    raise ModelError(f"the ONNX graph has no initializer {name!r}")
+
+
+def set_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    """Replace initializer ``name`` by ``value`` (same shape and dtype)."""
+    for k, init in enumerate(model.graph.initializer):
+        if init.name == name:
+            old = numpy_helper.to_array(init)
+            value = np.asarray(value, dtype=old.dtype)
+            if value.shape != old.shape:
+                raise ModelError(f"initializer {name!r}: shape {value.shape} != {old.shape}")
+            model.graph.initializer[k].CopyFrom(numpy_helper.from_array(value, name))
+            return
+    raise ModelError(f"the ONNX graph has no initializer {name!r}")
+
+
+def add_initializer(model: onnx.ModelProto, name: str, value: np.ndarray) -> None:
+    if any(init.name == name for init in model.graph.initializer):
+        set_initializer(model, name, value)
+    else:
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+
+
+def output_names(model: onnx.ModelProto) -> list[str]:
+    return [o.name for o in model.graph.output]
+
+
+def expose(model: onnx.ModelProto, tensor: str, as_name: str) -> None:
+    """Make the internal ``tensor`` a graph output called ``as_name`` (an Identity node)."""
+    if as_name in output_names(model):
+        return
+    produced = {o for node in model.graph.node for o in node.output}
+    if tensor not in produced:
+        raise ModelError(f"the ONNX graph computes no tensor {tensor!r}")
+    model.graph.node.append(helper.make_node("Identity", [tensor], [as_name],
+                                             name=f"expose_{as_name}"))
+    model.graph.output.append(helper.make_tensor_value_info(as_name, TensorProto.FLOAT, None))
+
+
+def producer(model: onnx.ModelProto, tensor: str):
+    for node in model.graph.node:
+        if tensor in node.output:
+            return node
+    return None
+
+
+def consumers(model: onnx.ModelProto, tensor: str) -> list:
+    return [node for node in model.graph.node if tensor in node.input]
+
+
+@dataclass
+class LinearHead:
+    """Where a classifier's last layer lives in the graph."""
+
+    embedding: str  # the Gemm's input tensor (N, D)
+    weight: str  # initializer (C, D)
+    bias: str  # initializer (C,)
+    temperature: float  # the constant the logits are divided by before the softmax (1 if none)
+
+
+def find_linear_head(model: onnx.ModelProto, probs_output: str = "probs") -> LinearHead:
+    """The Gemm feeding ``probs_output`` through (optionally) a Div by a constant and a Softmax."""
+    node = producer(model, probs_output)
+    if node is None or node.op_type != "Softmax":
+        raise ModelError(f"output {probs_output!r} is not a Softmax: no linear head to refit")
+    temperature = 1.0
+    node = producer(model, node.input[0])
+    if node is not None and node.op_type == "Div":
+        temperature = float(_constant(model, node.input[1]))
+        node = producer(model, node.input[0])
+    if node is None or node.op_type != "Gemm":
+        raise ModelError("no Gemm before the softmax: no linear head to refit")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if attrs.get("transB", 0) != 1 or attrs.get("transA", 0) != 0:
+        raise ModelError("the head's Gemm is not x @ W.T + b")
+    return LinearHead(node.input[0], node.input[1], node.input[2], temperature)
+
+
+def _constant(model: onnx.ModelProto, tensor: str) -> np.ndarray:
+    for init in model.graph.initializer:
+        if init.name == tensor:
+            return numpy_helper.to_array(init)
+    node = producer(model, tensor)
+    if node is not None and node.op_type == "Constant":
+        return numpy_helper.to_array(node.attribute[0].t)
+    raise ModelError(f"{tensor!r} is not a constant")
+
+
+def set_constant(model: onnx.ModelProto, tensor: str, value) -> None:
+    """Replace the value of a Constant node's output or of an initializer."""
+    node = producer(model, tensor)
+    if node is not None and node.op_type == "Constant":
+        old = numpy_helper.to_array(node.attribute[0].t)
+        node.attribute[0].t.CopyFrom(numpy_helper.from_array(np.asarray(value, old.dtype).reshape(old.shape)))
+        return
+    set_initializer(model, tensor, value)
