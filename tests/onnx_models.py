@@ -75,3 +75,58 @@ def dark_blob_model_dir(folder: Path, **spec_overrides) -> Path:
     build_dark_blob_onnx(folder / "model.onnx", outputs=tuple(sorted(set(spec.outputs.values()))))
     spec.save(folder)
     return folder
+
+
+def tiny_wbc_model_dir(folder: Path, *, size: int = 32, seed: int = 0, temperature: float = 0.8) -> Path:
+    """A classifier with the bundled WBC model's head layout, in a few nodes (no torch).
+
+    image -> 4x4 average pool -> 1x1 conv to 8 features + ReLU (the "trunk") ->
+    mean over space (the embedding) -> Gemm(transB=1) -> / T -> Softmax = probs;
+    cam = the Gemm's weights x the feature map + bias / 16 (as the real export).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from napari_hemato.core.spec import write_spec
+    from napari_hemato.models.cell_classifier import CLASS_NAMES
+
+    rng = np.random.default_rng(seed)
+    n_cls, dim, k = len(CLASS_NAMES), 8, size // 4
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (dim, 3, 1, 1)).astype(np.float32), "trunk_w"),
+        numpy_helper.from_array(rng.normal(0, 1, (n_cls, dim)).astype(np.float32), "fc.weight"),
+        numpy_helper.from_array(rng.normal(0, 0.1, n_cls).astype(np.float32), "fc.bias"),
+        numpy_helper.from_array(np.array(temperature, np.float32), "temperature"),
+        numpy_helper.from_array(np.array([1, n_cls, 1, 1], np.int64), "bias_shape"),
+        numpy_helper.from_array(np.array(16, np.float32), "hw"),  # the 4 x 4 feature map
+    ]
+    nodes = [
+        helper.make_node("AveragePool", ["image"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),
+        helper.make_node("Conv", ["pooled", "trunk_w"], ["pre"]),
+        helper.make_node("Relu", ["pre"], ["fmap"]),
+        helper.make_node("ReduceMean", ["fmap"], ["emb"], axes=[2, 3], keepdims=0),
+        helper.make_node("Gemm", ["emb", "fc.weight", "fc.bias"], ["logits"], transB=1),
+        helper.make_node("Div", ["logits", "temperature"], ["scaled"]),
+        helper.make_node("Softmax", ["scaled"], ["probs"], axis=1),
+        helper.make_node("Einsum", ["fc.weight", "fmap"], ["cam_w"], equation="cd,ndhw->nchw"),
+        helper.make_node("Div", ["fc.bias", "hw"], ["bias_hw"]),
+        helper.make_node("Reshape", ["bias_hw", "bias_shape"], ["bias_4d"]),
+        helper.make_node("Add", ["cam_w", "bias_4d"], ["cam"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_wbc_head",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", n_cls]),
+         helper.make_tensor_value_info("cam", TensorProto.FLOAT, ["N", n_cls, 4, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    write_spec(folder, {"name": "tiny-wbc", "version": "0", "task": "wbc", "kind": "classifier",
+                        "class_names": list(CLASS_NAMES), "outputs": {"probs": "probs", "cam": "cam"},
+                        "input_size": size, "tile": size, "mpp": None,
+                        "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+                        "preprocess": {"context": 1.5}})
+    return folder

@@ -28,7 +28,7 @@ from napari_hemato.core.engine import Progress, RunResult, drain, iter_run
 from napari_hemato.core.slide import Slide, open_slide
 from napari_hemato.tasks import Task, get_task, task_names
 
-__all__ = ["Progress", "RunResult", "analyze", "iter_analyze", "load_predictor",
+__all__ = ["Progress", "RunResult", "analyze", "finetune", "iter_analyze", "load_predictor",
            "pixel_size_origin", "task_names"]
 
 PathLike = str | os.PathLike
@@ -177,3 +177,42 @@ def pixel_size_origin(result: RunResult) -> str:
     if result.store.config["slide"].get("mpp_source") != "red-cells":
         return "stated"
     return "confirmed" if result.grid.mpp0 == result.spec.assumed_input_mpp else "measured"
+
+
+def finetune(kind: str, data: PathLike | list[PathLike], out: PathLike, *,
+             base: PathLike | None = None, max_minutes: float = 2.0, progress=None,
+             overwrite: bool = False, threads: int | None = None):
+    """Fine-tune a model on a user's corrections, in the base install (no torch).
+
+    Parameters
+    ----------
+    kind : {"wbc", "mitosis"}
+        ``wbc``: the white-cell classifier, from a crops export (reviewed / corrected rows)
+        or class folders of single-cell images (the 11 classes, or coarse groups NEU, LY,
+        MO, EO, BA, IG); ``mitosis``: the mitosis detector, from points CSV exports
+        (accepted, rejected and added points) beside their images.
+    data : path or list of paths
+        Exported corrections.
+    out : path
+        The model folder to write (ONNX + model.json + MODEL_CARD.md + metrics.json).
+    base : path, optional
+        The model to start from (default: the bundled one).
+    max_minutes : float
+        Time budget of the settings search.
+    progress : napari_hemato.finetune.common.Progress, optional
+        Receives ``(step, fraction)``; its cancel token stops the fine-tune (nothing written).
+
+    Returns
+    -------
+    napari_hemato.finetune.common.FinetuneResult
+        ``.folder`` (use it as ``model=``), ``.metrics`` (before / after), ``.corrections``.
+
+    Examples
+    --------
+    >>> result = finetune("wbc", "my_crops", "my_wbc_model")  # doctest: +SKIP
+    >>> analyze("smear.jpg", task="smear", classifier=result.folder)  # doctest: +SKIP
+    """
+    from napari_hemato.finetune import finetune as _finetune
+
+    return _finetune(kind, data, out, base=base, max_minutes=max_minutes, progress=progress,
+                     overwrite=overwrite, threads=threads)

@@ -1,7 +1,7 @@
 """``napari-hemato`` command line.
 
 Subcommands: ``info``, ``analyze``, ``demo``, ``models``, ``classify-cells``,
-``train``, ``evaluate``; each has ``--help``. Errors print one line naming the
+``train``, ``evaluate``, ``finetune``; each has ``--help``. Errors print one line naming the
 file and the problem and exit with status 2 (so do file system errors: disk full,
 permissions); Ctrl-C stops a run with status
 130, keeping finished tiles for ``--resume``.
@@ -18,7 +18,7 @@ from napari_hemato.core.errors import HematoError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from napari_hemato.cli import analyze, export, models
+    from napari_hemato.cli import analyze, export, finetune, models
 
     parser = argparse.ArgumentParser(
         prog="napari-hemato",
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.register(sub)
     models.register(sub)
     export.register(sub)
+    finetune.register(sub)
     return parser
 
 

@@ -26,6 +26,28 @@ REJECTED = "rejected"
 #: modifier of each bank of class hotkeys (digits 1-9, 0 and Minus in each)
 BANK_MODIFIERS = ("Alt", "Control-Alt")
 BANK_KEYS = tuple("1234567890") + ("Minus",)
+#: coarse white-cell groups (the PBC paper's 8): a cell labelled with a group may be any member
+WBC_GROUPS = {"NEU": ("SNE", "BNE"), "EO": ("EO",), "BA": ("BA",), "LY": ("LY",), "MO": ("MO",),
+              "IG": ("MMY", "MY", "PMY"), "ERB": ("ERB",), "PLT": ("PLT",)}
+
+
+def allowed_classes(labels, class_names) -> np.ndarray:
+    """(n, len(class_names)) bool: the classes each label allows (a class, or a coarse group).
+
+    Examples
+    --------
+    >>> allowed_classes(["NEU", "LY"], ["SNE", "BNE", "LY"]).astype(int).tolist()
+    [[1, 1, 0], [0, 0, 1]]
+    """
+    names = list(class_names)
+    out = np.zeros((len(labels), len(names)), bool)
+    for i, label in enumerate(labels):
+        members = (label,) if label in names else WBC_GROUPS.get(label)
+        if members is None or not set(members) <= set(names):
+            raise ValueError(f"{label!r} is neither a class ({', '.join(names)}) nor a group "
+                             f"of them ({', '.join(WBC_GROUPS)})")
+        out[i, [names.index(m) for m in members]] = True
+    return out
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ KINDS = ("instances", "points", "classifier")
 _ROLES = {
     "instances": ({"foreground"}, {"distance", "class_probs"}),
     "points": ({"heatmap"}, {"class_probs"}),
-    "classifier": ({"probs"}, {"cam", "logits"}),
+    "classifier": ({"probs"}, {"cam", "logits", "embedding"}),  # embedding: for fine-tuning
 }
 
 

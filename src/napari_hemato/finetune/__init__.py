@@ -6,3 +6,35 @@ writes the refit weights back into a copy of the ONNX graph: the result is an
 ordinary model folder. See :mod:`napari_hemato.finetune.head` (the fit),
 :mod:`napari_hemato.finetune.onnx_edit` (graph edits) and one module per task.
 """
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from napari_hemato.core.errors import HematoError
+
+#: what can be fine-tuned in the base install, and by which function
+FINETUNERS = {
+    "wbc": "napari_hemato.finetune.wbc:finetune_wbc",
+    "mitosis": "napari_hemato.finetune.mitosis:finetune_mitosis",
+}
+#: asked for but without a fast path yet (the segmentation models: their trainers need torch)
+NOT_YET = {
+    "nuclei": "the nucleus segmenter has no fast (head-only) fine-tune yet; with the train extra, "
+              "retrain on your exported label TIFF / COCO with `napari-hemato train nuclei --data ...`",
+    "smear": "the smear detector has no fast (head-only) fine-tune yet; with the train extra, "
+             "retrain on your exported COCO with `napari-hemato train smear --data ...`; its white-cell "
+             "classes are fine-tuned with `napari-hemato finetune wbc` on exported crops",
+}
+
+
+def finetune(kind: str, data, out, **options):
+    """Fine-tune the ``kind`` model (``wbc``, ``mitosis``) on the corrections in ``data``."""
+    if kind in NOT_YET:
+        raise HematoError(NOT_YET[kind])
+    if kind not in FINETUNERS:
+        raise HematoError(f"nothing to fine-tune called {kind!r}; choose from {', '.join(FINETUNERS)}")
+    module, name = FINETUNERS[kind].split(":")
+    fn = getattr(importlib.import_module(module), name)
+    return fn([Path(d) for d in ([data] if isinstance(data, (str, Path)) else data)], Path(out), **options)

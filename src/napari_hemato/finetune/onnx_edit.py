@@ -64,9 +64,20 @@ def expose(model: onnx.ModelProto, tensor: str, as_name: str) -> None:
     produced = {o for node in model.graph.node for o in node.output}
     if tensor not in produced:
         raise ModelError(f"the ONNX graph computes no tensor {tensor!r}")
+    rank = _rank(model, tensor)
     model.graph.node.append(helper.make_node("Identity", [tensor], [as_name],
                                              name=f"expose_{as_name}"))
-    model.graph.output.append(helper.make_tensor_value_info(as_name, TensorProto.FLOAT, None))
+    model.graph.output.append(helper.make_tensor_value_info(
+        as_name, TensorProto.FLOAT, [f"{as_name}_{k}" for k in range(rank)]))
+
+
+def _rank(model: onnx.ModelProto, tensor: str) -> int:
+    """The rank of an internal tensor (ONNX shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for info in [*inferred.graph.value_info, *inferred.graph.output]:
+        if info.name == tensor and info.type.tensor_type.HasField("shape"):
+            return len(info.type.tensor_type.shape.dim)
+    raise ModelError(f"the rank of tensor {tensor!r} is unknown (ONNX shape inference)")
 
 
 def producer(model: onnx.ModelProto, tensor: str):

@@ -91,17 +91,21 @@ class CellClassifier:
     def __repr__(self) -> str:
         return f"CellClassifier({self.spec.name!r} {self.spec.version}, {self.size}px, context {self.context})"
 
-    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self._predictor.predict(batch)
-        return out["probs"].astype(np.float32), out.get("cam")
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the model outputs its pooled features (``embedding``): needed to fine-tune."""
+        return "embedding" in self.spec.outputs
 
-    def _classify(self, items, batch_size: int) -> tuple[np.ndarray, list[np.ndarray]]:
-        """``items``: iterable of (image, centre, diameter, out_shape, offset) -> probs, cams."""
+    def _classify(self, items, batch_size: int, *, embeddings: bool = False):
+        """``items``: iterable of (image, centre, diameter, out_shape, offset) -> probs, cams
+        (and, with ``embeddings``, the (n, D) pooled features instead of the CAMs)."""
         items = list(items)
         n_cls = len(self.spec.class_names)
+        if embeddings and not self.has_embedding:
+            raise ModelError(f"{self.spec.folder}: model {self.spec.name!r} has no 'embedding' output")
         if not items:
-            return np.zeros((0, n_cls), np.float32), []
-        probs_all, cams_all = [], []
+            return np.zeros((0, n_cls), np.float32), (np.zeros((0, 0), np.float32) if embeddings else [])
+        probs_all, cams_all, emb_all = [], [], []
         for start in range(0, len(items), max(1, int(batch_size))):
             chunk = items[start : start + batch_size]
             xs, wins = [], []
@@ -109,8 +113,12 @@ class CellClassifier:
                 x, win = normalize_cell(image, center, diameter, context=self.context, size=self.size)
                 xs.append(x)
                 wins.append(win)
-            probs, cam = self._run(apply_colour_mode(np.stack(xs), self.colour))
+            out = self._predictor.predict(apply_colour_mode(np.stack(xs), self.colour))
+            probs, cam = out["probs"].astype(np.float32), out.get("cam")
             probs_all.append(probs)
+            if embeddings:
+                emb_all.append(out["embedding"].reshape(len(chunk), -1))
+                continue
             for i, (_, _, _, shape, offset) in enumerate(chunk):
                 if cam is None:
                     cams_all.append(np.zeros(shape, np.float32))
@@ -118,7 +126,25 @@ class CellClassifier:
                 y0, x0, side = wins[i]
                 win = (y0 - offset[0], x0 - offset[1], side)
                 cams_all.append(cam_to_crop(cam[i, int(probs[i].argmax())], win, shape))
-        return np.concatenate(probs_all), cams_all
+        return np.concatenate(probs_all), (np.concatenate(emb_all) if embeddings else cams_all)
+
+    def _crop_items(self, crops, diameters_px) -> list:
+        crops = [as_rgb8(c) for c in crops]
+        if diameters_px is None:
+            diameters_px = [None] * len(crops)
+        if len(diameters_px) != len(crops):
+            raise ValueError(f"{len(crops)} crops but {len(diameters_px)} diameters")
+        items = []
+        for crop, d in zip(crops, diameters_px, strict=True):
+            h, w = crop.shape[:2]
+            d = estimate_cell_diameter(crop) if d is None or not np.isfinite(d) or d <= 0 else float(d)
+            items.append((crop, ((h - 1) / 2, (w - 1) / 2), d, (h, w), (0, 0)))
+        return items
+
+    def embed_crops(self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *,
+                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """``(probs, embeddings)`` of single-cell crops, preprocessed as :meth:`classify_crops`."""
+        return self._classify(self._crop_items(crops, diameters_px), batch_size, embeddings=True)
 
     def classify_crops(
         self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *, batch_size: int = 64
@@ -146,17 +172,7 @@ class CellClassifier:
         --------
         >>> probs, cams = CellClassifier().classify_crops([crop], [80.0])  # doctest: +SKIP
         """
-        crops = [as_rgb8(c) for c in crops]
-        if diameters_px is None:
-            diameters_px = [None] * len(crops)
-        if len(diameters_px) != len(crops):
-            raise ValueError(f"{len(crops)} crops but {len(diameters_px)} diameters")
-        items = []
-        for crop, d in zip(crops, diameters_px, strict=True):
-            h, w = crop.shape[:2]
-            d = estimate_cell_diameter(crop) if d is None or not np.isfinite(d) or d <= 0 else float(d)
-            items.append((crop, ((h - 1) / 2, (w - 1) / 2), d, (h, w), (0, 0)))
-        return self._classify(items, batch_size)
+        return self._classify(self._crop_items(crops, diameters_px), batch_size)
 
     def classify_in_image(
         self, image: np.ndarray, centers_yx: np.ndarray, diameters_px: np.ndarray, *, batch_size: int = 64
@@ -186,6 +202,15 @@ class CellClassifier:
         --------
         >>> probs, cams = clf.classify_in_image(field, [[240, 320]], [180.0])  # doctest: +SKIP
         """
+        return self._classify(self._image_items(image, centers_yx, diameters_px), batch_size)
+
+    def embed_in_image(self, image: np.ndarray, centers_yx, diameters_px, *,
+                       batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """``(probs, embeddings)`` of cells in a larger image, as :meth:`classify_in_image`."""
+        return self._classify(self._image_items(image, centers_yx, diameters_px), batch_size,
+                              embeddings=True)
+
+    def _image_items(self, image, centers_yx, diameters_px) -> list:
         image = as_rgb8(image)
         centers = np.asarray(centers_yx, float).reshape(-1, 2)
         diameters = np.asarray(diameters_px, float).reshape(-1)
@@ -197,4 +222,4 @@ class CellClassifier:
         for c, d in zip(centers, diameters, strict=True):
             y0, x0, side = cell_window(c, d, self.context)
             items.append((image, c, d, (side, side), (y0, x0)))
-        return self._classify(items, batch_size)
+        return items

@@ -40,6 +40,8 @@ class Task:
     title: str = ""
     model_task: str | None = None
     bundled: str | None = None
+    #: the model a user's corrections of this task fine-tune (``napari-hemato finetune KIND``)
+    finetune_kind: str | None = None
 
     # -- models ---------------------------------------------------------------
     def model_folder(self, model: str | Path | None = None) -> Path:
@@ -111,6 +113,11 @@ class Task:
     def cam(self, annotations, row: pd.Series):
         """``(crop, cam)``: what the classifier saw and where it looked (when :meth:`has_cam`)."""
         raise NotImplementedError(f"task {self.name!r} has no class activation maps")
+
+    # -- fine-tuning --------------------------------------------------------------
+    def export_corrections(self, annotations, folder: Path) -> Path:
+        """Write ``annotations`` as what ``finetune(self.finetune_kind, ...)`` reads."""
+        raise NotImplementedError(f"task {self.name!r} has no fine-tuning from corrections yet")
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r}>"

@@ -115,6 +115,13 @@ def add_wbc_subtypes(result, slide, classifier) -> None:
 class SmearTask(Task):
     name = "smear"
     title = "Blood smear cells (RBC / WBC / platelets) and the WBC differential"
+    finetune_kind = "wbc"  # corrections of white-cell classes refit the WBC classifier
+
+    def export_corrections(self, annotations, folder):
+        """The crops export (``manifest.csv``): ``finetune wbc`` keeps the reviewed white cells."""
+        from napari_hemato.core.export.crops import export_crops
+
+        return export_crops(annotations, folder, overwrite=True)
 
     def suits(self, info) -> bool:
         """A smear field: a single-level colour camera image (JPEG, PNG, BMP) stating no pixel

@@ -26,14 +26,14 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from napari_hemato.core.classes import WBC_GROUPS
 from napari_hemato.models.cell_classifier import CLASS_NAMES, normalize_cell
 from napari_hemato.train.data_wbc import augmented_window, load_rgb, runtime_inputs
 
 log = logging.getLogger(__name__)
 
 #: coarse groups (the 8 groups of the PBC paper) and the classes each allows
-GROUPS = {"NEU": ("SNE", "BNE"), "EO": ("EO",), "BA": ("BA",), "LY": ("LY",), "MO": ("MO",),
-          "IG": ("MMY", "MY", "PMY"), "ERB": ("ERB",), "PLT": ("PLT",)}
+GROUPS = WBC_GROUPS
 #: the package's developer-labelled BCCD table
 BCCD_GROUPS_CSV = Path(__file__).with_name("bccd_wbc_groups.csv")
 _SUFFIXES = ("", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")

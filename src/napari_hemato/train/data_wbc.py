@@ -28,6 +28,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from napari_hemato.io.cell_images import (  # noqa: F401 - re-exported for the trainers
+    IMAGE_SUFFIXES,
+    MANIFEST,
+    canonical_class,
+    list_cell_images,
+    load_rgb,
+)
 from napari_hemato.models.cell_classifier import (
     CLASS_NAMES,
     FALLBACK_FRACTION,
@@ -37,95 +44,13 @@ from napari_hemato.models.cell_classifier import (
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.csv"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 VAL_NAMES = {"val", "valid", "validation", "test", "holdout"}
-_ALIASES = {"PLATELET": "PLT", "PLATELETS": "PLT"}
-
-
-def canonical_class(name) -> str | None:
-    """Class name in :data:`CLASS_NAMES` for a folder / manifest label, else None.
-
-    Examples
-    --------
-    >>> canonical_class("sne"), canonical_class("Platelet"), canonical_class("RBC")
-    ('SNE', 'PLT', None)
-    """
-    if name is None or (isinstance(name, float) and math.isnan(name)):
-        return None
-    key = str(name).strip().upper()
-    key = _ALIASES.get(key, key)
-    return key if key in CLASS_NAMES else None
 
 
 def list_samples(data_dir: str | Path) -> pd.DataFrame:
-    """List labelled cell images under ``data_dir`` (class folders or ``manifest.csv``).
-
-    Parameters
-    ----------
-    data_dir : path
-        A folder with ``manifest.csv``, or one subfolder per class.
-
-    Returns
-    -------
-    DataFrame
-        ``path`` (relative to ``data_dir``, POSIX), ``class``, ``label``
-        (index in :data:`CLASS_NAMES`), ``split`` (given split or None),
-        ``slide`` (or None), ``diameter_px`` (given, or from ``area_px``, else
-        NaN), ``crop_side`` (the crop's side in the pixels ``diameter_px`` is
-        measured in, from ``crop_x0/x1``, else NaN); sorted by path.
-
-    Examples
-    --------
-    >>> list_samples("../shared/data/pbc")["class"].value_counts()["PMY"]  # doctest: +SKIP
-    492
-    """
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: data folder not found")
-    if (root / MANIFEST).is_file():
-        raw = pd.read_csv(root / MANIFEST)
-        missing = {"path", "class"} - set(raw.columns)
-        if missing:
-            raise ValueError(f"{root / MANIFEST}: missing column(s) {sorted(missing)}")
-        df = pd.DataFrame({"path": raw["path"].astype(str).str.replace("\\", "/", regex=False)})
-        df["class"] = [canonical_class(c) for c in raw["class"]]
-        df["split"] = raw["split"].astype(object).where(raw["split"].notna(), None) if "split" in raw else None
-        df["slide"] = raw["slide"].astype(str).where(raw["slide"].notna(), None) if "slide" in raw else None
-        df["diameter_px"] = pd.to_numeric(raw["diameter_px"], errors="coerce") if "diameter_px" in raw else np.nan
-        if "area_px" in raw:  # the plugin's export: segmented area in level-0 pixels
-            from_area = 2.0 * np.sqrt(pd.to_numeric(raw["area_px"], errors="coerce").clip(lower=1.0) / np.pi)
-            df["diameter_px"] = df["diameter_px"].fillna(from_area)
-        if {"crop_x0", "crop_x1"} <= set(raw.columns):  # diameters are in level-0 pixels
-            df["crop_side"] = pd.to_numeric(raw["crop_x1"], errors="coerce") - pd.to_numeric(raw["crop_x0"], errors="coerce")
-        skipped = df["class"].isna()
-        if skipped.any():
-            log.warning("%s: skipping %d row(s) whose class is not one of %s (%s)", root / MANIFEST,
-                        int(skipped.sum()), ", ".join(CLASS_NAMES),
-                        ", ".join(sorted({str(c) for c in raw.loc[skipped, "class"]})[:8]))
-        df = df[~skipped]
-        absent = [p for p in df["path"] if not (root / p).is_file()]
-        if absent:
-            raise FileNotFoundError(f"{root / MANIFEST}: {len(absent)} listed image(s) missing, e.g. {absent[0]}")
-    else:
-        rows = []
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-            cls = canonical_class(sub.name)
-            if cls is None:
-                log.warning("%s: folder %s is not a known class; skipped", root, sub.name)
-                continue
-            for f in sorted(sub.iterdir()):
-                if f.suffix.lower() in IMAGE_SUFFIXES:
-                    rows.append((f"{sub.name}/{f.name}", cls))
-        df = pd.DataFrame(rows, columns=["path", "class"])
-        df["split"], df["slide"], df["diameter_px"] = None, None, np.nan
-    if "crop_side" not in df:
-        df["crop_side"] = np.nan
-    if df.empty:
-        raise ValueError(f"{root}: no labelled cell images found (class folders or {MANIFEST})")
-    df["label"] = [CLASS_NAMES.index(c) for c in df["class"]]
-    df = df.sort_values("path").reset_index(drop=True)
-    return df[["path", "class", "label", "split", "slide", "diameter_px", "crop_side"]]
+    """Labelled cell images under ``data_dir`` (exact classes only; see
+    :func:`napari_hemato.io.cell_images.list_cell_images`)."""
+    return list_cell_images(data_dir, groups=False)
 
 
 def assign_split(df: pd.DataFrame, *, val_fraction: float = 0.15, seed: int = 0) -> tuple[pd.DataFrame, str]:
@@ -179,20 +104,6 @@ def assign_split(df: pd.DataFrame, *, val_fraction: float = 0.15, seed: int = 0)
     rule = (f"stratified by class: per class (sorted), numpy default_rng({seed}).permutation, "
             f"first round({val_fraction} * n) to val")
     return out, rule
-
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as (H, W, 3) uint8 RGB.
-
-    Examples
-    --------
-    >>> load_rgb("../shared/data/pbc/SNE/SNE_102049.jpg").shape  # doctest: +SKIP
-    (180, 182, 3)
-    """
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def cell_geometry(image: np.ndarray, diameter_px: float | None = None) -> tuple[float, float, float, bool]:

@@ -1,0 +1,182 @@
+""""Fine-tune on my corrections": the Review dock's panel (thin: the work is in the core).
+
+The reviewed layer's corrections are exported as the task's fine-tuning data
+(:meth:`Task.export_corrections`), :func:`napari_hemato.api.finetune` refits the model in
+a worker (progress, cancel: nothing is written), and the new model folder (next to the
+image, ``<image>.hemato/models/``) is set in the Analyse dock, so the next run of the
+current view, a region or the image uses it. Corrected layers are kept: a run adds layers.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from datetime import datetime
+from pathlib import Path
+
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from napari_hemato._widgets.serial import SerialHandlers
+from napari_hemato.core.cancel import CancelToken
+from napari_hemato.core.errors import HematoError
+from napari_hemato.tasks import task_for
+
+
+def _relay(call, token: CancelToken):
+    """Run ``call(progress)`` in a thread; yield its ``(step, fraction)`` reports; return its result."""
+    from napari_hemato.finetune.common import Progress
+
+    events: queue.Queue = queue.Queue()
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call(Progress(lambda step, f: events.put((step, f)), token))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the worker below
+            outcome["error"] = err
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=run, name="napari-hemato finetune", daemon=True)
+    thread.start()
+    while (item := events.get()) is not None:
+        yield item
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+class FinetunePanel(QWidget):
+    """Button, progress and cancel of a fine-tune from the reviewed layer's corrections."""
+
+    def __init__(self, viewer, get_annotations) -> None:
+        super().__init__()
+        self.viewer = viewer
+        self._get_annotations = get_annotations
+        self.worker = None
+        self._token: CancelToken | None = None
+        self.result = None
+        self.button = QPushButton("Fine-tune on my corrections")
+        self.button.setToolTip("refit the model on this layer's reviewed objects (minutes, no "
+                               "torch); the Analyse dock then runs with the new model")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 100)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        row = QHBoxLayout()
+        row.addWidget(self.button)
+        row.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(row)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.status)
+        self.button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+
+    def start(self) -> None:
+        from napari.qt.threading import create_worker
+
+        if self.worker is not None:
+            return
+        ann = self._get_annotations()
+        if ann is None:
+            self.status.setText("choose a layer made by napari-hemato first")
+            return
+        task = task_for(ann)
+        if not task.finetune_kind:
+            self.status.setText(f"{task.name}: no fine-tuning from corrections yet")
+            return
+        if not ann.image_path:
+            self.status.setText("the layer's image file is unknown: its crops cannot be exported")
+            return
+        from napari_hemato.core.sidecar import sidecar_dir
+
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        home = sidecar_dir(ann.image_path, create=True) / "models"
+        data, out = home / f".corrections-{stamp}", home / f"{task.finetune_kind}-{stamp}"
+        self._token = CancelToken()
+        self.worker = create_worker(self._job, task, ann, data, out, self._token)
+        serial = SerialHandlers()
+        self.worker.yielded.connect(serial.wrap(lambda: self._on_progress))
+        self.worker.returned.connect(serial.wrap(lambda: self._on_done))
+        self.worker.errored.connect(serial.wrap(lambda: self._on_error))
+        self.worker.finished.connect(serial.wrap(lambda: self._on_finished))
+        self.button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.bar.setValue(0)
+        self.status.setText("exporting the corrections…")
+        self.worker.start()
+
+    @staticmethod
+    def _job(task, ann, data: Path, out: Path, token: CancelToken):
+        import shutil
+
+        from napari_hemato.api import finetune
+
+        try:
+            task.export_corrections(ann, data)
+            result = yield from _relay(lambda progress: finetune(task.finetune_kind, [data], out,
+                                                                 progress=progress), token)
+        finally:
+            shutil.rmtree(data, ignore_errors=True)
+        return result
+
+    def cancel(self) -> None:
+        if self._token is not None:
+            self._token.cancel()
+            self.status.setText("cancelling…")
+
+    def _on_progress(self, item) -> None:
+        step, fraction = item
+        self.bar.setValue(int(round(100 * fraction)))
+        self.status.setText(f"{step}…")
+
+    def _on_done(self, result) -> None:
+        self.result = result
+        after = result.metrics.get("after", {})
+        before = result.metrics.get("before", {})
+        where = offer_model(self.viewer, result.folder, self._get_annotations())
+        line = (f"new model: {result.folder.name} (reference accuracy "
+                f"{before.get('reference_accuracy', float('nan')):.3f} → "
+                f"{after.get('reference_accuracy', float('nan')):.3f}); ")
+        self.status.setText(line + (f"set in the Analyse dock's {where}: run again to use it"
+                                    if where else f"use it as the model folder: {result.folder}"))
+
+    def _on_error(self, err: Exception) -> None:
+        from napari_hemato.finetune.common import FinetuneCancelled
+
+        if isinstance(err, FinetuneCancelled):
+            self.status.setText("cancelled: no model was written")
+        elif isinstance(err, (HematoError, ValueError, OSError)):
+            self.status.setText(f"fine-tune failed: {err}")
+        else:
+            self.status.setText(f"fine-tune failed: {type(err).__name__}: {err}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._token = None
+        self.button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+
+
+def offer_model(viewer, folder: Path, ann) -> str | None:
+    """Put ``folder`` in the Analyse dock (the field the task's fine-tune replaces)."""
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+
+    docks = getattr(getattr(viewer, "window", None), "dock_widgets", {}) or {}
+    for dock in list(docks.values()):
+        widget = dock if isinstance(dock, AnalyzeWidget) else getattr(dock, "_magic_widget", None)
+        if not isinstance(widget, AnalyzeWidget):
+            continue
+        task = task_for(ann)
+        if task.finetune_kind == "wbc":
+            widget.classifier.value = str(folder)
+            return "WBC classifier folder"
+        widget.task.value = task.name
+        widget.model.value = str(folder)
+        return "model folder"
+    return None
