@@ -14,38 +14,19 @@ from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
 from napari_hemato.finetune.common import FinetuneCancelled, Progress
 from napari_hemato.finetune.embedding import add_embedding_output
-from napari_hemato.finetune.replay import write_replay
 from napari_hemato.finetune.wbc import finetune_wbc
 from napari_hemato.models.cell_classifier import CLASS_NAMES, CellClassifier
 
 from .onnx_models import tiny_wbc_model_dir
+from .wbc_cells import NEW_LAB, REFERENCE_COLOURS, cell, finetunable_wbc_model
 
 pytest.importorskip("onnx")
-REFERENCE_COLOURS = [(200, 60, 60), (60, 60, 200), (60, 160, 60), (150, 90, 170)]
-NEW_LAB = (240, 200, 80)  # a colour the model's reference cells never had
-
-
-def cell(colour, rng, side: int = 48) -> np.ndarray:
-    img = np.clip(rng.normal(235, 6, (side, side, 3)), 0, 255)
-    yy, xx = np.mgrid[:side, :side]
-    disc = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 3.2) ** 2
-    img[disc] = np.clip(rng.normal(colour, 8, (int(disc.sum()), 3)), 0, 255)
-    return img.astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
     """The tiny model with an embedding and a replay whose labels are its own calls."""
-    folder = tiny_wbc_model_dir(tmp_path_factory.mktemp("m") / "wbc")
-    assert add_embedding_output(folder)
-    clf = CellClassifier(folder, threads=1)
-    rng = np.random.default_rng(1)
-    cells = [cell(REFERENCE_COLOURS[i % 4], rng) for i in range(160)]
-    probs, emb = clf.embed_crops(cells, [30.0] * len(cells))
-    y = probs.argmax(1)
-    write_replay(folder, clf, train_x=emb[:80], train_y=y[:80], val_x=emb[80:], val_y=y[80:],
-                 description="synthetic reference cells")
-    return folder
+    return finetunable_wbc_model(tmp_path_factory.mktemp("m") / "wbc")
 
 
 def write_class_folder(root: Path, label: str, images) -> Path:

@@ -44,7 +44,7 @@ from napari_hemato.io.viewer import (
     slide_for_layer,
     view_roi,
 )
-from napari_hemato.tasks import DEFAULT_TASK, suggest_task, task_names
+from napari_hemato.tasks import DEFAULT_TASK, get_task, suggest_task, task_names
 
 log = logging.getLogger(__name__)
 REGIONS = ("whole image", "current view", "drawn shapes")
@@ -62,6 +62,9 @@ class AnalyzeWidget(Container):
                                      "(JPEG/PNG without pixel size), else nuclei")
         self.model = LineEdit(value="", label="model folder",
                               tooltip="empty: the bundled model of the task")
+        self.stage_model = LineEdit(value="", label="second model",
+                                    tooltip="the task's second-stage model folder; empty: the "
+                                            "bundled one")
         self.mpp = FloatSpinBox(value=0.0, min=0.0, max=100.0, step=0.001, label="µm/px",
                                 tooltip="pixel size of level 0; 0 = unknown (the model's is assumed)")
         self.region = ComboBox(choices=REGIONS, value=REGIONS[0], label="region")
@@ -77,10 +80,11 @@ class AnalyzeWidget(Container):
         self.status.native.setWordWrap(True)  # a long status wraps; the dock keeps its width
         self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored,
                                          QSizePolicy.Policy.Preferred)
-        self.extend([self.image, self.task, self.model, self.mpp, self.region, self.shapes,
-                     self.tile, self.run_button, self.cancel_button, self.resume_button,
+        self.extend([self.image, self.task, self.model, self.stage_model, self.mpp, self.region,
+                     self.shapes,                     self.tile, self.run_button, self.cancel_button, self.resume_button,
                      self.progress, self.status])
         self.image.changed.connect(self._on_image)
+        self.task.changed.connect(self._on_task)
         self.run_button.changed.connect(lambda: self.start())
         self.cancel_button.changed.connect(self.cancel)
         self.resume_button.changed.connect(lambda: self.start(resume=True))
@@ -93,6 +97,7 @@ class AnalyzeWidget(Container):
         self._last: dict | None = None
         self.results: list = []
         self._on_image()
+        self._on_task()
 
     # -- parameters -----------------------------------------------------------
     def _refresh_choices(self, event=None) -> None:
@@ -104,6 +109,18 @@ class AnalyzeWidget(Container):
         if layer is not None:
             self.mpp.value = layer_mpp(layer) or 0.0
             self.task.value = suggest_task(image_info(layer))
+
+    def _on_task(self, *_) -> None:
+        """Offer the second-model field only for a task that has one, named by the task."""
+        stage = get_task(self.task.value).stage_model
+        self.stage_model.visible = stage is not None
+        if stage is not None:
+            self.stage_model.label = stage[1]
+
+    def _stage_options(self) -> dict:
+        stage = get_task(self.task.value).stage_model
+        folder = self.stage_model.value.strip()
+        return {stage[0]: folder} if stage is not None and folder else {}
 
     def _rois(self, layer) -> list:
         mode = self.region.value
@@ -138,7 +155,7 @@ class AnalyzeWidget(Container):
                 params = {
                     "layer": layer, "slide": slide, "task": self.task.value,
                     "model": self.model.value.strip() or None, "tile": self.tile.value or None,
-                    "rois": self._rois(layer),
+                    "rois": self._rois(layer), "stage": self._stage_options(),
                 }
                 params["outs"] = [run_store_path(layer.metadata.get(KEY, {}).get("path"), params["task"])
                                   for _ in params["rois"]]
@@ -167,7 +184,8 @@ class AnalyzeWidget(Container):
         for k, (roi, out) in enumerate(zip(params["rois"], params["outs"], strict=True)):
             gen = iter_analyze(params["slide"], task=params["task"], model=params["model"],
                                out=out, roi=roi, tile=params["tile"],
-                               resume=resume and Path(out).exists(), cancel=token, phases=True)
+                               resume=resume and Path(out).exists(), cancel=token, phases=True,
+                               **params["stage"])
             while True:
                 try:
                     event = next(gen)

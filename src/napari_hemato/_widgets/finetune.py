@@ -3,12 +3,13 @@
 The reviewed layer's corrections are exported as the task's fine-tuning data
 (:meth:`Task.export_corrections`), :func:`napari_hemato.api.finetune` refits the model in
 a worker (progress, cancel: nothing is written), and the new model folder (next to the
-image, ``<image>.hemato/models/``) is set in the Analyse dock, so the next run of the
+image, ``<image>.hemato/finetuned-models/``) is set in the Analyse dock, so the next run of the
 current view, a region or the image uses it. Corrected layers are kept: a run adds layers.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from datetime import datetime
@@ -20,6 +21,8 @@ from napari_hemato._widgets.serial import SerialHandlers
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
 from napari_hemato.tasks import task_for
+
+log = logging.getLogger(__name__)
 
 
 def _relay(call, token: CancelToken):
@@ -56,12 +59,18 @@ class FinetunePanel(QWidget):
         self._get_annotations = get_annotations
         self.worker = None
         self._token: CancelToken | None = None
+        self._task = None
         self.result = None
         self.button = QPushButton("Fine-tune on my corrections")
         self.button.setToolTip("refit the model on this layer's reviewed objects (minutes, no "
                                "torch); the Analyse dock then runs with the new model")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
+        self.rerun_button = QPushButton("Run the new model")
+        self.rerun_button.setToolTip("run the Analyse dock (its region: whole image, current view "
+                                     "or drawn shapes) with the fine-tuned model; corrected layers "
+                                     "are kept, the run adds new ones")
+        self.rerun_button.setEnabled(False)
         self.bar = QProgressBar()
         self.bar.setRange(0, 100)
         self.status = QLabel("")
@@ -74,8 +83,10 @@ class FinetunePanel(QWidget):
         layout.addLayout(row)
         layout.addWidget(self.bar)
         layout.addWidget(self.status)
+        layout.addWidget(self.rerun_button)
         self.button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
+        self.rerun_button.clicked.connect(self.rerun)
 
     def start(self) -> None:
         from napari.qt.threading import create_worker
@@ -96,10 +107,14 @@ class FinetunePanel(QWidget):
         from napari_hemato.core.sidecar import sidecar_dir
 
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        home = sidecar_dir(ann.image_path, create=True) / "models"
+        home = sidecar_dir(ann.image_path, create=True) / "finetuned-models"
         data, out = home / f".corrections-{stamp}", home / f"{task.finetune_kind}-{stamp}"
         self._token = CancelToken()
-        self.worker = create_worker(self._job, task, ann, data, out, self._token)
+        self._task = task
+        base = current_model(self.viewer, task)
+        # errors are this panel's to show (status line; a notification when unexpected)
+        self.worker = create_worker(self._job, task, ann, data, out, base, self._token,
+                                    _ignore_errors=True)
         serial = SerialHandlers()
         self.worker.yielded.connect(serial.wrap(lambda: self._on_progress))
         self.worker.returned.connect(serial.wrap(lambda: self._on_done))
@@ -112,7 +127,7 @@ class FinetunePanel(QWidget):
         self.worker.start()
 
     @staticmethod
-    def _job(task, ann, data: Path, out: Path, token: CancelToken):
+    def _job(task, ann, data: Path, out: Path, base, token: CancelToken):
         import shutil
 
         from napari_hemato.api import finetune
@@ -120,10 +135,18 @@ class FinetunePanel(QWidget):
         try:
             task.export_corrections(ann, data)
             result = yield from _relay(lambda progress: finetune(task.finetune_kind, [data], out,
-                                                                 progress=progress), token)
+                                                                 base=base, progress=progress), token)
         finally:
             shutil.rmtree(data, ignore_errors=True)
         return result
+
+    def rerun(self) -> None:
+        """Start the Analyse dock's run (the fine-tuned model is in its field)."""
+        widget = analyze_widget(self.viewer)
+        if widget is None:
+            self.status.setText("open the Analyse dock (Plugins → napari-hemato) to run the new model")
+            return
+        widget.start()
 
     def cancel(self) -> None:
         if self._token is not None:
@@ -139,11 +162,12 @@ class FinetunePanel(QWidget):
         self.result = result
         after = result.metrics.get("after", {})
         before = result.metrics.get("before", {})
-        where = offer_model(self.viewer, result.folder, self._get_annotations())
+        where = offer_model(self.viewer, result.folder, self._task, self._get_annotations())
+        self.rerun_button.setEnabled(where is not None)
         line = (f"new model: {result.folder.name} (reference accuracy "
                 f"{before.get('reference_accuracy', float('nan')):.3f} → "
                 f"{after.get('reference_accuracy', float('nan')):.3f}); ")
-        self.status.setText(line + (f"set in the Analyse dock's {where}: run again to use it"
+        self.status.setText(line + (f"set in the Analyse dock's {where}: 'Run the new model' uses it"
                                     if where else f"use it as the model folder: {result.folder}"))
 
     def _on_error(self, err: Exception) -> None:
@@ -154,6 +178,10 @@ class FinetunePanel(QWidget):
         elif isinstance(err, (HematoError, ValueError, OSError)):
             self.status.setText(f"fine-tune failed: {err}")
         else:
+            from napari.utils.notifications import show_error
+
+            log.error("fine-tune failed", exc_info=(type(err), err, err.__traceback__))
+            show_error(f"napari-hemato: fine-tune failed: {type(err).__name__}: {err}")
             self.status.setText(f"fine-tune failed: {type(err).__name__}: {err}")
 
     def _on_finished(self) -> None:
@@ -163,20 +191,44 @@ class FinetunePanel(QWidget):
         self.cancel_button.setEnabled(False)
 
 
-def offer_model(viewer, folder: Path, ann) -> str | None:
-    """Put ``folder`` in the Analyse dock (the field the task's fine-tune replaces)."""
+def analyze_widget(viewer):
+    """The Analyse dock's widget, when it is open."""
     from napari_hemato._widgets.analyze import AnalyzeWidget
 
     docks = getattr(getattr(viewer, "window", None), "dock_widgets", {}) or {}
     for dock in list(docks.values()):
         widget = dock if isinstance(dock, AnalyzeWidget) else getattr(dock, "_magic_widget", None)
-        if not isinstance(widget, AnalyzeWidget):
-            continue
-        task = task_for(ann)
-        if task.finetune_kind == "wbc":
-            widget.classifier.value = str(folder)
-            return "WBC classifier folder"
-        widget.task.value = task.name
-        widget.model.value = str(folder)
-        return "model folder"
+        if isinstance(widget, AnalyzeWidget):
+            return widget
     return None
+
+
+def current_model(viewer, task) -> str | None:
+    """The model a fine-tune of ``task`` starts from: the Analyse dock's choice, else bundled."""
+    widget = analyze_widget(viewer)
+    if widget is None or widget.task.value != task.name:
+        return None
+    field = widget.stage_model if task.stage_model else widget.model
+    return field.value.strip() or None
+
+
+def offer_model(viewer, folder: Path, task, ann=None) -> str | None:
+    """Put ``folder`` in the Analyse dock's field that the fine-tuned model replaces (and
+    the reviewed layer's image in its image field)."""
+    from napari_hemato.io.layers import KEY
+
+    widget = analyze_widget(viewer)
+    if widget is None:
+        return None
+    path = getattr(ann, "image_path", None)
+    for layer in widget.image.choices if path else ():
+        own = layer.metadata.get(KEY, {}).get("path")
+        if own and Path(own).resolve() == Path(path).resolve():
+            widget.image.value = layer
+            break
+    widget.task.value = task.name
+    if task.stage_model:
+        widget.stage_model.value = str(folder)
+        return task.stage_model[1]
+    widget.model.value = str(folder)
+    return "model folder"

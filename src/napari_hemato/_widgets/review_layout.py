@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_hemato._widgets.finetune import FinetunePanel
 from napari_hemato._widgets.prob_bars import ProbabilityBars
 
 
@@ -106,6 +107,12 @@ def build_panel(w) -> None:
     w.hotspot_button = QPushButton("Jump to mitotic hotspot")
     w.hotspot_button.clicked.connect(w.jump_to_hotspot)
     root.addWidget(w.hotspot_button)
+
+    model = QGroupBox("Model")
+    box = QVBoxLayout(model)
+    w.finetune = FinetunePanel(w.viewer, lambda: w.session.to_annotations() if w.session else None)
+    box.addWidget(w.finetune)
+    root.addWidget(model)
     root.addStretch()
     # no horizontal scrolling: the dock is at least as wide as its widest row of buttons
     scroll.setMinimumWidth(body.minimumSizeHint().width()

@@ -42,6 +42,9 @@ class Task:
     bundled: str | None = None
     #: the model a user's corrections of this task fine-tune (``napari-hemato finetune KIND``)
     finetune_kind: str | None = None
+    #: a second-stage model the user may choose: ``(api keyword, label)``, e.g. the smear's
+    #: ``("classifier", "WBC classifier")``; its fine-tune (``finetune_kind``) replaces it
+    stage_model: tuple[str, str] | None = None
 
     # -- models ---------------------------------------------------------------
     def model_folder(self, model: str | Path | None = None) -> Path:
