@@ -139,3 +139,19 @@ def test_the_cli_writes_a_model_classify_cells_takes(model, tmp_path, capsys):
     # no fast path for the segmenters: one clear line, exit 2
     assert main(["finetune", "nuclei", "--data", str(data), "--out", str(tmp_path / "n")]) == 2
     assert "no fast (head-only) fine-tune" in capsys.readouterr().err
+
+
+def test_the_bundled_model_ships_a_replay_of_its_own_trunk():
+    """The bundled WBC model can be fine-tuned on a user's machine: embedding output, and a
+    replay (embeddings only) that passes the trunk check on this machine's onnxruntime."""
+    from napari_hemato.finetune.replay import load_replay
+    from napari_hemato.models.registry import resolve_model
+
+    folder = resolve_model("wbc", None)
+    clf = CellClassifier(folder, threads=1)
+    assert clf.has_embedding
+    replay = load_replay(folder, clf)
+    emb = clf.embed_crops([cell(REFERENCE_COLOURS[0], np.random.default_rng(0))], [30.0])[1]
+    assert replay["train_x"].shape[1] == replay["val_x"].shape[1] == emb.shape[1]
+    assert set(np.unique(replay["train_y"])) == set(range(len(CLASS_NAMES)))  # every class replayed
+    assert len(replay["val_y"]) > 1000
