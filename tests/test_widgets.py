@@ -145,8 +145,12 @@ def test_analyse_review_autosave_reopen(make_napari_viewer, qtbot, field, two_cl
     assert len(restored_points.data) == 41
 
 
-def test_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, two_class_model):
+def test_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, two_class_model, monkeypatch):
     from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato.tasks import get_task
+
+    # dark disks on white are not H&E tissue, and the widget has no tissue option yet
+    monkeypatch.setattr(get_task("nuclei"), "tissue_default", "none")
 
     big = write_tiff(tmp_path / "big.tif", disk_image((1500, 1500), n=300, seed=4), mpp=0.5)
     viewer = make_napari_viewer(show=True)
@@ -280,7 +284,8 @@ def test_live_preview_never_reads_the_store_being_written(make_napari_viewer, qt
     [image] = viewer.open(field, plugin="napari-hemato")
     widget = AnalyzeWidget(viewer)
     out = Path(field).parent / "run.zarr"
-    gen = iter_analyze(field, task="nuclei", model=two_class_model, out=out, tile=128)
+    gen = iter_analyze(field, task="nuclei", model=two_class_model, out=out, tile=128,
+                       tissue="none")
     event = next(gen)
     assert event.run is not None and event.run.path == out and event.run.kind == "instances"
     meta = out / "zarr.json"
