@@ -15,6 +15,16 @@ pytest.importorskip("onnx")
 pytestmark = pytest.mark.gui
 
 
+@pytest.fixture(autouse=True)
+def read_every_tile(monkeypatch):
+    """These fields are dark disks on white, not H&E tissue, and the Analyse widget has no
+    tissue option yet: its H&E runs read every tile, as before tissue detection."""
+    from napari_hemato.tasks import get_task
+
+    for name in ("nuclei", "mitosis"):
+        monkeypatch.setattr(get_task(name), "tissue_default", "none")
+
+
 @pytest.fixture
 def field(tmp_path):
     return write_tiff(tmp_path / "field.tif", disk_image((400, 520), n=40, seed=1), mpp=0.5)
@@ -145,12 +155,8 @@ def test_analyse_review_autosave_reopen(make_napari_viewer, qtbot, field, two_cl
     assert len(restored_points.data) == 41
 
 
-def test_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, two_class_model, monkeypatch):
+def test_cancel_then_resume(make_napari_viewer, qtbot, tmp_path, two_class_model):
     from napari_hemato._widgets.analyze import AnalyzeWidget
-    from napari_hemato.tasks import get_task
-
-    # dark disks on white are not H&E tissue, and the widget has no tissue option yet
-    monkeypatch.setattr(get_task("nuclei"), "tissue_default", "none")
 
     big = write_tiff(tmp_path / "big.tif", disk_image((1500, 1500), n=300, seed=4), mpp=0.5)
     viewer = make_napari_viewer(show=True)
