@@ -71,8 +71,6 @@ def test_mask_matches_the_tissue_and_drops_pen(he):
     h, w = mask.shape
     t = truth[: int(h * sy), : int(w * sx)].reshape(h, int(sy), w, int(sx)).mean(axis=(1, 3)) > 0.5
     assert iou(mask.mask, t) >= 0.9
-    pen = np.zeros_like(truth)
-    pen[200:260, 1500:1900] = pen[1800:1840, 200:700] = True
     assert not mask.touches((200, 1500, 260, 1900)) and not mask.touches((1800, 200, 1840, 700))
     assert mask.area_mm2 == pytest.approx(truth.sum() * 0.25 / 1e6, rel=0.1)
 
@@ -172,7 +170,25 @@ def test_resume_after_cancel_uses_the_mask(tmp_path, corner):
     assert sum(seen) == len(resumed.plan) - resumed.n_off_tissue - done
     fresh = run(slide, DarkBlobPredictor(), out=tmp_path / "fresh.zarr", tile=128, tissue=mask)
     np.testing.assert_array_equal(resumed.labels()[:], fresh.labels()[:])
-    assert iter_analyze  # the api resumes with the stored mask too (test_api_* below)
+    # the api, resuming with its default ("auto"), takes the stored mask instead of detecting
+    gen = iter_analyze(corner, task="nuclei", model=model_api_dir(tmp_path), tile=128,
+                       batch_size=2, out=tmp_path / "api.zarr")
+    next(gen)
+    gen.close()
+    stored = open_result(tmp_path / "api.zarr").tissue
+    assert stored is not None and stored.source == "auto"
+    from napari_hemato.api import analyze
+
+    done = analyze(corner, task="nuclei", model=model_api_dir(tmp_path), tile=128,
+                   out=tmp_path / "api.zarr", resume=True)
+    assert done.status == "complete" and done.tissue.identity() == stored.identity()
+
+
+def model_api_dir(tmp_path):
+    from .onnx_models import dark_blob_model_dir
+
+    folder = tmp_path / "model"
+    return folder if folder.exists() else dark_blob_model_dir(folder)
 
 
 @pytest.fixture(scope="module")
