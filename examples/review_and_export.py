@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     result = nh.analyze(sample_path("he_slide"), task="nuclei",
-                        out=args.out / "run.zarr", roi=(0, 0, 512, 512), overwrite=True)
+                        out=args.out / "run.zarr", roi=(1500, 850, 2012, 1362), overwrite=True)
     session = ReviewSession(from_result(result))
     queue = session.build_queue(mode="uncertain")  # least certain first
     print(f"{len(queue)} objects to review; the least certain is id {queue[0]}")

@@ -51,7 +51,7 @@ def test_info_real_svs(svs_path, capsys):
 
 def test_analyze_writes_store_table_and_summary(tmp_path, field, model_dir, capsys):
     out = tmp_path / "r.zarr"
-    code = main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir),
+    code = main(["analyze", str(field), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir),
                  "--out", str(out), "--table", str(tmp_path / "objects.csv"), "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
@@ -61,7 +61,7 @@ def test_analyze_writes_store_table_and_summary(tmp_path, field, model_dir, caps
 
 
 def test_analyze_roi_and_human_summary(tmp_path, field, model_dir, capsys):
-    code = main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir),
+    code = main(["analyze", str(field), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir),
                  "--out", str(tmp_path / "r.zarr"), "--roi", "0,0,200,260"])
     assert code == 0
     text = capsys.readouterr().out
@@ -72,11 +72,11 @@ def test_analyze_roi_and_human_summary(tmp_path, field, model_dir, capsys):
     "argv, message",
     [
         (["info", "missing.svs"], "missing.svs"),
-        (["analyze", "FIELD", "--task", "nuclei", "--model", "nowhere"], "nowhere"),
-        (["analyze", "FIELD", "--task", "mitosis", "--model", "MODEL"], "is for task 'nuclei'"),
-        (["analyze", "FIELD", "--task", "nuclei", "--model", "MODEL", "--roi", "900,900,990,990"],
+        (["analyze", "FIELD", "--task", "nuclei", "--tissue", "none", "--model", "nowhere"], "nowhere"),
+        (["analyze", "FIELD", "--task", "mitosis", "--tissue", "none", "--model", "MODEL"], "is for task 'nuclei'"),
+        (["analyze", "FIELD", "--task", "nuclei", "--tissue", "none", "--model", "MODEL", "--roi", "900,900,990,990"],
          "outside the image"),
-        (["analyze", "FIELD", "--task", "nuclei", "--model", "MODEL", "--tile", "16"],
+        (["analyze", "FIELD", "--task", "nuclei", "--tissue", "none", "--model", "MODEL", "--tile", "16"],
          "use a tile of at least"),
     ],
 )
@@ -91,7 +91,7 @@ def test_bad_input_exits_nonzero_with_one_line(tmp_path, field, model_dir, capsy
 
 def test_bad_roi_syntax_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["analyze", "x.tif", "--task", "nuclei", "--roi", "1,2,3"])
+        main(["analyze", "x.tif", "--task", "nuclei", "--tissue", "none", "--roi", "1,2,3"])
     assert exit_.value.code == 2
     assert "y0,x0,y1,x1" in capsys.readouterr().err
 
@@ -101,7 +101,7 @@ def test_killed_run_resumes_without_redoing_tiles(tmp_path, model_dir):
     """SIGKILL the CLI mid-run; --resume keeps every tile file written before the kill."""
     big = write_tiff(tmp_path / "big.tif", disk_image((1600, 1600), n=400, seed=5), mpp=0.5)
     out = tmp_path / "r.zarr"
-    cmd = [sys.executable, "-m", "napari_hemato", "analyze", str(big), "--task", "nuclei",
+    cmd = [sys.executable, "-m", "napari_hemato", "analyze", str(big), "--task", "nuclei", "--tissue", "none",
            "--model", str(model_dir), "--out", str(out), "--tile", "64", "--batch", "1"]
     env = {**os.environ, "NAPARI_HEMATO_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -130,7 +130,7 @@ def test_batch_folder_writes_one_table_and_label_image_per_input(tmp_path, model
     for k in range(3):
         write_tiff(folder / f"f{k}.tif", disk_image((200, 260), n=10 + k, seed=k), mpp=0.5)
     (folder / "notes.txt").write_text("not an image")
-    code = main(["analyze", str(folder), "--task", "nuclei", "--model", str(model_dir),
+    code = main(["analyze", str(folder), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir),
                  "--out-dir", str(tmp_path / "out"), "--labels", "--json"])
     assert code == 0
     summaries = json.loads(capsys.readouterr().out)
@@ -149,7 +149,7 @@ def test_labels_tiff_is_on_the_input_pixel_grid(tmp_path, model_dir):
 
     image = disk_image((300, 360), n=12, radius=(8, 14), seed=7)
     path = write_tiff(tmp_path / "fine.tif", image, mpp=0.25)
-    assert main(["analyze", str(path), "--task", "nuclei", "--model", str(model_dir),
+    assert main(["analyze", str(path), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir),
                  "--out", str(tmp_path / "r.zarr"), "--labels", str(tmp_path / "l.tif"),
                  "--table", str(tmp_path / "t.csv")]) == 0
     labels = tifffile.imread(tmp_path / "l.tif")
@@ -174,8 +174,8 @@ def test_default_outputs_carry_the_task(tmp_path, field, model_dir, mitosis_mode
                                         monkeypatch, capsys):
     """nuclei then mitosis on one image: two stores; --overwrite of one leaves the other."""
     monkeypatch.chdir(tmp_path)
-    nuclei = ["analyze", str(field), "--task", "nuclei", "--model", str(model_dir), "--json"]
-    mitosis = ["analyze", str(field), "--task", "mitosis", "--model", str(mitosis_model_dir), "--json"]
+    nuclei = ["analyze", str(field), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir), "--json"]
+    mitosis = ["analyze", str(field), "--task", "mitosis", "--tissue", "none", "--model", str(mitosis_model_dir), "--json"]
     results = []
     for argv in ([*nuclei, "--labels"], mitosis):
         assert main(argv) == 0
@@ -202,7 +202,7 @@ def test_one_image_honours_out_dir(tmp_path, field, model_dir, monkeypatch, caps
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     out_dir = tmp_path / "res"
-    assert main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir),
+    assert main(["analyze", str(field), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir),
                  "--out-dir", str(out_dir), "--labels", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert not list((tmp_path / "here").iterdir())
@@ -213,7 +213,7 @@ def test_one_image_honours_out_dir(tmp_path, field, model_dir, monkeypatch, caps
     labels = TiffFile(out_dir / "field.nuclei_labels.tif").pages[0].asarray()
     assert len(table) == 50 and set(table["id"]) == set(labels[labels > 0].ravel())
     # explicit paths still win over the folder's defaults
-    assert main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir),
+    assert main(["analyze", str(field), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir),
                  "--out-dir", str(out_dir), "--out", str(tmp_path / "x.zarr"),
                  "--table", str(tmp_path / "x.csv"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -226,14 +226,14 @@ def test_batch_refuses_inputs_whose_results_would_collide(tmp_path, model_dir, c
     (tmp_path / "b").mkdir()
     a = write_tiff(tmp_path / "a" / "f.tif", image, mpp=0.5)
     b = write_tiff(tmp_path / "b" / "f.tif", image, mpp=0.5)
-    assert main(["analyze", str(a), str(b), "--task", "nuclei", "--model", str(model_dir),
+    assert main(["analyze", str(a), str(b), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir),
                  "--out-dir", str(tmp_path / "out")]) == 2
     assert "would write the same results" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
 def test_batch_needs_out_dir(tmp_path, field, model_dir, capsys):
-    assert main(["analyze", str(field), str(field), "--task", "nuclei", "--model", str(model_dir)]) == 2
+    assert main(["analyze", str(field), str(field), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir)]) == 2
     assert "--out-dir" in capsys.readouterr().err
 
 
@@ -242,7 +242,7 @@ def test_export_from_result_store_roundtrips(tmp_path, field, model_dir, capsys)
     from napari_hemato.core.export import import_geojson
 
     store = tmp_path / "r.zarr"
-    assert main(["analyze", str(field), "--task", "nuclei", "--model", str(model_dir), "--out", str(store)]) == 0
+    assert main(["analyze", str(field), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir), "--out", str(store)]) == 0
     reopened = open_result(store)
     assert reopened.status == "complete" and reopened.spec.name == "test-dark-blobs"
     assert main(["export", str(store), "--format", "geojson", "coco", "tiff", "crops",

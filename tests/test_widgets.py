@@ -15,6 +15,16 @@ pytest.importorskip("onnx")
 pytestmark = pytest.mark.gui
 
 
+@pytest.fixture(autouse=True)
+def read_every_tile(monkeypatch):
+    """These fields are dark disks on white, not H&E tissue, and the Analyse widget has no
+    tissue option yet: its H&E runs read every tile, as before tissue detection."""
+    from napari_hemato.tasks import get_task
+
+    for name in ("nuclei", "mitosis"):
+        monkeypatch.setattr(get_task(name), "tissue_default", "none")
+
+
 @pytest.fixture
 def field(tmp_path):
     return write_tiff(tmp_path / "field.tif", disk_image((400, 520), n=40, seed=1), mpp=0.5)
@@ -280,7 +290,8 @@ def test_live_preview_never_reads_the_store_being_written(make_napari_viewer, qt
     [image] = viewer.open(field, plugin="napari-hemato")
     widget = AnalyzeWidget(viewer)
     out = Path(field).parent / "run.zarr"
-    gen = iter_analyze(field, task="nuclei", model=two_class_model, out=out, tile=128)
+    gen = iter_analyze(field, task="nuclei", model=two_class_model, out=out, tile=128,
+                       tissue="none")
     event = next(gen)
     assert event.run is not None and event.run.path == out and event.run.kind == "instances"
     meta = out / "zarr.json"

@@ -22,14 +22,18 @@ from __future__ import annotations
 import os
 from collections.abc import Generator
 from dataclasses import dataclass
+from pathlib import Path
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.engine import Progress, RunResult, drain, iter_run
+from napari_hemato.core.errors import StoreError
 from napari_hemato.core.slide import Slide, open_slide
+from napari_hemato.core.tissue import TissueMask
+from napari_hemato.core.tissue_io import resolve_tissue
 from napari_hemato.tasks import Task, get_task, task_names
 
-__all__ = ["Progress", "RunResult", "analyze", "finetune", "iter_analyze", "load_predictor",
-           "pixel_size_origin", "task_names"]
+__all__ = ["Progress", "RunResult", "TissueMask", "analyze", "analysed_area_mm2", "finetune",
+           "iter_analyze", "load_predictor", "pixel_size_origin", "task_names"]
 
 PathLike = str | os.PathLike
 
@@ -70,6 +74,7 @@ def iter_analyze(
     cancel: CancelToken | None = None,
     providers=None,
     threads: int | None = None,
+    tissue=None,
     phases: bool = False,
 ) -> Generator[Progress, None, RunResult]:
     """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result.
@@ -79,6 +84,7 @@ def iter_analyze(
     seconds. Closing the generator (or cancelling ``cancel``) stops the run; finished
     tiles stay in ``out`` and ``resume=True`` continues them.
     """
+    choice = get_task(task).tissue_default if tissue is None else tissue
     task = get_task(task)
     if phases:
         yield Phase("loading the model")
@@ -90,17 +96,34 @@ def iter_analyze(
         if phases and opened.mpp is None and estimate_mpp:
             yield Phase("measuring the pixel size")
         slide = task.prepare_slide(opened, predictor, roi=roi, estimate_mpp=estimate_mpp)
+        stored = _stored_tissue(out) if resume else False
+        if phases and isinstance(choice, str) and choice == "auto" and stored is False:
+            yield Phase("finding the tissue")
+        mask = resolve_tissue(slide, choice, roi=roi, stored=stored)
         if phases:
             yield Phase("planning the tiles")
         result = yield from iter_run(slide, predictor, out=out, roi=roi, tile=tile,
                                      batch_size=batch_size, resume=resume, overwrite=overwrite,
-                                     scheduler=scheduler, cancel=cancel)
+                                     scheduler=scheduler, cancel=cancel, tissue=mask)
         if result.status == "complete":
             task.finish(result, slide, stages)
     finally:
         if owned:
             opened.close()
     return result
+
+
+def _stored_tissue(out) -> TissueMask | None | bool:
+    """The tissue mask of the run in ``out`` being resumed (None: it had none; False: there
+    is no readable run there, the engine says why)."""
+    if out is None or not Path(out).exists():
+        return False
+    try:
+        from napari_hemato.core.store import ResultStore
+
+        return ResultStore.open(out).tissue()
+    except StoreError:
+        return False
 
 
 def analyze(
@@ -121,6 +144,7 @@ def analyze(
     cancel: CancelToken | None = None,
     providers=None,
     threads: int | None = None,
+    tissue=None,
 ) -> RunResult:
     """Run a task's model over an image or slide, tiled, and return the result.
 
@@ -156,6 +180,14 @@ def analyze(
         onnxruntime execution providers.
     threads : int, optional
         onnxruntime intra-op threads.
+    tissue : "auto", "none", path, TissueMask or array, optional
+        Which tiles to read (default: the task's ``tissue_default``: ``"auto"`` for H&E
+        tasks, ``"none"`` for smears). ``"auto"`` detects the tissue on a low-resolution
+        level and skips tiles off it (resuming: the mask the run started with); a path is
+        a PNG / TIFF binary mask of the whole slide (any resolution) or a GeoJSON of
+        polygons in level-0 pixels; an array is a mask of the whole slide; a
+        :class:`TissueMask` is used as it is. A slide without tissue ends at once with
+        the warning "no tissue found" in ``result.warnings`` and an empty table.
 
     Returns
     -------
@@ -165,7 +197,7 @@ def analyze(
     return drain(iter_analyze(
         image, task=task, model=model, classifier=classifier, mpp=mpp, estimate_mpp=estimate_mpp,
         out=out, roi=roi, tile=tile, batch_size=batch_size, resume=resume, overwrite=overwrite,
-        scheduler=scheduler, cancel=cancel, providers=providers, threads=threads))
+        scheduler=scheduler, cancel=cancel, providers=providers, threads=threads, tissue=tissue))
 
 
 def pixel_size_origin(result: RunResult) -> str:
@@ -177,6 +209,18 @@ def pixel_size_origin(result: RunResult) -> str:
     if result.store.config["slide"].get("mpp_source") != "red-cells":
         return "stated"
     return "confirmed" if result.grid.mpp0 == result.spec.assumed_input_mpp else "measured"
+
+
+def analysed_area_mm2(result: RunResult) -> float | None:
+    """The area a run's rates are over, in mm²: the tissue inside its region when it had
+    a tissue mask, else the whole region (None when the pixel size is assumed)."""
+    grid = result.grid
+    if grid.mpp_assumed:
+        return None
+    if result.tissue is not None:
+        return result.tissue.area_mm2_in(tuple(grid.roi), mpp0=grid.mpp0)
+    y0, x0, y1, x1 = grid.roi
+    return (y1 - y0) * (x1 - x0) * grid.mpp0**2 / 1e6
 
 
 def finetune(kind: str, data: PathLike | list[PathLike], out: PathLike, *,

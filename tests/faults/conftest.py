@@ -156,7 +156,7 @@ def field(tmp_path_factory) -> Path:
 
 
 def analyze_cmd(field: Path, model_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["analyze", str(field), "--task", "nuclei", "--model", str(model_dir), "--out", str(out),
+    return ["analyze", str(field), "--task", "nuclei", "--tissue", "none", "--model", str(model_dir), "--out", str(out),
             "--tile", str(TILE), "--batch", "1", *extra]
 
 

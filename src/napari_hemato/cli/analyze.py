@@ -54,6 +54,12 @@ def register(sub) -> None:
                    help="smear fields without a pixel size: assume the training images' (0.08 µm/px) "
                    "instead of measuring it on the red cells")
     p.add_argument("--roi", type=roi_arg, help="region y0,x0,y1,x1 in level-0 pixels (default: all)")
+    p.add_argument("--tissue", metavar="auto|none|MASK_FILE",
+                   help="read only the tiles touching tissue: auto (detect it), none (read every "
+                        "tile) or a mask of the whole slide (PNG/TIFF binary image at any "
+                        "resolution, or GeoJSON polygons in level-0 px); default: the task's ("
+                        + ", ".join(f"{n}: {get_task(n).tissue_default}" for n in task_names())
+                        + ")")
     p.add_argument("--tile", type=int, help="tile core size in model pixels (default: the model's)")
     p.add_argument("--batch", type=int, help="tiles per inference call (default: ~2.5 MP of input)")
     p.add_argument("--scheduler", help="dask.distributed scheduler address to run tiles on a cluster")
@@ -93,13 +99,14 @@ def cmd_info(args) -> int:
 
 def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, classifier=None,
                  mpp=None, estimate_mpp=True, roi=None, tile=None, batch=None, scheduler=None,
-                 resume=False, overwrite=False, providers="cpu", threads=None):
+                 resume=False, overwrite=False, providers="cpu", threads=None, tissue=None):
     """One analysis with a progress bar on stderr; returns the RunResult."""
     from napari_hemato.api import iter_analyze
 
     gen = iter_analyze(slide_path, task=task, model=model, classifier=classifier, mpp=mpp,
                        estimate_mpp=estimate_mpp, providers=providers, threads=threads,
-                       out=out_store, roi=roi, tile=tile, batch_size=batch, scheduler=scheduler, resume=resume, overwrite=overwrite)
+                       out=out_store, roi=roi, tile=tile, batch_size=batch, scheduler=scheduler,
+                       resume=resume, overwrite=overwrite, tissue=tissue)
     bar = None
     try:
         while True:
@@ -120,7 +127,7 @@ def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, cl
 
 
 def summary(result, slide_path: Path) -> dict:
-    from napari_hemato.api import pixel_size_origin
+    from napari_hemato.api import analysed_area_mm2, pixel_size_origin
     from napari_hemato.core.summary import class_summary
     from napari_hemato.tasks import task_of
 
@@ -137,9 +144,19 @@ def summary(result, slide_path: Path) -> dict:
         "megapixels_per_s": round(megapixels / result.elapsed, 3) if result.elapsed else None,
         "work_mpp": grid.mpp, "input_mpp": grid.mpp0, "mpp_assumed": grid.mpp_assumed,
         "input_mpp_origin": pixel_size_origin(result),
+        "tissue": None if result.tissue is None else result.tissue.source,
+        "tiles_off_tissue": result.n_off_tissue,
+        "tissue_area_mm2": None,
+        "objects_per_mm2": None,
         **class_summary(table),
+        "warnings": list(result.warnings),
     }
-    s.update(task_of(result.spec.task).summary(table, area_mm2=area_mm2,
+    rate_area = analysed_area_mm2(result)
+    if result.tissue is not None and rate_area is not None:
+        s["tissue_area_mm2"] = round(rate_area, 4)
+    if rate_area:
+        s["objects_per_mm2"] = round(s["n_objects"] / rate_area, 1)
+    s.update(task_of(result.spec.task).summary(table, area_mm2=rate_area,
                                               mpp=None if grid.mpp_assumed else grid.mpp0,
                                               region=tuple(grid.roi)))
     return s
@@ -158,14 +175,22 @@ def print_summary(s: dict) -> None:
     origin = f" (the image states no pixel size: {said.format(s['input_mpp'])}; pass --mpp)" if said else ""
     area = f" ({s['area_mm2']} mm²)" if s.get("area_mm2") is not None else ""
     out(f"  analysed  {s['megapixels']} MP{area} at {s['work_mpp']:.3g} µm/px{origin}")
+    if s.get("tissue"):
+        area = s.get("tissue_area_mm2")
+        out(f"  tissue    {'?' if area is None else area} mm² ({s['tissue']}); "
+            f"{s['tiles_off_tissue']} of {s['tiles']} tiles off it, not read")
     out(f"  time      {s['seconds']} s over {s['tiles']} tiles ({s['megapixels_per_s']} MP/s)")
-    out(f"  objects   {s['n_objects']}")
+    per = f" ({s['objects_per_mm2']} / mm²{' of tissue' if s.get('tissue') else ''})" \
+        if s.get("objects_per_mm2") is not None else ""
+    out(f"  objects   {s['n_objects']}{per}")
     for name, count in s["counts"].items():
         out(f"    {name:<12} {count:>7}  {s['percent'][name]:5.1f} %")
     for line in task_of(s["task"]).summary_lines(s):
         out(f"  {line}")
     if s["mean_confidence"] is not None:
         out(f"  mean confidence {s['mean_confidence']:.3f}")
+    for warning in s.get("warnings", ()):
+        out(f"  WARNING   {warning}")
     out(f"  result    {s['result']}")
 
 
@@ -210,7 +235,7 @@ def cmd_analyze(args) -> int:
                    estimate_mpp=not args.no_estimate_mpp, roi=args.roi, tile=args.tile,
                    batch=args.batch, scheduler=args.scheduler,
                    resume=args.resume, overwrite=args.overwrite, providers=args.providers,
-                   threads=args.threads)
+                   threads=args.threads, tissue=args.tissue)
     if batch:
         stems = {}
         for path in inputs:

@@ -9,6 +9,11 @@ stopped (after checking the store: damaged tiles are redone, damaged label
 chunks assembled again, see :meth:`ResultStore.verify`). Memory is bounded by
 tile size × batch size (plus a prefetched batch), not by slide size.
 
+With a tissue mask (:mod:`napari_hemato.core.tissue`), tiles whose core (grown by
+the halo) touches no tissue are never read: they count as done and empty, so
+stitching, resume and the table treat them like tiles that found nothing. The mask
+is saved in the store, and a resume must use the same one.
+
 Example
 -------
 >>> from napari_hemato.core.slide import open_slide          # doctest: +SKIP
@@ -41,9 +46,12 @@ from napari_hemato.core.stitching import nms_points
 from napari_hemato.core.store import ResultStore
 from napari_hemato.core.table import table_columns, tile_table
 from napari_hemato.core.tiling import TilePlan, plan_tiles
+from napari_hemato.core.tissue import TissueMask, tiles_off_tissue
+from napari_hemato.core.tissue_io import MASK_FILE, mask_bytes
 
 log = logging.getLogger(__name__)
 AUTO_BATCH_PIXELS = 2_500_000
+NO_TISSUE = "no tissue found: no tile was analysed (pass tissue='none' to read every tile)"
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,11 @@ class RunResult:
     n_objects: int
     elapsed: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: the tissue mask the run used (None: every tile was read)
+    tissue: TissueMask | None = None
+    #: tiles not read because they touch no tissue
+    n_off_tissue: int = 0
+    warnings: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
@@ -117,9 +130,12 @@ def open_result(path) -> RunResult:
     spec_fields = dict(cfg["spec"])
     spec_fields["class_names"] = tuple(spec_fields["class_names"])
     spec = ModelSpec(**spec_fields)
-    done = store.done_tiles()
+    tissue = store.tissue()
+    skip = tiles_off_tissue(plan, grid, tissue) if tissue is not None else set()
+    done = store.done_tiles() | skip
     n = len(store.table()) if store.status == "complete" else 0
-    return RunResult(store, store.status, spec, grid, plan, len(done), n, 0.0)
+    return RunResult(store, store.status, spec, grid, plan, len(done), n, 0.0, tissue=tissue,
+                     n_off_tissue=len(skip), warnings=tuple(cfg.get("warnings", ())))
 
 
 def drain(gen: Generator[Progress, None, RunResult]) -> RunResult:
@@ -149,6 +165,7 @@ def iter_run(
     overwrite: bool = False,
     scheduler=None,
     cancel: CancelToken | None = None,
+    tissue: TissueMask | None = None,
 ) -> Generator[Progress, None, RunResult]:
     """Tiled, resumable inference of ``predictor`` over ``slide``.
 
@@ -176,6 +193,9 @@ def iter_run(
         Run tiles on a dask.distributed cluster (client or scheduler address).
     cancel : CancelToken, optional
         Cancelling it stops the run within about a second.
+    tissue : TissueMask, optional
+        Read only the tiles touching it (see :func:`napari_hemato.core.tissue_io.resolve_tissue`
+        for masks from files, arrays or detection); None reads every tile.
     """
     spec = predictor.spec
     if spec.kind not in ("instances", "points"):
@@ -192,6 +212,8 @@ def iter_run(
     if batch_size is None:
         batch_size = min(8, max(1, int(AUTO_BATCH_PIXELS // plan.input_size**2)))
     scale, translate = grid.napari_placement()
+    skip = tiles_off_tissue(plan, grid, tissue) if tissue is not None else set()
+    warnings = (NO_TISSUE,) if tissue is not None and len(skip) == len(plan) else ()
     config = {
         "kind": spec.kind,
         "slide": {"path": str(slide.path), "shape": list(slide.shape), "mpp": slide.mpp,
@@ -204,6 +226,11 @@ def iter_run(
         "id_stride": stride,
         "placement": [list(scale), list(translate)],
         "unit": "pixel" if grid.mpp_assumed else "micrometer",
+        "tissue": None if tissue is None else tissue.identity(),
+        "tissue_info": None if tissue is None else {
+            "source": tissue.source, "mpp": tissue.mpp, "area_mm2": tissue.area_mm2,
+            "area_mm2_in_region": tissue.area_mm2_in(grid.roi), "tiles_off_tissue": len(skip)},
+        "warnings": list(warnings),
     }
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="hemato-")) / "result.zarr"
@@ -214,16 +241,19 @@ def iter_run(
         store.verify()  # damaged tiles are redone, damaged labels chunks assembled again
         store.set_status("running")
     else:
-        store = ResultStore.create(out, config, overwrite=overwrite)
+        files = {MASK_FILE: mask_bytes(tissue)} if tissue is not None else None
+        store = ResultStore.create(out, config, overwrite=overwrite, files=files)
 
     timings: dict[str, float] = {"read": 0.0, "predict": 0.0, "postprocess": 0.0, "write": 0.0,
                                  "stitch": 0.0}
-    sink = TileSink(store, plan, spec.kind, timings=timings)
+    sink = TileSink(store, plan, spec.kind, timings=timings, skip=skip)
     skipped = len(sink.done)
     pending = [i for i in plan.order() if i not in sink.done]
     info = RunInfo(out, spec.kind, grid)
-    log.info("%s: %d tiles (%d already done), work grid %s at %.3f µm/px",
-             slide.path, len(plan), skipped, grid.shape, grid.mpp)
+    log.info("%s: %d tiles (%d off the tissue, %d already done), work grid %s at %.3f µm/px",
+             slide.path, len(plan), len(skip), skipped - len(skip), grid.shape, grid.mpp)
+    for warning in warnings:
+        log.warning("%s: %s", slide.path, warning)
     t0 = time.perf_counter()
     n_objects = 0
     sink.stitch(sorted(sink.done))  # chunks a cancelled run could not assemble yet
@@ -240,7 +270,7 @@ def iter_run(
                            time.perf_counter() - t0, tuple(o.index for o in outputs), info)
         if cancel.cancelled or len(sink.done) < len(plan):
             raise Cancelled("run cancelled")
-        n_objects = _finalize(store, plan, grid, spec, timings)
+        n_objects = _finalize(store, plan, grid, spec, timings, skip)
         status = "complete"
     except Cancelled:
         status = "cancelled"
@@ -257,23 +287,27 @@ def iter_run(
                 raise
             log.info("status not recorded: %s", err)
     return RunResult(store, status, spec, grid, plan, len(sink.done), n_objects,
-                     time.perf_counter() - t0, timings)
+                     time.perf_counter() - t0, timings, tissue=tissue, n_off_tissue=len(skip),
+                     warnings=warnings)
 
 
-def _finalize(store: ResultStore, plan: TilePlan, grid: WorkGrid, spec, timings) -> int:
+def _finalize(store: ResultStore, plan: TilePlan, grid: WorkGrid, spec, timings,
+              skip: set[int]) -> int:
     """Write the object table (global NMS for points); returns the row count."""
     ts = time.perf_counter()
     keep_ids = None
+    read = [i for i in range(len(plan)) if i not in skip]
     if spec.kind == "points":
-        tiles = [store.read_tile(i) for i in range(len(plan))]
-        yx = np.concatenate([np.column_stack([t.columns["y"], t.columns["x"]]) for t in tiles])
-        scores = np.concatenate([t.columns["score"] for t in tiles])
-        ids = np.concatenate([t.columns["id"] for t in tiles])
+        tiles = [store.read_tile(i) for i in read]
+        yx = np.concatenate([np.zeros((0, 2))] + [np.column_stack([t.columns["y"], t.columns["x"]])
+                                                  for t in tiles])
+        scores = np.concatenate([np.zeros(0)] + [t.columns["score"] for t in tiles])
+        ids = np.concatenate([np.zeros(0, np.int64)] + [t.columns["id"] for t in tiles])
         radius = float(spec.postprocess.get("min_distance_um", 5.0)) / grid.mpp
         keep_ids = set(ids[nms_points(yx, scores, radius)].tolist())
 
     def frames():
-        for i in range(len(plan)):
+        for i in read:
             frame = tile_table(store.read_tile(i), grid, spec)
             if keep_ids is not None:
                 frame = frame[frame["id"].isin(keep_ids)]

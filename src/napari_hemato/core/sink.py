@@ -3,6 +3,10 @@
 A small in-memory cache of recent fragments saves re-reading them from disk:
 the engine visits tiles in column blocks (:meth:`TilePlan.order`), so the 3×3
 neighbourhood of a chunk was almost always written a few dozen tiles earlier.
+
+Tiles off the tissue (``skip``) count as done and empty: they have no file, read as
+an empty fragment, and a chunk whose whole neighbourhood is skipped is background
+(the labels' fill value) without being written.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ class TileSink:
     """Write tiles, track which are done, assemble label chunks when possible."""
 
     def __init__(self, store: ResultStore, plan: TilePlan, kind: str, *, cache_size: int = 48,
-                 timings: dict | None = None) -> None:
+                 timings: dict | None = None, skip: set[int] | frozenset = frozenset()) -> None:
         self.store, self.plan, self.kind = store, plan, kind
-        self.done = store.done_tiles()
-        self.assembled = store.assembled()
+        self.skip = frozenset(skip)
+        self.done = store.done_tiles() | self.skip
+        self.assembled = store.assembled() | {
+            c for c in self.skip if all(n in self.skip for n in plan.neighbours(c))}
         self.n_objects = 0
         self.cache_size = cache_size
         self._cache: OrderedDict[int, TileOutput] = OrderedDict()
@@ -33,6 +39,8 @@ class TileSink:
         self.timings[key] = self.timings.get(key, 0.0) + time.perf_counter() - since
 
     def read(self, index: int) -> TileOutput:
+        if index in self.skip:
+            return TileOutput(index, self.plan[index].outer, None, {})
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]

@@ -6,6 +6,7 @@ Layout of ``RESULT.zarr``::
     labels/0             uint32 instance labels on the work grid, chunk = tile core
     labels/zarr.json     OME-NGFF style multiscales (axes y, x in µm)
     tiles/000042.npz     one file per finished tile: label fragment + object rows
+    tissue.npz           the run's tissue mask, if it had one (tiles off it are not read)
     assembled/000042     marker: the labels chunk of tile 42 is final
     objects.csv          the per-object table, written when the run completes
 
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 FORMAT = "napari-hemato-result/1"
 _KEY = "napari_hemato"
 # config keys that must match for a run to resume into an existing store
-RESUME_KEYS = ("format", "slide", "model", "grid", "plan", "id_stride")
+RESUME_KEYS = ("format", "slide", "model", "grid", "plan", "id_stride", "tissue")
 
 
 class ResultStore:
@@ -63,8 +64,10 @@ class ResultStore:
 
     # -- creation / opening ---------------------------------------------------
     @classmethod
-    def create(cls, path, config: dict, *, overwrite: bool = False) -> ResultStore:
-        """A new store for ``config`` (which must hold ``plan`` and ``grid``).
+    def create(cls, path, config: dict, *, overwrite: bool = False,
+               files: dict[str, bytes] | None = None) -> ResultStore:
+        """A new store for ``config`` (which must hold ``plan`` and ``grid``), with ``files``
+        (name -> bytes, e.g. the tissue mask) written inside it.
 
         The store is built in a temporary folder beside ``path`` and renamed into
         place: a process killed meanwhile leaves no half-made store at ``path``.
@@ -84,6 +87,8 @@ class ResultStore:
         try:
             with _writing(tmp):
                 _build(tmp, config)
+                for name, data in (files or {}).items():
+                    (tmp / name).write_bytes(data)
                 if path.exists():  # overwrite: move the old store aside, then delete it
                     aside = path.with_name(f".{path.name}.{os.getpid()}.old")
                     os.replace(path, aside)
@@ -149,8 +154,16 @@ class ResultStore:
         if diff:
             raise StoreError(
                 f"{self.path}: cannot resume, the run differs in {', '.join(diff)} "
-                "(same slide, model, region, tile and pixel size are needed)"
+                "(same slide, model, region, tile, pixel size and tissue mask are needed)"
             )
+
+    def tissue(self):
+        """The run's :class:`~napari_hemato.core.tissue.TissueMask` (None: it had none)."""
+        if not self.config.get("tissue"):
+            return None
+        from napari_hemato.core.tissue_io import MASK_FILE, read_mask
+
+        return read_mask(self.path / MASK_FILE)
 
     @property
     def status(self) -> str:

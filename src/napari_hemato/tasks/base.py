@@ -45,6 +45,10 @@ class Task:
     #: a second-stage model the user may choose: ``(api keyword, label)``, e.g. the smear's
     #: ``("classifier", "WBC classifier")``; its fine-tune (``finetune_kind``) replaces it
     stage_model: tuple[str, str] | None = None
+    #: ``tissue=`` when the caller gives none: ``"auto"`` (detect the tissue, read only the
+    #: tiles touching it: sections on glass) or ``"none"`` (read every tile: a field that
+    #: is all specimen, or an image kind the tissue detector does not know)
+    tissue_default: str = "none"
 
     # -- models ---------------------------------------------------------------
     def model_folder(self, model: str | Path | None = None) -> Path:
@@ -91,7 +95,8 @@ class Task:
                 mpp: float | None = None, region=None) -> dict[str, Any]:
         """Task-specific numbers from an object table (JSON-able). Default: none.
 
-        ``area_mm2`` is the area analysed (rates are over it), ``region`` its level-0 box."""
+        ``area_mm2`` is the area analysed (rates are over it: the tissue area in the region
+        when the run had a tissue mask), ``region`` its level-0 box."""
         return {}
 
     def summary_lines(self, summary: dict[str, Any]) -> list[str]:

@@ -1,6 +1,7 @@
 """Mitosis detection on H&E: points, the mitotic count per 10 HPF and per 2 mm², hotspot.
 
-The count is over the area analysed; the hotspot is the square window of 10 HPF
+The count is over the area analysed (the tissue in the region, when the run had a
+tissue mask); the hotspot is the square window of 10 HPF
 holding most mitoses.
 """
 
@@ -70,6 +71,7 @@ def hotspot(table: pd.DataFrame, *, mpp: float, area_mm2: float = 10 * HPF_MM2,
 class MitosisTask(Task):
     name = "mitosis"
     title = "H&E mitotic figure detection (points)"
+    tissue_default = "auto"  # sections on glass; the count is per mm² of tissue
 
     def claims(self, annotations) -> bool:
         return annotations.kind == "points"

@@ -8,6 +8,7 @@ from napari_hemato.tasks.base import Task
 class NucleiTask(Task):
     name = "nuclei"
     title = "H&E nucleus instance segmentation"
+    tissue_default = "auto"  # sections on glass: read only the tiles touching tissue
 
 
 TASK = NucleiTask()

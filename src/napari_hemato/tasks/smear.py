@@ -117,6 +117,7 @@ class SmearTask(Task):
     title = "Blood smear cells (RBC / WBC / platelets) and the WBC differential"
     finetune_kind = "wbc"  # corrections of white-cell classes refit the WBC classifier
     stage_model = ("classifier", "WBC classifier")
+    tissue_default = "none"  # a smear field is all specimen: the whole field counts
 
     def export_corrections(self, annotations, folder):
         """The crops export (``manifest.csv``): ``finetune wbc`` keeps the reviewed white cells."""
