@@ -26,7 +26,14 @@ NEGATIVE_CLEAR_UM = 5.0  # rejected-blob pixels this close to a figure are not n
 BACKGROUND_UM = 10.0
 TOP_K = 8
 BACKGROUND_PER_WINDOW = 4
-WINDOW = 256  # work-grid px (a multiple of 32, beyond the receptive field around the point)
+MIN_WINDOW = 256  # work-grid px; at least the receptive field on each side of the point (see _window)
+
+
+def _window(spec) -> int:
+    """The window side: the point plus the receptive field on each side, to the size divisor."""
+    side = max(MIN_WINDOW, 2 * int(spec.receptive_field_px) + 32)
+    div = max(int(spec.size_divisor), 1)
+    return -(-side // div) * div
 
 
 @dataclass
@@ -75,13 +82,14 @@ def image_samples(item: CorrectedImage, feats: HeatmapFeatures, *, seed: int = 0
         out = PointSamples(np.zeros((len(pos_w), d)), np.zeros((0, d)), np.zeros(0, int), np.zeros((0, d)),
                            [None] * len(pos_w), [None] * len(neg_w))
         neg_x, neg_g, bg_x = [], [], []
-        half = WINDOW // 2
+        window = _window(spec)
+        half = window // 2
         for start in range(0, len(points), batch):
             if progress is not None:
                 progress(start, len(points))
             chunk = points[start : start + batch]
             corners = [np.floor(p).astype(int) - half for _, _, p in chunk]
-            images = np.stack([grid.read(slide, (int(y), int(x), int(y) + WINDOW, int(x) + WINDOW),
+            images = np.stack([grid.read(slide, (int(y), int(x), int(y) + window, int(x) + window),
                                          fill=spec.pad_value) for y, x in corners])
             _, fmap = feats.run(images)
             for (what, k, p), corner, f in zip(chunk, corners, fmap, strict=True):
@@ -103,7 +111,7 @@ def image_samples(item: CorrectedImage, feats: HeatmapFeatures, *, seed: int = 0
                     top = np.argsort(-feats.logit(disc_x))[:TOP_K]
                     neg_x.append(disc_x[top])
                     neg_g.append(np.full(len(top), k))
-                cand = rng.uniform(0, WINDOW, (16 * BACKGROUND_PER_WINDOW, 2))
+                cand = rng.uniform(0, window, (16 * BACKGROUND_PER_WINDOW, 2))
                 far = np.hypot(*(cand[:, None, :] + corner - all_w[None]).transpose(2, 0, 1)).min(1)
                 cand = cand[far * mpp >= BACKGROUND_UM][:BACKGROUND_PER_WINDOW]
                 if len(cand):
