@@ -38,7 +38,7 @@ from napari_hemato.finetune.points_replay import load_points_replay
 log = logging.getLogger(__name__)
 
 #: (anchor l2, corrections' share of the loss) tried, most conservative first
-SETTINGS = [(l2, share) for l2 in (1.0, 0.3, 0.1, 3e-2, 1e-2, 3e-3, 1e-3) for share in (0.5, 0.8)]
+SETTINGS = [(l2, share) for l2 in (10.0, 3.0, 1.0, 0.3, 0.1, 3e-2, 1e-2) for share in (0.05, 0.2, 0.5, 0.8)]
 MAX_REFERENCE_DROP = 0.01
 BACKGROUND_SHARE = 0.1  # of the corrections' share
 MIN_HELD_OUT = 5  # fewer corrections than this: nothing is held out, the fit is checked on itself
@@ -206,16 +206,19 @@ def finetune_mitosis(data: list[str | Path], out: str | Path, *, base: str | Pat
         if ok and (best is None or row["heldout_agreement"] > best["heldout_agreement"] + 1e-9):
             best = row
     note = None
-    if best is None:
-        best, note = tried[0], ("no setting kept the reference within a point: the most conservative "
-                                "is written")
     progress("refitting on every correction", 0.92)
-    final = _fit(everything, replay, init, best["l2"], best["share"], offset)
+    if best is None:  # the corrections contradict the reference: the shipped layer is kept
+        best = {"l2": None, "share": 0.0, **{f"heldout_{k}": v for k, v in _scores(init, check, offset).items()},
+                **_reference(init, replay, offset)}
+        note = "no setting kept the reference within a point: the heatmap layer is written unchanged"
+        final = init
+    else:
+        final = _fit(everything, replay, init, best["l2"], best["share"], offset)
     after = {**_reference(final, replay, offset),
              **{f"heldout_{k}_of_the_split_fit": best[f"heldout_{k}"]
                 for k in ("figures_kept", "rejections_held", "agreement")},
              **{f"corrections_{k}": v for k, v in _scores(final, everything, offset).items()}}
-    if not _keeps_reference(after, before):
+    if final is not init and not _keeps_reference(after, before):
         final = _fit(fit_set, replay, init, best["l2"], best["share"], offset)
         after.update(_reference(final, replay, offset))
         note = "the refit on every correction lost reference recall or precision: the split fit is written"

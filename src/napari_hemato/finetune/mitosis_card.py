@@ -43,7 +43,7 @@ Held out to choose the settings: {corrections['heldout']}.
 | reference hard negatives above the threshold | {_f(b['reference_hard_negatives_above'])} | {_f(a['reference_hard_negatives_above'])} |
 {note}
 The written layer is refit on every correction with the chosen setting (anchor l2
-{c['l2']:g}, corrections' share {c['share']:.1f}); settings tried (a setting may drop the
+{'none: unchanged' if c['l2'] is None else format(c['l2'], 'g')}, corrections' share {c['share']:.1f}); settings tried (a setting may drop the
 reference recall by at most {max_drop:.0%}):
 
 | anchor l2 | corrections' share | held-out agreement | reference recall |
