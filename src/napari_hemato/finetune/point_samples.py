@@ -88,7 +88,10 @@ def image_samples(item: CorrectedImage, feats: HeatmapFeatures, *, seed: int = 0
             if progress is not None:
                 progress(start, len(points))
             chunk = points[start : start + batch]
-            corners = [np.floor(p).astype(int) - half for _, _, p in chunk]
+            # the engine's tiles start at multiples of the tile size minus the halo: the same
+            # phase modulo the size divisor gives the window the engine's stride-grid alignment
+            phase, div = -spec.halo, max(int(spec.size_divisor), 1)
+            corners = [((np.floor(p).astype(int) - half - phase) // div) * div + phase for _, _, p in chunk]
             images = np.stack([grid.read(slide, (int(y), int(x), int(y) + window, int(x) + window),
                                          fill=spec.pad_value) for y, x in corners])
             _, fmap = feats.run(images)
