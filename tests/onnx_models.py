@@ -130,3 +130,75 @@ def tiny_wbc_model_dir(folder: Path, *, size: int = 32, seed: int = 0, temperatu
                         "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
                         "preprocess": {"context": 1.5}})
     return folder
+
+
+def tiny_mitosis_model_dir(folder: Path, *, seed: int | None = None, gain: float = 15.0) -> Path:
+    """A heatmap net with the bundled mitosis model's head layout, in a few nodes (no torch).
+
+    image -> 1×1 conv to 6 colour features (darkness, red − blue, blue − red, green,
+    brightness, a constant) + ReLU -> 4×4 average pool -> 3×3 box blur per channel + ReLU
+    (the "features", stride 4) -> 1×1 conv to 3 channels -> linear ×4 upsampling ->
+    channel 0: Sigmoid = heatmap (``gain`` × darkness − 4: any dark blob is a "figure"),
+    channels 1-2: Softmax = class_probs (normal ~ blue, atypical ~ red). ``seed`` adds
+    noise to the trunk (another model with the same head layout).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from napari_hemato.core.spec import write_spec
+
+    d = 6
+    w1 = np.zeros((d, 3, 1, 1), np.float32)
+    w1[0, :, 0, 0] = -1 / 3  # darkness
+    w1[1, :, 0, 0] = [1, 0, -1]  # red - blue
+    w1[2, :, 0, 0] = [-1, 0, 1]  # blue - red
+    w1[3, :, 0, 0] = [-0.5, 1, -0.5]  # green
+    w1[4, :, 0, 0] = 1 / 3  # brightness
+    b1 = np.array([0, 0, 0, 0, 0, 1], np.float32)  # channel 5: the constant 1
+    if seed is not None:
+        w1 = w1 + np.random.default_rng(seed).normal(0, 0.2, w1.shape).astype(np.float32)
+    blur = np.zeros((d, d, 3, 3), np.float32)
+    for c in range(d):
+        blur[c, c] = 1 / 9
+    w_out = np.zeros((3, d, 1, 1), np.float32)
+    w_out[0, 0, 0, 0] = gain
+    w_out[1, 2, 0, 0] = w_out[2, 1, 0, 0] = 4.0
+    b_out = np.array([-4.0, 0.0, 0.0], np.float32)
+    c = lambda v, n: numpy_helper.from_array(np.array(v, np.int64 if isinstance(v[0], int) else np.float32), n)  # noqa: E731
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"),
+             numpy_helper.from_array(blur, "blur"), numpy_helper.from_array(w_out, "head.weight"),
+             numpy_helper.from_array(b_out, "head.bias"), c([1.0, 1.0, 4.0, 4.0], "scales"),
+             c([0], "s0"), c([1], "s1"), c([3], "s3"), c([1], "axis")]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["colours"]),
+        helper.make_node("Relu", ["colours"], ["colours_r"]),
+        helper.make_node("AveragePool", ["colours_r"], ["pooled"], kernel_shape=[4, 4], strides=[4, 4]),
+        helper.make_node("Conv", ["pooled", "blur"], ["blurred"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["blurred"], ["feat"]),
+        helper.make_node("Conv", ["feat", "head.weight", "head.bias"], ["logits_small"]),
+        helper.make_node("Resize", ["logits_small", "", "scales"], ["logits"], mode="linear",
+                         coordinate_transformation_mode="half_pixel"),
+        helper.make_node("Slice", ["logits", "s0", "s1", "axis"], ["heat_logit"]),
+        helper.make_node("Sigmoid", ["heat_logit"], ["heatmap"]),
+        helper.make_node("Slice", ["logits", "s1", "s3", "axis"], ["class_logits"]),
+        helper.make_node("Softmax", ["class_logits"], ["class_probs"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_mitosis",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+        [helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["N", 1, "H", "W"]),
+         helper.make_tensor_value_info("class_probs", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    write_spec(folder, {"name": "tiny-mitosis", "version": "0", "task": "mitosis", "kind": "points",
+                        "class_names": ["normal", "atypical"],
+                        "outputs": {"heatmap": "heatmap", "class_probs": "class_probs"},
+                        "mpp": 0.5, "tile": 256, "max_object_um": 10.0, "receptive_field_px": 12,
+                        "size_divisor": 4, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+                        "postprocess": {"threshold": 0.6, "min_distance_um": 4.0, "radius_um": 3.0}})
+    return folder

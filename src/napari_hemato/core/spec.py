@@ -31,7 +31,9 @@ Kinds and output roles (all outputs are NCHW float32, same H, W as the input):
   (N,1,H,W) distance-to-boundary map used for watershed seeds; optional
   ``class_probs`` (N,C,H,W) per-pixel class probabilities averaged per object.
 - ``points``: ``heatmap`` (N,1,H,W) probability of an object centre; optional
-  ``class_probs`` (N,C,H,W) read at each peak.
+  ``class_probs`` (N,C,H,W) read at each peak; optional ``features`` (N,D,h,w), the
+  tensor the heatmap's last 1×1 convolution reads (coarser than the input; only
+  fine-tuning asks for it, see :data:`ON_REQUEST`).
 - ``classifier``: fixed-size cell crops in, ``probs`` (N,C) out; optional ``cam``
   (N,C,h,w) class activation maps. Cropping rules live in ``preprocess``.
 """
@@ -56,7 +58,7 @@ log = logging.getLogger(__name__)
 KINDS = ("instances", "points", "classifier")
 _ROLES = {
     "instances": ({"foreground"}, {"distance", "class_probs"}),
-    "points": ({"heatmap"}, {"class_probs"}),
+    "points": ({"heatmap"}, {"class_probs", "features"}),  # features: for fine-tuning
     "classifier": ({"probs"}, {"cam", "logits", "embedding"}),  # embedding: for fine-tuning
 }
 
@@ -204,6 +206,10 @@ def _sha256(path: str, mtime_ns: int, size: int) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: output roles a predictor computes only when asked (large, and only fine-tuning needs them)
+ON_REQUEST = frozenset({"features"})
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,4 +1,5 @@
-"""Refit a linear softmax head on embeddings: exact or partial (coarse) labels, anchored.
+"""Refit a linear head on embeddings, anchored: softmax with exact or partial (coarse) labels,
+or one logistic output (a heatmap channel).
 
 The loss is the mean weighted negative log-likelihood of each sample's *allowed*
 classes (one class for an exact label; the members of a group such as NEU =
@@ -103,3 +104,51 @@ def fit_head(x: np.ndarray, allowed: np.ndarray, init: Head, *, sample_weight=No
     theta = res.x
     return Head(theta[: n_c * n_d].reshape(n_c, n_d).astype(np.float32),
                 theta[n_c * n_d :].astype(np.float32), t)
+
+
+@dataclass
+class BinaryHead:
+    """``logit = x @ weight + bias`` (one output: a heatmap channel, a detector's score)."""
+
+    weight: np.ndarray  # (D,)
+    bias: float
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, np.float64) @ self.weight + self.bias
+
+
+def fit_binary_head(x: np.ndarray, y: np.ndarray, init: BinaryHead, *, sample_weight=None,
+                    l2: float = 1e-2, offset: float = 0.0, max_iter: int = 300) -> BinaryHead:
+    """The head minimising the weighted logistic loss of ``logit − offset`` + ``l2/2 ||(w, b) − (w0, b0)||²``.
+
+    ``x`` (N, D), ``y`` (N,) in {0, 1}; ``offset`` puts the loss's boundary at a detection
+    threshold (``logit(threshold)``) instead of 0.5. ``sample_weight`` is normalised to sum 1.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> x = np.r_[rng.normal(0, 1, (50, 2)) + [2, 0], rng.normal(0, 1, (50, 2)) - [2, 0]]
+    >>> y = np.r_[np.ones(50), np.zeros(50)]
+    >>> h = fit_binary_head(x, y, BinaryHead(np.zeros(2), 0.0), l2=1e-3)
+    >>> float(((h.logits(x) > 0) == y).mean()) > 0.95
+    True
+    """
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    if x.ndim != 2 or y.shape != (len(x),) or x.shape[1] != len(init.weight):
+        raise ValueError(f"x {x.shape} and y {y.shape} do not match the head ({len(init.weight)},)")
+    w = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    w = w / w.sum()
+    theta0 = np.r_[np.asarray(init.weight, np.float64), float(init.bias)]
+
+    def loss_grad(theta):
+        z = x @ theta[:-1] + theta[-1] - offset
+        # log(1 + e^z) - y z, stably; its derivative is sigmoid(z) - y
+        nll = np.logaddexp(0.0, z) - y * z
+        dz = (0.5 * (1 + np.tanh(0.5 * z)) - y) * w
+        diff = theta - theta0
+        return float(w @ nll) + 0.5 * l2 * float(diff @ diff), np.r_[dz @ x, dz.sum()] + l2 * diff
+
+    res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B",
+                   options={"maxiter": max_iter, "gtol": 1e-8})
+    return BinaryHead(res.x[:-1].copy(), float(res.x[-1]))

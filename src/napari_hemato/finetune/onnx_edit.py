@@ -137,3 +137,55 @@ def set_constant(model: onnx.ModelProto, tensor: str, value) -> None:
         node.attribute[0].t.CopyFrom(numpy_helper.from_array(np.asarray(value, old.dtype).reshape(old.shape)))
         return
     set_initializer(model, tensor, value)
+
+
+@dataclass
+class HeatmapHead:
+    """Where a heatmap net's last layer lives: a 1×1 Conv over ``features``, whose
+    output channel ``channel`` is (optionally upsampled linearly by ``upsample``,
+    then) the heatmap's logit."""
+
+    features: str  # the Conv's input tensor (N, D, h, w)
+    weight: str  # initializer (K, D, 1, 1)
+    bias: str  # initializer (K,)
+    channel: int  # the Conv output channel that is the heatmap logit
+    upsample: int  # integer linear (half-pixel) upsampling from the features to the heatmap
+
+
+def find_heatmap_head(model: onnx.ModelProto, heatmap_output: str = "heatmap") -> HeatmapHead:
+    """The 1×1 Conv feeding ``heatmap_output`` through [Resize] [Slice on channels] Sigmoid."""
+    node = producer(model, heatmap_output)
+    while node is not None and node.op_type == "Identity":
+        node = producer(model, node.input[0])
+    if node is None or node.op_type != "Sigmoid":
+        raise ModelError(f"output {heatmap_output!r} is not a Sigmoid: no heatmap head to refit")
+    channel, upsample = 0, 1
+    node = producer(model, node.input[0])
+    if node is not None and node.op_type == "Slice":
+        starts, ends = (int(np.ravel(_constant(model, node.input[k]))[0]) for k in (1, 2))
+        axes = int(np.ravel(_constant(model, node.input[3]))[0]) if len(node.input) > 3 else 0
+        steps = int(np.ravel(_constant(model, node.input[4]))[0]) if len(node.input) > 4 else 1
+        if axes != 1 or steps != 1 or ends != starts + 1:
+            raise ModelError("the heatmap is not one channel sliced from the last layer")
+        channel = starts
+        node = producer(model, node.input[0])
+    if node is not None and node.op_type == "Resize":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        scales = np.ravel(_constant(model, node.input[2])) if len(node.input) > 2 and node.input[2] else []
+        mode = attrs.get("mode", b"nearest")
+        how = attrs.get("coordinate_transformation_mode", b"half_pixel")
+        if (mode != b"linear" or how != b"half_pixel" or len(scales) != 4
+                or list(scales[:2]) != [1, 1] or scales[2] != scales[3] or not float(scales[2]).is_integer()):
+            raise ModelError("the heatmap's upsampling is not an integer linear half-pixel Resize")
+        upsample = int(scales[2])
+        node = producer(model, node.input[0])
+    if node is None or node.op_type != "Conv" or len(node.input) < 3:
+        raise ModelError("no Conv with a bias before the heatmap's sigmoid: no heatmap head to refit")
+    weight = initializer(model, node.input[1])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if weight.shape[2:] != (1, 1) or attrs.get("group", 1) != 1 or any(s != 1 for s in attrs.get("strides", [1])):
+        raise ModelError("the heatmap's last layer is not a 1×1 convolution")
+    if not 0 <= channel < weight.shape[0]:
+        raise ModelError(f"heatmap channel {channel} is not an output of the last layer")
+    initializer(model, node.input[2])  # the bias is a weight, not computed
+    return HeatmapHead(node.input[0], node.input[1], node.input[2], channel, upsample)

@@ -15,7 +15,7 @@ import numpy as np
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import Cancelled, ModelError
-from napari_hemato.core.spec import ModelSpec, check_weights, load_spec
+from napari_hemato.core.spec import ON_REQUEST, ModelSpec, check_weights, load_spec
 
 
 def available_providers() -> list[str]:
@@ -126,9 +126,13 @@ class OnnxPredictor:
             raise ModelError(f"{where}: spec outputs {missing} not in the model's outputs {sorted(names)}")
 
     def predict(
-        self, batch: np.ndarray, *, cancel: CancelToken | None = None
+        self, batch: np.ndarray, *, cancel: CancelToken | None = None, roles=None
     ) -> dict[str, np.ndarray]:
-        """Run on ``(N, H, W, 3)`` uint8; returns role -> float32 array."""
+        """Run on ``(N, H, W, 3)`` uint8; returns role -> float32 array.
+
+        ``roles``: the output roles to compute (default: all but those only computed on
+        request, :data:`napari_hemato.core.spec.ON_REQUEST`, e.g. a heatmap net's ``features``).
+        """
         import onnxruntime as ort
 
         batch = np.asarray(batch)
@@ -140,7 +144,13 @@ class OnnxPredictor:
                     f"{self.spec.name}: model takes {self._fixed_hw} px inputs, got {batch.shape[1:3]}"
                 )
         feed = {self.spec.input_name: self.spec.normalize(batch)}
-        names = list(self.spec.outputs.values())
+        if roles is None:
+            roles = [r for r in self.spec.outputs if r not in ON_REQUEST]
+        roles = list(roles)
+        unknown = [r for r in roles if r not in self.spec.outputs]
+        if unknown:
+            raise ModelError(f"{self.spec.name}: the model has no output role(s) {unknown}")
+        names = [self.spec.outputs[r] for r in roles]
         options = ort.RunOptions()
         unregister = cancel.register(lambda: setattr(options, "terminate", True)) if cancel else None
         try:
@@ -154,5 +164,5 @@ class OnnxPredictor:
                 unregister()
         return {
             role: np.asarray(out, dtype=np.float32)
-            for role, out in zip(self.spec.outputs, outputs, strict=True)
+            for role, out in zip(roles, outputs, strict=True)
         }

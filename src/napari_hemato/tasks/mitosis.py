@@ -72,6 +72,28 @@ class MitosisTask(Task):
     name = "mitosis"
     title = "H&E mitotic figure detection (points)"
     tissue_default = "auto"  # sections on glass; the count is per mm² of tissue
+    finetune_kind = "mitosis"  # kept, added and rejected figures refit the heatmap's last layer
+
+    def export_corrections(self, annotations, folder):
+        """``<image>_points.csv`` (the points CSV export) + ``<image>_points.json`` (the image
+        path, pixel size and region analysed) in ``folder``: what ``finetune mitosis`` reads.
+        Returns the CSV."""
+        import json
+        from pathlib import Path
+
+        from napari_hemato.core.export import export_points_csv
+        from napari_hemato.core.export.formats import safe_name
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = safe_name(Path(annotations.image_path).stem if annotations.image_path else "corrections")
+        csv = export_points_csv(annotations, folder / f"{name}_points.csv", overwrite=True)
+        region = annotations.region
+        head = {"image_path": None if annotations.image_path is None else str(Path(annotations.image_path).resolve()),
+                "mpp": annotations.mpp, "region": None if region is None else [int(v) for v in region],
+                "class_names": [str(c) for c in annotations.class_names]}
+        csv.with_suffix(".json").write_text(json.dumps(head, indent=2) + "\n")
+        return csv
 
     def claims(self, annotations) -> bool:
         return annotations.kind == "points"
