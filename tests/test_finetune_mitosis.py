@@ -82,7 +82,8 @@ def corrected_export(model: Path, tmp: Path, rng, name: str = "slide") -> tuple[
     image = tmp / f"{name}.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(field(rng, blobs)).save(image)
-    result = analyze(image, task="mitosis", model=model, mpp=MPP, out=tmp / f"{name}.zarr", threads=1)
+    result = analyze(image, task="mitosis", model=model, mpp=MPP, out=tmp / f"{name}.zarr", threads=1,
+                     tissue="none")  # synthetic blobs on white: glass to the tissue detector
     ann = from_result(result)
     table = ann.table
     assert len(table) == len(blobs)  # the base model calls every blob
@@ -100,7 +101,8 @@ def corrected_export(model: Path, tmp: Path, rng, name: str = "slide") -> tuple[
 def calls(model: Path, image: np.ndarray, tmp: Path, name: str) -> np.ndarray:
     path = tmp / f"{name}.png"
     Image.fromarray(image).save(path)
-    res = analyze(path, task="mitosis", model=model, mpp=MPP, out=tmp / f"{name}.zarr", threads=1)
+    res = analyze(path, task="mitosis", model=model, mpp=MPP, out=tmp / f"{name}.zarr", threads=1,
+                     tissue="none")  # synthetic blobs on white: glass to the tissue detector
     return res.table()[["y", "x"]].to_numpy(float)
 
 
@@ -251,7 +253,8 @@ def test_the_cli_writes_a_model_analyze_takes(model, tmp_path, capsys):
     assert "wrote" in printed.out and "reference recall" in printed.out
     assert "reading the corrections" in printed.err  # progress on stderr
     assert main(["analyze", str(tmp_path / "c" / "slide.png"), "--task", "mitosis", "--model",
-                 str(tmp_path / "m"), "--mpp", str(MPP), "--out", str(tmp_path / "run.zarr")]) == 0
+                 str(tmp_path / "m"), "--mpp", str(MPP), "--out", str(tmp_path / "run.zarr"),
+                 "--tissue", "none"]) == 0
     from napari_hemato.core.engine import open_result
 
     pts = open_result(tmp_path / "run.zarr").table()[["y", "x"]].to_numpy(float)
