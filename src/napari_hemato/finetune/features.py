@@ -9,15 +9,14 @@ regression over the feature channels, refit by :mod:`napari_hemato.finetune.mito
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from napari_hemato.core.errors import HematoError
-from napari_hemato.core.spec import write_spec
 from napari_hemato.finetune import onnx_edit
+from napari_hemato.finetune.embedding import add_output
 
 
 def add_features_output(folder: str | Path) -> bool:
@@ -27,18 +26,8 @@ def add_features_output(folder: str | Path) -> bool:
     ``features`` (computed only on request) and the new ``sha256``. Returns False when
     it was there already.
     """
-    folder = Path(folder)
-    spec = json.loads((folder / "model.json").read_text())
-    if "features" in spec.get("outputs", {}):
-        return False
-    path = folder / spec.get("onnx", "model.onnx")
-    model = onnx_edit.load(path)
-    head = onnx_edit.find_heatmap_head(model, spec["outputs"].get("heatmap", "heatmap"))
-    onnx_edit.expose(model, head.features, "features")
-    onnx_edit.save(model, path)
-    spec["outputs"] = {**spec["outputs"], "features": "features"}
-    write_spec(folder, spec)
-    return True
+    return add_output(folder, "features", lambda model, spec: onnx_edit.find_heatmap_head(
+        model, spec["outputs"].get("heatmap", "heatmap")).features)
 
 
 def sample_features(fmap: np.ndarray, yx: np.ndarray, upsample: int) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 
 from napari_hemato.core.errors import HematoError
 from napari_hemato.finetune.features import HeatmapFeatures, sample_features
-from napari_hemato.finetune.replay import REPLAY, probe_crops
+from napari_hemato.finetune.replay import REPLAY, probe_crops, read_replay
 
 #: heatmap pixels of :func:`probe_image` whose features are the probe
 PROBE_YX = np.array([[y, x] for y in (20, 64, 100) for x in (24, 64, 110)], np.float64)
@@ -53,12 +53,7 @@ def write_points_replay(folder: str | Path, feats: HeatmapFeatures, *, train_x, 
 
 def load_points_replay(folder: str | Path, feats: HeatmapFeatures) -> dict:
     """The replay of the points model in ``folder``, checked against ``feats``' trunk."""
-    path = Path(folder) / REPLAY
-    if not path.is_file():
-        raise HematoError(f"{folder}: no {REPLAY} (the reference features a fine-tune replays); "
-                          "fine-tune from the bundled model or from a model fine-tuned from it")
-    with np.load(path, allow_pickle=False) as z:
-        replay = {k: z[k] for k in z.files}
+    path, replay = read_replay(folder, "features")
     if str(replay.get("kind", "")) != "points":
         raise HematoError(f"{path}: not the replay of a points (heatmap) model")
     probe = replay["probe_x"]

@@ -67,14 +67,20 @@ def same_trunk(now: np.ndarray, saved: np.ndarray, tol: float = 0.02) -> bool:
     return bool((err <= tol).all())
 
 
-def load_replay(folder: str | Path, clf) -> dict:
-    """The replay of the model in ``folder``, checked against ``clf``'s trunk."""
+def read_replay(folder: str | Path, what: str) -> tuple[Path, dict]:
+    """``(path, arrays)`` of the ``replay.npz`` in ``folder`` (no pickle); a clear error when
+    there is none. ``what``: what it holds, for the message ("embeddings", "features")."""
     path = Path(folder) / REPLAY
     if not path.is_file():
-        raise HematoError(f"{folder}: no {REPLAY} (the reference embeddings a fine-tune replays); "
+        raise HematoError(f"{folder}: no {REPLAY} (the reference {what} a fine-tune replays); "
                           "fine-tune from the bundled model or from a model fine-tuned from it")
     with np.load(path, allow_pickle=False) as z:
-        replay = {k: z[k] for k in z.files}
+        return path, {k: z[k] for k in z.files}
+
+
+def load_replay(folder: str | Path, clf) -> dict:
+    """The replay of the model in ``folder``, checked against ``clf``'s trunk."""
+    path, replay = read_replay(folder, "embeddings")
     if not same_trunk(probe_embeddings(clf), replay["probe_x"]):
         raise HematoError(f"{path}: the replay was made with another model's trunk")
     out = {k: replay[k].astype(np.float64) for k in ("train_x", "val_x")}
