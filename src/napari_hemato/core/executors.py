@@ -29,10 +29,11 @@ def read_batch(slide, grid: WorkGrid, tiles: list[Tile], fill: int) -> np.ndarra
 
 
 def own_objects(raw: dict, tiles: list[Tile], spec, grid: WorkGrid, plan: TilePlan,
-                stride: int) -> list[TileOutput]:
+                stride: int, images: np.ndarray | None = None) -> list[TileOutput]:
     """Split a batch's outputs per tile and keep each tile's owned objects."""
     return [tile_objects({role: o[k] for role, o in raw.items()}, t, plan, spec, grid.mpp,
-                         stride=stride, grid=grid) for k, t in enumerate(tiles)]
+                         stride=stride, grid=grid, image=None if images is None else images[k])
+            for k, t in enumerate(tiles)]
 
 
 def local_batches(slide, predictor, grid: WorkGrid, plan: TilePlan, stride: int,
@@ -46,9 +47,9 @@ def local_batches(slide, predictor, grid: WorkGrid, plan: TilePlan, stride: int,
         t = time.perf_counter()
         return read_batch(slide, grid, tiles, spec.pad_value), time.perf_counter() - t
 
-    def finish(raw, tiles):
+    def finish(raw, tiles, images):
         t = time.perf_counter()
-        outs = own_objects(raw, tiles, spec, grid, plan, stride)
+        outs = own_objects(raw, tiles, spec, grid, plan, stride, images)
         timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t
         sink.add(outs)
         return outs
@@ -69,7 +70,7 @@ def local_batches(slide, predictor, grid: WorkGrid, plan: TilePlan, stride: int,
             except Cancelled:
                 break
             timings["predict"] = timings.get("predict", 0.0) + time.perf_counter() - t
-            current = finisher.submit(finish, raw, tiles)
+            current = finisher.submit(finish, raw, tiles, images)
             if previous is not None:
                 yield previous.result()
             previous = current
@@ -84,7 +85,7 @@ def _remote_batch(slide_path, slide_mpp, predictor, grid, plan, stride, indices)
     slide = _worker_slide(str(slide_path), slide_mpp)
     tiles = [plan[i] for i in indices]
     images = read_batch(slide, grid, tiles, predictor.spec.pad_value)
-    return own_objects(predictor.predict(images), tiles, predictor.spec, grid, plan, stride)
+    return own_objects(predictor.predict(images), tiles, predictor.spec, grid, plan, stride, images)
 
 
 _WORKER_SLIDES: dict[tuple[str, float | None], object] = {}

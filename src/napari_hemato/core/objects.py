@@ -16,6 +16,15 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_hemato.core.postprocess import postprocess_instances, postprocess_points
+from napari_hemato.core.stain_rule import (
+    GLASS_MARGIN_UM,
+    StainRule,
+    blue_over_red,
+    candidates,
+    object_blue_over_red,
+    red_cell_reference,
+    retype,
+)
 from napari_hemato.core.tiling import Box, Tile, TilePlan, intersect
 
 if TYPE_CHECKING:
@@ -58,17 +67,19 @@ def id_stride(n_tiles: int) -> int:
 
 def tile_objects(
     outputs: dict[str, np.ndarray], tile: Tile, plan: TilePlan, spec: ModelSpec, mpp: float,
-    *, stride: int, grid: WorkGrid | None = None,
+    *, stride: int, grid: WorkGrid | None = None, image: np.ndarray | None = None,
 ) -> TileOutput:
     """Post-process one tile's outputs (role -> (C, H, W)) into owned objects.
 
     Objects are measured on the tile's pixels inside the extent only: the outer
     box's padding beyond the slide (or past the ROI) is no part of any object,
     whatever the network predicts there. With ``grid``, instances also get
-    ``area_level0``, their pixel count in the level-0 label image.
+    ``area_level0``, their pixel count in the level-0 label image. ``image``, the
+    tile's (H, W, 3) input, serves a spec's stain rule
+    (:mod:`napari_hemato.core.stain_rule`); without it the rule stays off.
     """
     if spec.kind == "instances":
-        return _instances(outputs, tile, plan, spec, mpp, stride, grid)
+        return _instances(outputs, tile, plan, spec, mpp, stride, grid, image)
     if spec.kind == "points":
         return _points(outputs, tile, plan, spec, mpp, stride)
     raise ValueError(f"model kind {spec.kind!r} cannot run on tiles")
@@ -84,11 +95,20 @@ def _class_probs(outputs, spec) -> np.ndarray | None:
     return probs
 
 
-def _instances(outputs, tile, plan, spec, mpp, stride, grid) -> TileOutput:
+def _instances(outputs, tile, plan, spec, mpp, stride, grid, image=None) -> TileOutput:
     fg = outputs["foreground"][0]
     dist = outputs["distance"][0] if "distance" in outputs else None
     probs = _class_probs(outputs, spec)
-    labels = postprocess_instances(spec.postprocess, mpp, fg, dist, probs, spec.class_names)
+    pp = spec.postprocess
+    rule = StainRule.from_spec(pp, spec.class_names) if image is not None else None
+    if rule is not None:
+        if probs is None:
+            raise ValueError(f"{spec.name}: a stain_rule needs the model's class_probs")
+        if image.shape[:2] != fg.shape:
+            raise ValueError(f"{spec.name}: tile image {image.shape[:2]} and outputs {fg.shape} differ")
+        # keep the rule's smaller objects until their stain is known
+        pp = {**pp, "min_area_um2": min(float(pp.get("min_area_um2", 5.0)), rule.min_area_um2)}
+    labels = postprocess_instances(pp, mpp, fg, dist, probs, spec.class_names)
     box = intersect(tile.outer, (0, 0, *plan.shape))
     inside = np.s_[box[0] - tile.outer[0] : box[2] - tile.outer[0],
                    box[1] - tile.outer[1] : box[3] - tile.outer[1]]
@@ -113,14 +133,27 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid) -> TileOutput:
     max_px = float(spec.postprocess.get("max_size_um", spec.max_object_um)) / mpp
     fits = np.maximum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]) <= max_px
     owned = present & (plan.owners(cy, cx) == tile.index) & fits
-    if owned.sum() >= stride:
-        raise ValueError(f"tile {tile.index} holds {owned.sum()} objects, more than {stride - 1}")
     score = np.bincount(flat, fg.ravel().astype(np.float64), minlength=n + 1)[1:] / per
     if probs is not None:
         prob = np.stack([np.bincount(flat, p.ravel(), minlength=n + 1)[1:] for p in probs], 1)
         prob = prob / per[:, None]
     else:
         prob = np.ones((n, 1))
+    rule_class = None
+    if rule is not None:
+        h, w = plan.shape  # the extent's edges, in this tile's labels' coordinates
+        whole = ((bbox[:, 0] + box[0] > 0) & (bbox[:, 1] + box[1] > 0)
+                 & (bbox[:, 2] + box[0] < h) & (bbox[:, 3] + box[1] < w))
+        look = candidates(rule, prob, area * mpp**2, whole & owned)
+        contrast = blue_over_red(image[inside], labels, fg, bbox, look,
+                                 int(round(GLASS_MARGIN_UM / mpp)))
+        colour = object_blue_over_red(image[inside], labels, n)
+        over_red = colour - red_cell_reference(rule, prob, area * mpp**2, colour)
+        rule_class = retype(rule, prob, area * mpp**2, contrast, whole, over_red)
+        # below the spec's own smallest size: dropped, as without the rule, unless re-typed
+        owned &= (area * mpp**2 >= float(spec.postprocess.get("min_area_um2", 5.0))) | (rule_class >= 0)
+    if owned.sum() >= stride:
+        raise ValueError(f"tile {tile.index} holds {owned.sum()} objects, more than {stride - 1}")
     keep = np.flatnonzero(owned)
     gid = np.zeros(n + 1, np.uint32)
     gid[keep + 1] = tile.index * stride + np.arange(1, keep.size + 1, dtype=np.uint32)
@@ -136,6 +169,8 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid) -> TileOutput:
         "score": score[keep],
         "prob": prob[keep],
     }
+    if rule_class is not None:  # the class a stain rule chose (-1: the network's argmax)
+        columns["rule_class"] = rule_class[keep]
     if grid is not None:  # level-0 pixels per work pixel: row count × column count
         weight = np.outer(grid.level0_counts(box[0], box[2], 0),
                           grid.level0_counts(box[1], box[3], 1)).astype(np.float64)

@@ -60,6 +60,8 @@ def tile_table(out: TileOutput, grid: WorkGrid, spec: ModelSpec) -> pd.DataFrame
     score = np.asarray(c["score"], np.float64)
     if prob.shape[1] == len(names) and "class_probs" in spec.outputs:
         best = prob.argmax(axis=1) if n else np.zeros(0, int)
+        if "rule_class" in c:  # a stain rule's class (core.stain_rule); -1: the argmax
+            best = np.where(np.asarray(c["rule_class"]) >= 0, c["rule_class"], best).astype(int)
         confidence = prob[np.arange(n), best] if n else np.zeros(0)
     else:  # single-class model: the class probability is the detection score
         prob = np.repeat(score[:, None], len(names), axis=1) if len(names) == 1 else prob

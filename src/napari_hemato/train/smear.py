@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from napari_hemato.core.postprocess import postprocess_instances
+from napari_hemato.core.stain_rule import PLATELET_RULE
 from napari_hemato.train import data_smear as ds
 from napari_hemato.train import loop
 from napari_hemato.train.augment import ColorAugment
@@ -327,6 +328,7 @@ def train_smear(
     postprocess, tune_metrics = dict(DEFAULT_POSTPROCESS), {}
     if tune and tune_set:
         postprocess, tune_metrics = tune_postprocess(ema, tune_set, div)
+    postprocess["stain_rule"] = dict(PLATELET_RULE)  # needs the image: applied by the engine
     result = {"history": history, "minutes": round(minutes, 1), "params": params,
               "postprocess": postprocess, "tune_metrics": tune_metrics, "model": ema}
     if export:
