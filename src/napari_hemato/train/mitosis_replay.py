@@ -26,7 +26,7 @@ import numpy as np
 from napari_hemato.finetune.features import HeatmapFeatures, add_features_output, sample_features
 from napari_hemato.finetune.points_replay import write_points_replay
 from napari_hemato.train import data_mitosis as dm
-from napari_hemato.train.replay_cli import replay_main
+from napari_hemato.train.scripts import replay_main
 
 log = logging.getLogger(__name__)
 HIT_UM, POS_UM, FAR_UM = 7.5, 2.0, 10.0

@@ -19,7 +19,7 @@ from napari_hemato.finetune.embedding import add_embedding_output
 from napari_hemato.finetune.replay import write_replay
 from napari_hemato.io.cell_images import list_cell_images, load_rgb
 from napari_hemato.models.cell_classifier import CLASS_NAMES, CellClassifier
-from napari_hemato.train.replay_cli import replay_main
+from napari_hemato.train.scripts import replay_main
 
 log = logging.getLogger(__name__)
 
