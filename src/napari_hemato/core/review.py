@@ -146,20 +146,19 @@ class ReviewSession(PointEdits):
 
     def undo(self) -> str | None:
         """Take back the last action; its name, or None when there is nothing to undo."""
-        if not self._undo:
-            return None
-        step = self._undo.pop()
-        self._apply(step, forward=False)
-        self._redo.append(step)
-        return step.action
+        return self._move_step(self._undo, self._redo, forward=False)
 
     def redo(self) -> str | None:
         """Replay the last undone action; its name, or None when there is nothing to redo."""
-        if not self._redo:
+        return self._move_step(self._redo, self._undo, forward=True)
+
+    def _move_step(self, source: list[Step], target: list[Step], *, forward: bool) -> str | None:
+        """Apply the last step of ``source`` (forward: redo, else undo) and move it to ``target``."""
+        if not source:
             return None
-        step = self._redo.pop()
-        self._apply(step, forward=True)
-        self._undo.append(step)
+        step = source.pop()
+        self._apply(step, forward=forward)
+        target.append(step)
         return step.action
 
     # -- classes ------------------------------------------------------------------

@@ -1,20 +1,30 @@
-"""What every fine-tune shares: the written model folder, its card, progress and cancel."""
+"""What every fine-tune shares: progress and cancel, the settings search, the written model folder.
+
+A fine-tune (:mod:`~napari_hemato.finetune.wbc`, :mod:`~napari_hemato.finetune.mitosis`)
+:func:`begin` s, reads its corrections and fits a head for each setting of
+:func:`search_settings`, then :func:`finish` es: the refit layer in a copy of the ONNX
+graph, written by :func:`write_model_folder`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
-from napari_hemato.core.spec import load_spec, write_spec
+from napari_hemato.core.spec import file_sha256, load_spec, write_spec
+
+log = logging.getLogger(__name__)
 
 
 class FinetuneCancelled(HematoError):
@@ -48,6 +58,66 @@ class FinetuneResult:
     metrics: dict[str, Any]
     corrections: dict[str, Any]
     minutes: float
+
+
+def begin(task: str, base: str | Path | None, progress: Progress | None) -> tuple[Progress, Path]:
+    """The fine-tune's progress (a silent one by default) and the folder of its ``base`` model
+    (default: the bundled model of ``task``); reports that the corrections are read next."""
+    from napari_hemato.models.registry import resolve_model
+
+    progress = progress or Progress()
+    base_folder = resolve_model(task, base)
+    progress("reading the corrections", 0.0)
+    return progress, base_folder
+
+
+def search_settings(settings: list[tuple[float, float]], fit: Callable[[float, float], dict], *,
+                    keeps: Callable[[dict], bool], score: str, what: str, progress: Progress,
+                    max_minutes: float) -> tuple[list[dict], dict | None]:
+    """Try each ``(l2, share)`` of ``settings`` (most conservative first): ``(tried, best)``.
+
+    ``fit(l2, share)`` fits the head with that setting and returns its scores; each row of
+    ``tried`` is ``{"l2", "share", **scores}``. ``best`` is the row with the highest
+    ``score`` among those ``keeps(row)`` accepts (None: none did). Once one is accepted the
+    search stops at 80 % of ``max_minutes``; ``what`` is the head in the progress reports.
+    """
+    tried, best = [], None
+    for k, (l2, share) in enumerate(settings):
+        if progress.minutes > 0.8 * max_minutes and best is not None:
+            log.info("fine-tune: time budget reached after %d of %d settings", k, len(settings))
+            break
+        progress(f"fitting the {what} ({k + 1}/{len(settings)})", 0.5 + 0.4 * k / len(settings))
+        row = {"l2": l2, "share": share, **fit(l2, share)}
+        tried.append(row)
+        if keeps(row) and (best is None or row[score] > best[score] + 1e-9):
+            best = row
+    return tried, best
+
+
+def finish(out: str | Path, base_folder: Path, spec, model, *, method: str, corrections: dict,
+           metrics: dict, card: Callable[[str, float], str], progress: Progress,
+           overwrite: bool = False) -> FinetuneResult:
+    """Write the fine-tuned ``model`` of the base model ``spec`` to ``out``; its result.
+
+    The spec is renamed ``<name>-finetuned`` and records under ``extra.finetune`` the base
+    (name, version, ONNX SHA-256), ``method``, ``corrections``, the setting chosen
+    (``metrics["chosen"]``), the date and the minutes; ``card(date, minutes)`` is the card.
+    """
+    minutes = progress.minutes
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    changes = {
+        "name": f"{spec.name}-finetuned", "version": spec.version,
+        "extra": {"finetune": {
+            "base": {"name": spec.name, "version": spec.version, "sha256": file_sha256(spec.onnx_path)},
+            "method": method, "corrections": corrections, "chosen": metrics["chosen"], "date": stamp,
+            "minutes": round(minutes, 2),
+        }},
+    }
+    progress("writing the model", 0.97)
+    folder = write_model_folder(out, base_folder, model, changes, card(stamp, minutes), metrics,
+                                overwrite=overwrite)
+    progress("done", 1.0)
+    return FinetuneResult(folder, metrics, corrections, minutes)
 
 
 def write_model_folder(out: str | Path, base_folder: Path, model, spec_changes: dict, card: str,

@@ -18,24 +18,19 @@
 
 from __future__ import annotations
 
-import logging
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from napari_hemato.core.errors import HematoError
-from napari_hemato.core.spec import file_sha256
 from napari_hemato.finetune import onnx_edit
-from napari_hemato.finetune.common import FinetuneResult, Progress, write_model_folder
+from napari_hemato.finetune.common import FinetuneResult, Progress, begin, finish, search_settings
 from napari_hemato.finetune.features import HeatmapFeatures
 from napari_hemato.finetune.head import BinaryHead, fit_binary_head
 from napari_hemato.finetune.mitosis_card import card
 from napari_hemato.finetune.point_samples import PointSamples, image_samples
 from napari_hemato.finetune.points_data import read_corrections
 from napari_hemato.finetune.points_replay import load_points_replay
-
-log = logging.getLogger(__name__)
 
 #: (anchor l2, corrections' share of the loss) tried, most conservative first
 SETTINGS = [(l2, share) for l2 in (10.0, 3.0, 1.0, 0.3, 0.1, 3e-2, 1e-2) for share in (0.05, 0.2, 0.5, 0.8)]
@@ -157,16 +152,15 @@ def finetune_mitosis(data: list[str | Path], out: str | Path, *, base: str | Pat
                      threads: int | None = None) -> FinetuneResult:
     """Fine-tune the mitosis detector ``base`` (default: bundled) on corrected points in ``data``.
 
+    ``data``: points CSV exports (files, or folders of them) beside their images; the steps
+    are the module's, the keywords :func:`napari_hemato.api.finetune`'s.
+
     Examples
     --------
     >>> finetune_mitosis(["exports/slide1_points.csv"], "my_mitosis_model")  # doctest: +SKIP
     FinetuneResult(folder=PosixPath('my_mitosis_model'), ...)
     """
-    from napari_hemato.models.registry import resolve_model
-
-    progress = progress or Progress()
-    base_folder = resolve_model("mitosis", base)
-    progress("reading the corrections", 0.0)
+    progress, base_folder = begin("mitosis", base, progress)
     feats = HeatmapFeatures.load(base_folder, threads=threads)
     spec = feats.predictor.spec
     if spec.task != "mitosis":
@@ -192,19 +186,14 @@ def finetune_mitosis(data: list[str | Path], out: str | Path, *, base: str | Pat
     before = {**_reference(init, replay, offset), **{f"heldout_{k}": v for k, v in _scores(init, check, offset).items()},
               **{f"corrections_{k}": v for k, v in _scores(init, everything, offset).items()}}
 
-    tried, best = [], None
-    for k, (l2, share) in enumerate(SETTINGS):
-        if progress.minutes > 0.8 * max_minutes and best is not None:
-            log.info("fine-tune: time budget reached after %d of %d settings", k, len(SETTINGS))
-            break
-        progress(f"fitting the heatmap ({k + 1}/{len(SETTINGS)})", 0.5 + 0.4 * k / len(SETTINGS))
+    def scores(l2: float, share: float) -> dict:
         head = _fit(fit_set, replay, init, l2, share, offset)
-        row = {"l2": l2, "share": share, **{f"heldout_{k2}": v for k2, v in _scores(head, check, offset).items()},
-               **_reference(head, replay, offset)}
-        tried.append(row)
-        ok = _keeps_reference(row, before)
-        if ok and (best is None or row["heldout_agreement"] > best["heldout_agreement"] + 1e-9):
-            best = row
+        return {**{f"heldout_{k}": v for k, v in _scores(head, check, offset).items()},
+                **_reference(head, replay, offset)}
+
+    tried, best = search_settings(SETTINGS, scores, keeps=lambda row: _keeps_reference(row, before),
+                                  score="heldout_agreement", what="heatmap", progress=progress,
+                                  max_minutes=max_minutes)
     note = None
     progress("refitting on every correction", 0.92)
     if best is None:  # the corrections contradict the reference: the shipped layer is kept
@@ -238,19 +227,8 @@ def finetune_mitosis(data: list[str | Path], out: str | Path, *, base: str | Pat
                    "per_image": [{"csv": str(i.csv), **i.labels} for i in items], "heldout": how}
     metrics = {"threshold": threshold, "before": before, "after": after, "settings_tried": tried,
                "chosen": best, "reference": replay["description"]}
-    minutes = progress.minutes
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    changes = {
-        "name": f"{spec.name}-finetuned", "version": spec.version,
-        "extra": {"finetune": {
-            "base": {"name": spec.name, "version": spec.version, "sha256": file_sha256(spec.onnx_path)},
-            "method": "heatmap channel refit on the model's own features (napari_hemato.finetune.mitosis)",
-            "corrections": corrections, "chosen": best, "date": stamp, "minutes": round(minutes, 2),
-        }},
-    }
-    progress("writing the model", 0.97)
-    folder = write_model_folder(out, base_folder, model, changes,
-                                card(spec, corrections, metrics, stamp, minutes, MAX_REFERENCE_DROP),
-                                metrics, overwrite=overwrite)
-    progress("done", 1.0)
-    return FinetuneResult(folder, metrics, corrections, minutes)
+    return finish(
+        out, base_folder, spec, model, corrections=corrections, metrics=metrics,
+        method="heatmap channel refit on the model's own features (napari_hemato.finetune.mitosis)",
+        card=lambda stamp, minutes: card(spec, corrections, metrics, stamp, minutes, MAX_REFERENCE_DROP),
+        progress=progress, overwrite=overwrite)

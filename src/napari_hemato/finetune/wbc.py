@@ -16,22 +16,17 @@
 
 from __future__ import annotations
 
-import logging
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from napari_hemato.core.classes import allowed_classes
 from napari_hemato.core.errors import HematoError
-from napari_hemato.core.spec import file_sha256
 from napari_hemato.finetune import onnx_edit
-from napari_hemato.finetune.common import FinetuneResult, Progress, write_model_folder
+from napari_hemato.finetune.common import FinetuneResult, Progress, begin, finish, search_settings
 from napari_hemato.finetune.head import Head, fit_head
 from napari_hemato.finetune.replay import load_replay
 from napari_hemato.io.cell_images import list_cell_images, load_rgb
-
-log = logging.getLogger(__name__)
 
 #: (anchor l2, corrections' share of the loss) tried, most conservative first
 SETTINGS = [(l2, share) for l2 in (1.0, 0.3, 0.1, 3e-2, 1e-2, 3e-3) for share in (0.5, 0.8)]
@@ -101,17 +96,18 @@ def finetune_wbc(data: list[str | Path], out: str | Path, *, base: str | Path | 
                  threads: int | None = None) -> FinetuneResult:
     """Fine-tune the WBC classifier ``base`` (default: bundled) on corrected cells in ``data``.
 
+    ``data``: crops exports (their reviewed or corrected rows) or class folders of
+    single-cell images; the steps are the module's, the keywords
+    :func:`napari_hemato.api.finetune`'s.
+
     Examples
     --------
     >>> finetune_wbc(["my_crops"], "my_wbc_model")  # doctest: +SKIP
     FinetuneResult(folder=PosixPath('my_wbc_model'), ...)
     """
     from napari_hemato.models.cell_classifier import CellClassifier
-    from napari_hemato.models.registry import resolve_model
 
-    progress = progress or Progress()
-    base_folder = resolve_model("wbc", base)
-    progress("reading the corrections", 0.0)
+    progress, base_folder = begin("wbc", base, progress)
     corr = read_corrections([Path(d) for d in data])
     clf = CellClassifier(base_folder, threads=threads)
     if not clf.has_embedding:
@@ -139,19 +135,15 @@ def finetune_wbc(data: list[str | Path], out: str | Path, *, base: str | Path | 
               "heldout_accuracy": _accuracy(init, x[held], allowed[held]),
               "corrections_accuracy": _accuracy(init, x, allowed)}
 
-    tried, best = [], None
-    for k, (l2, share) in enumerate(SETTINGS):
-        if progress.minutes > 0.8 * max_minutes and best is not None:
-            log.info("fine-tune: time budget reached after %d of %d settings", k, len(SETTINGS))
-            break
-        progress(f"fitting the head ({k + 1}/{len(SETTINGS)})", 0.5 + 0.4 * k / len(SETTINGS))
+    def scores(l2: float, share: float) -> dict:
         head = _fit(x[~held], allowed[~held], replay, init, l2, share)
-        row = {"l2": l2, "share": share, "heldout_accuracy": _accuracy(head, x[held], allowed[held]),
-               "reference_accuracy": _accuracy(head, ref_x, ref_allowed)}
-        tried.append(row)
-        ok = row["reference_accuracy"] >= before["reference_accuracy"] - MAX_REFERENCE_DROP
-        if ok and (best is None or row["heldout_accuracy"] > best["heldout_accuracy"] + 1e-9):
-            best = row
+        return {"heldout_accuracy": _accuracy(head, x[held], allowed[held]),
+                "reference_accuracy": _accuracy(head, ref_x, ref_allowed)}
+
+    tried, best = search_settings(
+        SETTINGS, scores, score="heldout_accuracy", what="head", progress=progress,
+        max_minutes=max_minutes,
+        keeps=lambda row: row["reference_accuracy"] >= before["reference_accuracy"] - MAX_REFERENCE_DROP)
     if best is None:  # no setting kept the reference accuracy: the most conservative one
         best = tried[0]
     progress("refitting on every correction", 0.92)
@@ -172,24 +164,10 @@ def finetune_wbc(data: list[str | Path], out: str | Path, *, base: str | Path | 
                    "heldout_cells": int(held.sum())}
     metrics = {"before": before, "after": after, "settings_tried": tried, "chosen": best,
                "reference": replay["description"]}
-    minutes = progress.minutes
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    base_spec = clf.spec
-    changes = {
-        "name": f"{base_spec.name}-finetuned", "version": base_spec.version,
-        "extra": {"finetune": {
-            "base": {"name": base_spec.name, "version": base_spec.version,
-                     "sha256": file_sha256(base_spec.onnx_path)},
-            "method": "head refit on the model's own embeddings (napari_hemato.finetune.wbc)",
-            "corrections": corrections, "chosen": best, "date": stamp, "minutes": round(minutes, 2),
-        }},
-    }
-    progress("writing the model", 0.97)
-    folder = write_model_folder(out, base_folder, model, changes,
-                                _card(base_spec, corrections, metrics, stamp, minutes), metrics,
-                                overwrite=overwrite)
-    progress("done", 1.0)
-    return FinetuneResult(folder, metrics, corrections, minutes)
+    return finish(out, base_folder, clf.spec, model, corrections=corrections, metrics=metrics,
+                  method="head refit on the model's own embeddings (napari_hemato.finetune.wbc)",
+                  card=lambda stamp, minutes: _card(clf.spec, corrections, metrics, stamp, minutes),
+                  progress=progress, overwrite=overwrite)
 
 
 def _card(spec, corrections: dict, metrics: dict, stamp: str, minutes: float) -> str:

@@ -17,7 +17,8 @@ epoch); :func:`train` does the rest:
 
 :func:`export_model` writes ``model.onnx`` (checked against torch),
 ``model.json`` (validated by :func:`~napari_hemato.core.spec.load_spec`) and a
-generated ``MODEL_CARD.md``.
+generated ``MODEL_CARD.md``; :func:`dense_spec` and :func:`export_dense` do the
+U-Nets' part of it.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from napari_hemato.train.common import (
     ema_update,
     export_onnx,
     normalize,
+    receptive_field_radius,
     seed_everything,
 )
 
@@ -289,6 +291,17 @@ def export_model(wrapper: nn.Module, out_dir: str | Path, spec: dict, *, example
     saved = load_spec(out_dir)  # validates
     write_card(out_dir, saved)
     return saved
+
+
+def dense_spec(net: nn.Module, *, postprocess: dict, extra: dict, **fields) -> dict:
+    """The ``model.json`` fields of a trained U-Net segmenting instances (nuclei, smear cells).
+
+    Its size divisor and receptive field (at 512 px) are measured on ``net``; ``fields`` are
+    the task's (``name``, ``version``, ``task``, ``mpp``, ``tile``, ``normalization``, ...;
+    the ModelSpec defaults hold for the rest: RGB, white pad).
+    """
+    return {**fields, "kind": "instances", "receptive_field_px": receptive_field_radius(net, size=512),
+            "size_divisor": net.size_divisor, "postprocess": dict(postprocess), "extra": extra}
 
 
 def export_dense(wrapper: nn.Module, out_dir: str | Path, spec: dict, *, check_images=()):

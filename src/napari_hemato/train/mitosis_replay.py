@@ -17,7 +17,6 @@ Features only (D floats per pixel); no image is stored. Run
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from napari_hemato.finetune.features import HeatmapFeatures, add_features_output, sample_features
 from napari_hemato.finetune.points_replay import write_points_replay
 from napari_hemato.train import data_mitosis as dm
+from napari_hemato.train.scripts import replay_main
 
 log = logging.getLogger(__name__)
 HIT_UM, POS_UM, FAR_UM = 7.5, 2.0, 10.0
@@ -139,17 +139,9 @@ def build_replay(model: Path, data: Path, *, train_crops: int = 800, seed: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m napari_hemato.train.mitosis_replay",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="mitosis model folder (replay.npz is written into it)")
-    p.add_argument("--data", required=True, help="../shared/data (AMi-Br crops and the negative tissue)")
-    p.add_argument("--train-crops", type=int, default=800)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    path = build_replay(Path(args.model), Path(args.data), train_crops=args.train_crops, threads=args.threads)
-    log.info("%s: %.1f MB", path, path.stat().st_size / 1e6)
-    return 0
+    return replay_main(argv, module="napari_hemato.train.mitosis_replay", doc=__doc__, task="mitosis",
+                       data_help="../shared/data (AMi-Br crops and the negative tissue)",
+                       count="--train-crops", default=800, build=build_replay)
 
 
 if __name__ == "__main__":

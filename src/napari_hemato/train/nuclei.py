@@ -30,8 +30,9 @@ from napari_hemato.core.postprocess import postprocess_instances
 from napari_hemato.train import data_nuclei as dn
 from napari_hemato.train import loop
 from napari_hemato.train.augment import ColorAugment, geometric_crop
-from napari_hemato.train.common import normalize, receptive_field_radius
+from napari_hemato.train.common import normalize
 from napari_hemato.train.nets import SigmoidOutputs, SmallUNet
+from napari_hemato.train.scripts import add_schedule_options, schedule_options
 
 log = logging.getLogger("napari_hemato.train.nuclei")
 
@@ -157,23 +158,11 @@ def quick_validation(model, items, div: int, postprocess: dict) -> dict:
 
 
 def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
-    """The ``model.json`` fields for a trained network (ModelSpec defaults: RGB, white pad)."""
-    return {
-        "name": NAME,
-        "version": VERSION,
-        "task": "nuclei",
-        "kind": "instances",
-        "mpp": dn.MODEL_MPP,
-        "tile": 768,
-        "max_object_um": MAX_OBJECT_UM,
-        "receptive_field_px": receptive_field_radius(net, size=512),
-        "size_divisor": net.size_divisor,
-        "normalization": dict(NORMALIZATION),
-        "class_names": ["nucleus"],
-        "outputs": dict(OUTPUTS),
-        "postprocess": dict(postprocess),
-        "extra": extra,
-    }
+    """The ``model.json`` fields for a trained network (:func:`napari_hemato.train.loop.dense_spec`)."""
+    return loop.dense_spec(net, postprocess=postprocess, extra=extra, name=NAME, version=VERSION,
+                           task="nuclei", mpp=dn.MODEL_MPP, tile=768, max_object_um=MAX_OBJECT_UM,
+                           normalization=dict(NORMALIZATION), class_names=["nucleus"],
+                           outputs=dict(OUTPUTS))
 
 
 def export_model(net: SmallUNet, out_dir: Path, *, check_items=(), postprocess=None, extra=None):
@@ -195,24 +184,12 @@ def _split_data_dirs(data_dir) -> tuple[Path | None, list[Path]]:
     return (reference[0] if reference else None), [d for d in dirs if d not in reference]
 
 
-def train_nuclei(
-    data_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    epochs: int = 40,
-    seed: int = 0,
-    threads: int = 1,
-    resume: bool = False,
-    steps_per_epoch: int = 100,
-    batch_size: int = 8,
-    crop: int = 192,
-    lr: float = 3e-3,
-    widths: tuple[int, ...] = (16, 32, 64, 96),
-    head_channels: int = 8,
-    ema_decay: float = 0.998,
-    max_minutes: float | None = None,
-    export: bool = True,
-) -> dict:
+def train_nuclei(data_dir: str | Path, out_dir: str | Path, *, epochs: int = 40, seed: int = 0,
+                 threads: int = 1, resume: bool = False, steps_per_epoch: int = 100,
+                 batch_size: int = 8, crop: int = 192, lr: float = 3e-3,
+                 widths: tuple[int, ...] = (16, 32, 64, 96), head_channels: int = 8,
+                 ema_decay: float = 0.998, max_minutes: float | None = None,
+                 export: bool = True) -> dict:
     """Train the nucleus model; checkpoint each epoch; export ONNX + spec.
 
     Parameters
@@ -327,31 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         "plugin's exported nucleus masks (training images); repeat to combine",
     )
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--steps-per-epoch", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=192)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--max-minutes", type=float, default=None)
+    add_schedule_options(p, train_nuclei)
     p.add_argument(
         "--no-eval", action="store_true", help="skip post-processing tuning and evaluation"
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    train_nuclei(
-        args.data,
-        args.out,
-        epochs=args.epochs,
-        seed=args.seed,
-        threads=args.threads,
-        resume=args.resume,
-        steps_per_epoch=args.steps_per_epoch,
-        batch_size=args.batch_size,
-        crop=args.crop,
-        max_minutes=args.max_minutes,
-    )
+    train_nuclei(args.data, args.out, **schedule_options(args))
     reference, _ = _split_data_dirs(args.data)
     if not args.no_eval and reference is None:
         log.warning("no reference data folder: post-processing not tuned, no validation metrics")

@@ -34,10 +34,11 @@ from napari_hemato.core.stain_rule import PLATELET_RULE
 from napari_hemato.train import data_smear as ds
 from napari_hemato.train import loop
 from napari_hemato.train.augment import ColorAugment
-from napari_hemato.train.common import normalize, receptive_field_radius
+from napari_hemato.train.common import normalize
 from napari_hemato.train.data_smear import load_training_data, split_stems
 from napari_hemato.train.evaluate_smear import prf, score_image
 from napari_hemato.train.nets import SmallUNet, SmearOutputs
+from napari_hemato.train.scripts import add_schedule_options, schedule_options
 from napari_hemato.train.smear_batches import CropSampler, class_weights, hue_jitter
 
 log = logging.getLogger("napari_hemato.train.smear")
@@ -215,24 +216,11 @@ def add_red_cell_probe(model_dir: str | Path, voc_dir: str | Path, *, fields: in
 
 
 def build_spec(net: SmallUNet, *, postprocess: dict, extra: dict) -> dict:
-    """The ``model.json`` fields for a trained network (ModelSpec defaults: RGB, white pad)."""
-    return {
-        "name": NAME,
-        "version": VERSION,
-        "task": "smear",
-        "kind": "instances",
-        "mpp": ds.MODEL_MPP,
-        "assumed_input_mpp": ds.BCCD_MPP,
-        "tile": TILE,
-        "max_object_um": MAX_OBJECT_UM,
-        "receptive_field_px": receptive_field_radius(net, size=512),
-        "size_divisor": net.size_divisor,
-        "normalization": dict(NORMALIZATION),
-        "class_names": list(ds.CLASS_NAMES),
-        "outputs": dict(OUTPUTS),
-        "postprocess": dict(postprocess),
-        "extra": extra,
-    }
+    """The ``model.json`` fields for a trained network (:func:`napari_hemato.train.loop.dense_spec`)."""
+    return loop.dense_spec(net, postprocess=postprocess, extra=extra, name=NAME, version=VERSION,
+                           task="smear", mpp=ds.MODEL_MPP, assumed_input_mpp=ds.BCCD_MPP, tile=TILE,
+                           max_object_um=MAX_OBJECT_UM, normalization=dict(NORMALIZATION),
+                           class_names=list(ds.CLASS_NAMES), outputs=dict(OUTPUTS))
 
 
 def export_model(net: SmallUNet, out_dir: str | Path, *, check_images=(), postprocess=None,
@@ -252,26 +240,11 @@ def export_model(net: SmallUNet, out_dir: str | Path, *, check_images=(), postpr
 
 
 # -- training --------------------------------------------------------------------
-def train_smear(
-    data_dirs,
-    out_dir: str | Path,
-    *,
-    epochs: int = 30,
-    seed: int = 0,
-    threads: int = 2,
-    resume: bool = False,
-    steps_per_epoch: int = 60,
-    batch_size: int = 8,
-    crop: int = 256,
-    lr: float = 3e-3,
-    widths: tuple[int, ...] = (16, 32, 48, 64, 96),
-    head_channels: int = 12,
-    ema_decay: float = 0.995,
-    max_minutes: float | None = None,
-    limit: int | None = None,
-    tune: bool = True,
-    export: bool = True,
-) -> dict:
+def train_smear(data_dirs, out_dir: str | Path, *, epochs: int = 30, seed: int = 0, threads: int = 2,
+                resume: bool = False, steps_per_epoch: int = 60, batch_size: int = 8, crop: int = 256,
+                lr: float = 3e-3, widths: tuple[int, ...] = (16, 32, 48, 64, 96),
+                head_channels: int = 12, ema_decay: float = 0.995, max_minutes: float | None = None,
+                limit: int | None = None, tune: bool = True, export: bool = True) -> dict:
     """Train the smear model; checkpoint every epoch; tune post-processing; export.
 
     Parameters
@@ -363,22 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, action="append",
                    help="BCCD-layout folder or export folder (repeatable)")
     p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--steps-per-epoch", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--crop", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--max-minutes", type=float, default=None)
+    add_schedule_options(p, train_smear)
     p.add_argument("--limit", type=int, default=None, help="images per folder (smoke runs)")
     p.add_argument("--no-eval", action="store_true", help="skip the validation run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    train_smear(args.data, args.out, epochs=args.epochs, seed=args.seed, threads=args.threads,
-                resume=args.resume, steps_per_epoch=args.steps_per_epoch,
-                batch_size=args.batch_size, crop=args.crop, max_minutes=args.max_minutes,
-                limit=args.limit)
+    train_smear(args.data, args.out, **schedule_options(args), limit=args.limit)
     if not args.no_eval:
         from napari_hemato.train.evaluate_smear import evaluate_smear
 

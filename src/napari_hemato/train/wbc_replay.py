@@ -9,7 +9,6 @@ cell); no image is stored. Run
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from napari_hemato.finetune.embedding import add_embedding_output
 from napari_hemato.finetune.replay import write_replay
 from napari_hemato.io.cell_images import list_cell_images, load_rgb
 from napari_hemato.models.cell_classifier import CLASS_NAMES, CellClassifier
+from napari_hemato.train.scripts import replay_main
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +58,9 @@ def build_replay(model: Path, pbc: Path, *, per_class: int = 100, seed: int = 0,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m napari_hemato.train.wbc_replay", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="WBC model folder (replay.npz is written into it)")
-    p.add_argument("--data", required=True, help="the PBC folder (class folders)")
-    p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    path = build_replay(Path(args.model), Path(args.data), per_class=args.per_class, threads=args.threads)
-    log.info("%s: %.1f MB", path, path.stat().st_size / 1e6)
-    return 0
+    return replay_main(argv, module="napari_hemato.train.wbc_replay", doc=__doc__, task="WBC",
+                       data_help="the PBC folder (class folders)", count="--per-class", default=100,
+                       build=build_replay)
 
 
 if __name__ == "__main__":
