@@ -16,15 +16,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from napari_hemato.core.postprocess import postprocess_instances, postprocess_points
-from napari_hemato.core.stain_rule import (
-    GLASS_MARGIN_UM,
-    StainRule,
-    blue_over_red,
-    candidates,
-    object_blue_over_red,
-    red_cell_reference,
-    retype,
-)
+from napari_hemato.core.stain_rule import StainRule, stain_classes
 from napari_hemato.core.tiling import Box, Tile, TilePlan, intersect
 
 if TYPE_CHECKING:
@@ -144,12 +136,8 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid, image=None) -> Tile
         h, w = plan.shape  # the extent's edges, in this tile's labels' coordinates
         whole = ((bbox[:, 0] + box[0] > 0) & (bbox[:, 1] + box[1] > 0)
                  & (bbox[:, 2] + box[0] < h) & (bbox[:, 3] + box[1] < w))
-        look = candidates(rule, prob, area * mpp**2, whole & owned)
-        contrast = blue_over_red(image[inside], labels, fg, bbox, look,
-                                 int(round(GLASS_MARGIN_UM / mpp)))
-        colour = object_blue_over_red(image[inside], labels, n)
-        over_red = colour - red_cell_reference(rule, prob, area * mpp**2, colour)
-        rule_class = retype(rule, prob, area * mpp**2, contrast, whole, over_red)
+        rule_class = stain_classes(rule, image[inside], labels, fg, prob, area * mpp**2, bbox,
+                                   whole & owned, mpp)
         # below the spec's own smallest size: dropped, as without the rule, unless re-typed
         owned &= (area * mpp**2 >= float(spec.postprocess.get("min_area_um2", 5.0))) | (rule_class >= 0)
     if owned.sum() >= stride:
