@@ -275,3 +275,23 @@ def test_the_bundled_model_exposes_features_and_carries_its_replay():
     recall = np.mean(feats.logit(pos.reshape(-1, pos.shape[-1])).reshape(pos.shape[:2]).max(1) >= offset)
     assert recall > 0.9  # the shipped head finds the reference figures (the card: 0.97 on mosaics)
     assert (folder / "replay.npz").stat().st_size < 5e6
+
+
+def test_the_replay_check_tolerates_another_cpus_last_digits(tmp_path):
+    """The probe is compared by relative L2 per row (finetune.replay.same_trunk), as the WBC
+    replay: 0.5 % off (more than two onnxruntime builds were seen to differ) still loads, a
+    shuffled probe does not."""
+    from napari_hemato.finetune.points_replay import load_points_replay
+    from napari_hemato.models.registry import bundled_models
+
+    folder = bundled_models()["mitosis"]
+    feats = HeatmapFeatures.load(folder, threads=1)
+    with np.load(folder / "replay.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    copy = tmp_path / "m"
+    copy.mkdir()
+    np.savez(copy / "replay.npz", **{**arrays, "probe_x": arrays["probe_x"] * 1.005})
+    assert len(load_points_replay(copy, feats)["train_x"]) == len(arrays["train_x"])
+    np.savez(copy / "replay.npz", **{**arrays, "probe_x": arrays["probe_x"][::-1]})
+    with pytest.raises(HematoError, match="another model's trunk"):
+        load_points_replay(copy, feats)
