@@ -268,6 +268,13 @@ def test_classify_cells_writes_the_documented_csv(tmp_path, shared_data, capsys)
     assert table[[f"prob_{n}" for n in names]].sum(axis=1).round(2).eq(1.0).all()
     assert "classified 3 cell image(s)" in capsys.readouterr().out
     assert main(["classify-cells", str(images[0]), "--out", str(out)]) == 2  # exists: refused
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(images[0].read_bytes()[:200])  # a truncated JPEG: skipped, the rest kept
+    assert main(["classify-cells", str(broken), *map(str, images), "--out", str(out),
+                 "--overwrite"]) == 2
+    captured = capsys.readouterr()
+    assert "skipped" in captured.err + captured.out and "1 unreadable" in captured.out
+    assert len(pd.read_csv(out)) == 3
 
 
 def test_train_and_evaluate_show_the_trainers_progress_logs(monkeypatch, capsys):

@@ -110,10 +110,31 @@ def _cell_images(paths: list[Path]) -> list[Path]:
     return found
 
 
-def cmd_classify(args) -> int:
+#: single-cell images read straight with Pillow (a slide reader's lazy levels cost ~4 ms each)
+_PLAIN = {".jpg", ".jpeg", ".png", ".bmp"}
+
+
+def _read_cell(path: Path):
+    """One single-cell image as (H, W, 3) uint8; a HematoError when it cannot be read."""
     import numpy as np
 
     from napari_hemato.core.slide import open_slide, to_rgb8
+
+    if path.suffix.lower() in _PLAIN:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as err:  # unreadable, truncated, not an image
+            raise HematoError(f"{path}: cannot read the image ({err})") from None
+    with open_slide(path) as slide:
+        return to_rgb8(np.asarray(slide.levels[0]))
+
+
+def cmd_classify(args) -> int:
+    import numpy as np
+
     from napari_hemato.models.cell_classifier import CellClassifier
 
     if args.out.exists() and not args.overwrite:
@@ -129,8 +150,7 @@ def cmd_classify(args) -> int:
         chunk, crops = [], []
         for path in images[start : start + 64]:
             try:
-                with open_slide(path) as slide:
-                    crops.append(to_rgb8(np.asarray(slide.levels[0])))
+                crops.append(_read_cell(path))
                 chunk.append(path)
             except HematoError as err:
                 errors += 1

@@ -20,6 +20,7 @@ from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import Cancelled
 from napari_hemato.core.geometry import WorkGrid
 from napari_hemato.core.objects import TileOutput, tile_objects
+from napari_hemato.core.single_tile import predict_single_tile
 from napari_hemato.core.sink import TileSink
 from napari_hemato.core.tiling import Tile, TilePlan
 
@@ -29,17 +30,45 @@ def read_batch(slide, grid: WorkGrid, tiles: list[Tile], fill: int) -> np.ndarra
 
 
 def own_objects(raw: dict, tiles: list[Tile], spec, grid: WorkGrid, plan: TilePlan,
-                stride: int, images: np.ndarray | None = None) -> list[TileOutput]:
-    """Split a batch's outputs per tile and keep each tile's owned objects."""
+                stride: int, images: np.ndarray | None = None, outer=None) -> list[TileOutput]:
+    """Split a batch's outputs per tile and keep each tile's owned objects (``images``: the
+    tiles' inputs, for a stain rule; ``outer``: the box the outputs cover when it is not the
+    tile's own, see :func:`single_tile`)."""
     return [tile_objects({role: o[k] for role, o in raw.items()}, t, plan, spec, grid.mpp,
-                         stride=stride, grid=grid, image=None if images is None else images[k])
+                         stride=stride, grid=grid, image=None if images is None else images[k],
+                         outer=outer)
             for k, t in enumerate(tiles)]
+
+
+def single_tile(slide, predictor, grid: WorkGrid, plan: TilePlan, stride: int, index: int,
+                cancel: CancelToken, sink: TileSink, timings: dict) -> Iterator[list[TileOutput]]:
+    """The one tile of a small image, read with less padding (see
+    :mod:`napari_hemato.core.single_tile`); no reader or finisher threads."""
+    spec = predictor.spec
+    tile = plan[index]
+    if cancel.cancelled:
+        return
+    try:
+        raw, box, image = predict_single_tile(
+            predictor, grid, plan, tile, cancel, timings,
+            lambda b: grid.read(slide, b, fill=spec.pad_value))
+    except Cancelled:
+        return
+    t = time.perf_counter()
+    outs = own_objects(raw, [tile], spec, grid, plan, stride, image[None], outer=box)
+    timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - t
+    sink.add(outs)
+    yield outs
 
 
 def local_batches(slide, predictor, grid: WorkGrid, plan: TilePlan, stride: int,
                   pending: list[int], batch_size: int, cancel: CancelToken, sink: TileSink,
                   timings: dict) -> Iterator[list[TileOutput]]:
     """Pipelined local execution; stops early (keeping finished tiles) on cancel."""
+    if len(plan) == 1 and len(pending) == 1:
+        yield from single_tile(slide, predictor, grid, plan, stride, pending[0], cancel, sink,
+                               timings)
+        return
     groups = [[plan[i] for i in pending[k : k + batch_size]] for k in range(0, len(pending), batch_size)]
     spec = predictor.spec
 

@@ -101,15 +101,26 @@ class WorkGrid:
         margin = int(4 * sigma + 0.5) + 2
         ry0, rx0 = int(math.floor(ly[0])) - margin, int(math.floor(lx[0])) - margin
         ry1, rx1 = int(math.ceil(ly[-1])) + margin + 1, int(math.ceil(lx[-1])) + margin + 1
+        # beyond the level by more than the filter's reach everything reads ``fill``: keep
+        # only ``margin`` pixels of it (the "nearest" edge then repeats the same values, so
+        # a tile mostly off the slide, e.g. a small image's padding, reads the same bytes)
+        h, w = slide.levels[self.level].shape[:2]
+        ry0, ry1 = _clip_span(ry0, ry1, h, margin)
+        rx0, rx1 = _clip_span(rx0, rx1, w, margin)
         region = to_rgb8(slide.read_region(self.level, ry0, rx0, ry1, rx1, fill=fill))
         region = region.astype(np.float32)
         if sigma > 0:
             region = ndi.gaussian_filter(region, sigma=(sigma, sigma, 0), mode="nearest")
-        yy, xx = np.meshgrid(ly - ry0, lx - rx0, indexing="ij")
-        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        # rows and columns sampling only filtered fill are ``fill``: interpolate the rest
+        reach = int(4 * sigma + 0.5)  # scipy's gaussian_filter radius (truncate=4)
+        sy, sx = _touching(ly, h, reach), _touching(lx, w, reach)
+        out = np.full((y1 - y0, x1 - x0, 3), fill, np.uint8)
+        if sy.stop <= sy.start or sx.stop <= sx.start:
+            return out
+        yy, xx = np.meshgrid(ly[sy] - ry0, lx[sx] - rx0, indexing="ij")
         for c in range(3):
             sampled = ndi.map_coordinates(region[..., c], [yy, xx], order=1, mode="nearest")
-            out[..., c] = np.clip(np.rint(sampled), 0, 255)
+            out[sy, sx, c] = np.clip(np.rint(sampled), 0, 255)
         return out
 
     def napari_placement(self) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -179,6 +190,26 @@ class WorkGrid:
             factor = model_mpp / mpp0
             mpp = float(model_mpp)
         return cls(level, down, float(factor), roi, mpp0, float(mpp), False)
+
+
+def _touching(coords: np.ndarray, n: int, reach: int) -> slice:
+    """The run of sampling ``coords`` (ascending, level pixels) whose linear interpolation
+    touches a pixel that the anti-alias filter (radius ``reach``) gives a level pixel's
+    value; outside it, every sample is the filtered constant fill.
+
+    >>> _touching(np.array([-9.5, -3.2, 0.0, 4.5, 9.9, 14.0]), 10, 2)
+    slice(2, 5, None)
+    """
+    lo = np.floor(coords)
+    live = (lo + 1 + reach >= 0) & (lo - reach <= n - 1)
+    idx = np.flatnonzero(live)
+    return slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+
+
+def _clip_span(a: int, b: int, n: int, margin: int) -> tuple[int, int]:
+    """``[a, b)`` cut to ``[-margin, n + margin)`` (unchanged when that leaves nothing)."""
+    ca, cb = max(a, -margin), min(b, n + margin)
+    return (ca, cb) if ca < cb else (a, b)
 
 
 def work_index(p, factor: float) -> np.ndarray:

@@ -60,6 +60,7 @@ def id_stride(n_tiles: int) -> int:
 def tile_objects(
     outputs: dict[str, np.ndarray], tile: Tile, plan: TilePlan, spec: ModelSpec, mpp: float,
     *, stride: int, grid: WorkGrid | None = None, image: np.ndarray | None = None,
+    outer: Box | None = None,
 ) -> TileOutput:
     """Post-process one tile's outputs (role -> (C, H, W)) into owned objects.
 
@@ -68,10 +69,12 @@ def tile_objects(
     whatever the network predicts there. With ``grid``, instances also get
     ``area_level0``, their pixel count in the level-0 label image. ``image``, the
     tile's (H, W, 3) input, serves a spec's stain rule
-    (:mod:`napari_hemato.core.stain_rule`); without it the rule stays off.
+    (:mod:`napari_hemato.core.stain_rule`); without it the rule stays off. ``outer`` is
+    the box the outputs (and ``image``) cover when it is not ``tile.outer`` (instances: a
+    single tile read with less padding, :mod:`napari_hemato.core.single_tile`).
     """
     if spec.kind == "instances":
-        return _instances(outputs, tile, plan, spec, mpp, stride, grid, image)
+        return _instances(outputs, tile, plan, spec, mpp, stride, grid, outer or tile.outer, image)
     if spec.kind == "points":
         return _points(outputs, tile, plan, spec, mpp, stride)
     raise ValueError(f"model kind {spec.kind!r} cannot run on tiles")
@@ -87,7 +90,7 @@ def _class_probs(outputs, spec) -> np.ndarray | None:
     return probs
 
 
-def _instances(outputs, tile, plan, spec, mpp, stride, grid, image=None) -> TileOutput:
+def _instances(outputs, tile, plan, spec, mpp, stride, grid, outer, image=None) -> TileOutput:
     fg = outputs["foreground"][0]
     dist = outputs["distance"][0] if "distance" in outputs else None
     probs = _class_probs(outputs, spec)
@@ -102,8 +105,7 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid, image=None) -> Tile
         pp = {**pp, "min_area_um2": min(float(pp.get("min_area_um2", 5.0)), rule.min_area_um2)}
     labels = postprocess_instances(pp, mpp, fg, dist, probs, spec.class_names)
     box = intersect(tile.outer, (0, 0, *plan.shape))
-    inside = np.s_[box[0] - tile.outer[0] : box[2] - tile.outer[0],
-                   box[1] - tile.outer[1] : box[3] - tile.outer[1]]
+    inside = np.s_[box[0] - outer[0] : box[2] - outer[0], box[1] - outer[1] : box[3] - outer[1]]
     labels, fg = labels[inside], fg[inside]
     probs = probs[(slice(None), *inside)] if probs is not None else None
     oy, ox = box[:2]
