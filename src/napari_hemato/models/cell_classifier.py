@@ -19,7 +19,9 @@ Examples
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -134,12 +136,15 @@ class CellClassifier:
             diameters_px = [None] * len(crops)
         if len(diameters_px) != len(crops):
             raise ValueError(f"{len(crops)} crops but {len(diameters_px)} diameters")
-        items = []
-        for crop, d in zip(crops, diameters_px, strict=True):
-            h, w = crop.shape[:2]
-            d = estimate_cell_diameter(crop) if d is None or not np.isfinite(d) or d <= 0 else float(d)
-            items.append((crop, ((h - 1) / 2, (w - 1) / 2), d, (h, w), (0, 0)))
-        return items
+        todo = [i for i, d in enumerate(diameters_px) if d is None or not np.isfinite(d) or d <= 0]
+        diameters = [d if d is None else float(d) for d in diameters_px]
+        # the size estimate is numpy/scipy work that releases the GIL: two threads, same results
+        with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1, len(todo)))) as pool:
+            for i, d in zip(todo, pool.map(estimate_cell_diameter, [crops[i] for i in todo]),
+                            strict=True):
+                diameters[i] = d
+        return [(crop, ((crop.shape[0] - 1) / 2, (crop.shape[1] - 1) / 2), d, crop.shape[:2], (0, 0))
+                for crop, d in zip(crops, diameters, strict=True)]
 
     def embed_crops(self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *,
                     batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
