@@ -271,3 +271,19 @@ def test_task_defaults():
 
     assert get_task("nuclei").tissue_default == get_task("mitosis").tissue_default == "auto"
     assert get_task("smear").tissue_default == "none"
+
+
+def test_a_small_tile_all_of_tissue_is_tissue(tmp_path):
+    """A crop smaller than a dust speck (here 64 × 64 µm, all tissue) is not dust: parts
+    touching the image's edge are kept (a mitosis crop once ended in "no tissue found")."""
+    from .synthetic import write_tiff
+
+    img, truth = he_slide(shape=(256, 256), blobs=((128, 128, 400),), seed=2)
+    assert truth.all()
+    with open_slide(write_tiff(tmp_path / "tile.tif", img, mpp=0.25)) as slide:
+        mask = detect_tissue(slide)
+    assert mask.mask.mean() > 0.9
+    # and a speck inside a larger image is still dust
+    big, _ = he_slide(shape=(1024, 1024), blobs=((512, 512, 20),), seed=3)
+    with open_slide(write_pyramid(tmp_path / "speck.tif", big, mpp=0.5)) as slide:
+        assert detect_tissue(slide).empty

@@ -10,7 +10,9 @@
 2. **Pen and dirt.** Strongly green/cyan or blue pixels (ink: no H&E stain has those
    hues) and near-black ones are removed, with a small ring around them.
 3. **Clean-up.** A closing joins loose stroma, holes smaller than :data:`HOLE_UM2` are
-   filled and parts smaller than :data:`SPECK_UM2` (dust, debris) removed.
+   filled and parts smaller than :data:`SPECK_UM2` (dust, debris) removed, unless they
+   touch the image's edge: tissue cut by the edge goes on beyond it (a small H&E tile or
+   a crop is all one such part, however small).
 
 A :class:`TissueMask` is the boolean mask with its scale (level-0 pixels per mask
 pixel); :meth:`TissueMask.touching` tells, for tiles' level-0 boxes, which touch
@@ -299,11 +301,14 @@ def _disk(radius: int) -> np.ndarray:
 
 
 def _remove_small(mask: np.ndarray, min_px: float) -> np.ndarray:
+    """``mask`` without its parts smaller than ``min_px`` that lie inside the image (a part
+    touching the edge is kept: it may go on beyond it)."""
     labels, n = ndi.label(mask, structure=np.ones((3, 3)))
     if n == 0:
         return mask
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_px
+    keep[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
     keep[0] = False
     return keep[labels]
 
