@@ -17,8 +17,8 @@ pytestmark = pytest.mark.gui
 
 @pytest.fixture(autouse=True)
 def read_every_tile(monkeypatch):
-    """These fields are dark disks on white, not H&E tissue, and the Analyse widget has no
-    tissue option yet: its H&E runs read every tile, as before tissue detection."""
+    """These fields are dark disks on white, not H&E tissue: the widget's H&E runs read every
+    tile (its "task default" choice), as before tissue detection."""
     from napari_hemato.tasks import get_task
 
     for name in ("nuclei", "mitosis"):
@@ -349,3 +349,37 @@ def test_signals_delivered_inside_a_progress_handler_wait_their_turn(make_napari
     assert not any("(running)" in name for name in names), names
     assert widget.results and widget.results[0].status == "complete"
     assert widget.status.value.startswith("done:")
+
+
+def test_tissue_mask_shown_edited_and_used(make_napari_viewer, qtbot, tmp_path, two_class_model):
+    """Show tissue puts the detected mask over the image as a Labels layer; what the user
+    erases there is not read."""
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+
+    from .test_tissue import he_slide, write_pyramid
+
+    img, _ = he_slide()  # two tissue blobs, centres (700, 600) and (1450, 1400), on glass
+    path = write_pyramid(tmp_path / "he.tif", img, mpp=0.5)
+    viewer = make_napari_viewer(show=True)
+    [image] = viewer.open(path, plugin="napari-hemato")
+    widget = AnalyzeWidget(viewer)
+    tissue = widget.add_tissue_layer()
+    assert widget.tissue.value == "mask layer" and widget.tissue_layer.value is tissue
+
+    def mask_at(y0, x0):  # the mask pixel over level-0 pixel (y0, x0), through world space
+        world = np.asarray(image.translate[-2:]) + np.array([y0, x0]) * np.asarray(image.scale[-2:])
+        return tissue.data[tuple(np.floor(np.asarray(tissue.world_to_data(world)) + 0.5).astype(int))]
+
+    assert mask_at(700, 600) == 1 and mask_at(1450, 1400) == 1 and mask_at(100, 1900) == 0
+    widget.tile.value = 256
+    run_analysis(qtbot, widget, task="nuclei", model=two_class_model)
+    detected = widget.results[0].store.config["tissue_info"]["tiles_off_tissue"]
+    data = tissue.data.copy()
+    data[data.shape[0] // 2 :, data.shape[1] // 2 :] = 0  # the user erases the second blob
+    tissue.data = data
+    run_analysis(qtbot, widget, task="nuclei", model=two_class_model)
+    info = widget.results[0].store.config["tissue_info"]
+    assert info["source"] == "array" and info["tiles_off_tissue"] > detected
+    widget.tissue.value = "whole image"
+    run_analysis(qtbot, widget, task="nuclei", model=two_class_model)
+    assert widget.results[0].store.config["tissue_info"] is None

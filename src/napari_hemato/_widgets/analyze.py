@@ -48,6 +48,8 @@ from napari_hemato.tasks import DEFAULT_TASK, get_task, suggest_task, task_names
 
 log = logging.getLogger(__name__)
 REGIONS = ("whole image", "current view", "drawn shapes")
+#: the tissue choices and what iter_analyze gets for them (None: the task's default)
+TISSUE = {"task default": None, "detect": "auto", "whole image": "none", "mask layer": "layer"}
 
 
 class AnalyzeWidget(Container):
@@ -70,6 +72,13 @@ class AnalyzeWidget(Container):
         self.region = ComboBox(choices=REGIONS, value=REGIONS[0], label="region")
         self.shapes = create_widget(annotation=napari.layers.Shapes, label="shapes",
                                     options={"nullable": True})
+        self.tissue = ComboBox(choices=list(TISSUE), value="task default", label="tissue",
+                               tooltip="which tiles are read: the task's default (H&E: detect the "
+                                       "tissue; smear: every tile), detect, every tile, or a mask "
+                                       "layer (Show tissue makes one you can paint)")
+        self.tissue_layer = create_widget(annotation=napari.layers.Labels, label="mask layer",
+                                          options={"nullable": True})
+        self.show_tissue = PushButton(text="Show tissue")
         self.tile = SpinBox(value=0, min=0, max=8192, step=64, label="tile px",
                             tooltip="tile core in model pixels; 0 = the model's default")
         self.run_button = PushButton(text="Run")
@@ -81,10 +90,13 @@ class AnalyzeWidget(Container):
         self.status.native.setSizePolicy(QSizePolicy.Policy.Ignored,
                                          QSizePolicy.Policy.Preferred)
         self.extend([self.image, self.task, self.model, self.stage_model, self.mpp, self.region,
-                     self.shapes,                     self.tile, self.run_button, self.cancel_button, self.resume_button,
-                     self.progress, self.status])
+                     self.shapes, self.tissue, self.tissue_layer, self.show_tissue, self.tile,
+                     self.run_button, self.cancel_button, self.resume_button, self.progress,
+                     self.status])
         self.image.changed.connect(self._on_image)
         self.task.changed.connect(self._on_task)
+        self.tissue.changed.connect(self._on_tissue)
+        self.show_tissue.changed.connect(lambda: self.add_tissue_layer())
         self.run_button.changed.connect(lambda: self.start())
         self.cancel_button.changed.connect(self.cancel)
         self.resume_button.changed.connect(lambda: self.start(resume=True))
@@ -98,11 +110,53 @@ class AnalyzeWidget(Container):
         self.results: list = []
         self._on_image()
         self._on_task()
+        self._on_tissue()
 
     # -- parameters -----------------------------------------------------------
     def _refresh_choices(self, event=None) -> None:
         self.image.reset_choices()
         self.shapes.reset_choices()
+        self.tissue_layer.reset_choices()
+
+    def _on_tissue(self, *_) -> None:
+        self.tissue_layer.visible = self.tissue.value == "mask layer"
+
+    def add_tissue_layer(self):
+        """Detect the tissue of the image and show it as a Labels layer to paint or erase;
+        the next run uses it ("mask layer"). Returns the layer (None without an image)."""
+        from napari_hemato.core.tissue import detect_tissue
+        from napari_hemato.io.viewer import tissue_layer_data
+
+        layer = self.image.value
+        if layer is None:
+            show_error("napari-hemato: open an image first")
+            return None
+        try:
+            mask = detect_tissue(slide_for_layer(layer, mpp=self.mpp.value or None))
+        except HematoError as err:
+            show_error(f"napari-hemato: {err}")
+            return None
+        data, kwargs, _ = tissue_layer_data(mask, layer, name=f"{layer.name} tissue")
+        added = self._viewer.add_labels(data, **kwargs)
+        self.tissue_layer.reset_choices()
+        self.tissue.value, self.tissue_layer.value = "mask layer", added
+        area = "" if mask.area_mm2 is None else f" ({mask.area_mm2:.3g} mm²)"
+        self.status.value = f"tissue{area}: paint or erase it, then Run"
+        return added
+
+    def _tissue_option(self) -> dict:
+        """iter_analyze's ``tissue`` keyword for the choice (none: the task's default)."""
+        import numpy as np
+
+        choice = TISSUE[self.tissue.value]
+        if choice is None:
+            return {}
+        if choice != "layer":
+            return {"tissue": choice}
+        mask = self.tissue_layer.value
+        if mask is None:
+            raise HematoError("choose the tissue mask layer (or press Show tissue)")
+        return {"tissue": np.asarray(mask.data) != 0}
 
     def _on_image(self, *_) -> None:
         layer = self.image.value
@@ -156,6 +210,7 @@ class AnalyzeWidget(Container):
                     "layer": layer, "slide": slide, "task": self.task.value,
                     "model": self.model.value.strip() or None, "tile": self.tile.value or None,
                     "rois": self._rois(layer), "stage": self._stage_options(),
+                    "tissue": self._tissue_option(),
                 }
                 params["outs"] = [run_store_path(layer.metadata.get(KEY, {}).get("path"), params["task"])
                                   for _ in params["rois"]]
@@ -185,7 +240,7 @@ class AnalyzeWidget(Container):
             gen = iter_analyze(params["slide"], task=params["task"], model=params["model"],
                                out=out, roi=roi, tile=params["tile"],
                                resume=resume and Path(out).exists(), cancel=token, phases=True,
-                               **params["stage"])
+                               **params["stage"], **params["tissue"])
             while True:
                 try:
                     event = next(gen)

@@ -295,3 +295,16 @@ def level0_to_world(layer, y: float, x: float) -> tuple[float, float]:
     sy, sx = (float(v) for v in layer.scale[-2:])
     ty, tx = (float(v) for v in layer.translate[-2:])
     return (ty + dy * sy, tx + dx * sx)
+
+
+def tissue_layer_data(mask, image_layer, *, name: str) -> tuple:
+    """An editable Labels layer (1 = tissue) of a :class:`~napari_hemato.core.tissue.TissueMask`,
+    over ``image_layer`` whatever its units: mask pixel ``i`` covers level-0 pixels
+    ``[i s, (i + 1) s)``, so its centre is level-0 ``(i + 0.5) s - 0.5``."""
+    sy, sx = (float(v) for v in image_layer.scale[-2:])
+    ty, tx = (float(v) for v in image_layer.translate[-2:])
+    ky, kx = (float(v) for v in mask.scale)
+    kwargs = {"name": name, "scale": (ky * sy, kx * sx), "opacity": 0.3,
+              "translate": (ty + (0.5 * ky - 0.5) * sy, tx + (0.5 * kx - 0.5) * sx),
+              "metadata": {KEY: {"role": "tissue", "source": mask.source}}}
+    return mask.mask.astype(np.uint8), kwargs, "labels"
