@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -48,3 +50,18 @@ def test_bad_plans_are_refused():
         plan_tiles((1000, 1000), tile=64, halo=100)
     # a single tile may have any halo
     assert len(plan_tiles((50, 50), tile=512, halo=100)) == 1
+
+
+@pytest.mark.parametrize("shape", [(6000, 6000), (3000, 9100), (1200, 800), (20000, 500)])
+@pytest.mark.parametrize("tile,halo,div", [(768, 144, 16), (768, 364, 32), (1536, 272, 32)])
+def test_auto_tile_never_reads_more_and_respects_the_input_cap(shape, tile, halo, div):
+    from napari_hemato.core.tiling import MAX_AUTO_INPUT, auto_tile, input_side
+
+    def pixels(t):
+        return math.ceil(shape[0] / t) * math.ceil(shape[1] / t) * input_side(t, halo, div) ** 2
+
+    t = auto_tile(shape, tile=tile, halo=halo, size_divisor=div)
+    assert t >= tile and pixels(t) <= pixels(tile) and (t - tile) % div == 0
+    assert t == tile or input_side(t, halo, div) <= MAX_AUTO_INPUT
+    plan = plan_tiles(shape, tile=t, halo=halo, size_divisor=div)  # a valid plan
+    assert plan.input_size == input_side(min(t, max(shape)), halo, div)

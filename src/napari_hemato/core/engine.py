@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from napari_hemato.core.cancel import CancelToken
-from napari_hemato.core.errors import Cancelled, ModelError, WriteError
+from napari_hemato.core.errors import Cancelled, ModelError, StoreError, WriteError
 from napari_hemato.core.executors import distributed_batches, local_batches
 from napari_hemato.core.geometry import WorkGrid
 from napari_hemato.core.objects import id_stride
@@ -45,7 +45,7 @@ from napari_hemato.core.spec import ModelSpec
 from napari_hemato.core.stitching import nms_points
 from napari_hemato.core.store import ResultStore
 from napari_hemato.core.table import table_columns, tile_table
-from napari_hemato.core.tiling import TilePlan, plan_tiles
+from napari_hemato.core.tiling import TilePlan, auto_tile, plan_tiles
 from napari_hemato.core.tissue import TissueMask, tiles_off_tissue
 from napari_hemato.core.tissue_io import MASK_FILE, mask_bytes
 
@@ -180,7 +180,9 @@ def iter_run(
     roi : (y0, x0, y1, x1), optional
         Region in level-0 pixels; the whole slide by default.
     tile : int, optional
-        Tile core size in model pixels (default: the model's).
+        Tile core size in model pixels (default: the model's, grown up to inputs of
+        :data:`~napari_hemato.core.tiling.MAX_AUTO_INPUT` px where that reads fewer pixels,
+        :func:`~napari_hemato.core.tiling.auto_tile`; a resumed run keeps its own).
     batch_size : int, optional
         Tiles per inference call (default: as many as fit in ~2.5 megapixels of
         network input, 1 to 8; larger batches only add memory traffic on CPU
@@ -204,8 +206,12 @@ def iter_run(
     grid = WorkGrid.for_model(slide, spec.mpp, roi=roi, tolerance=mpp_tolerance,
                               assumed_mpp=spec.assumed_input_mpp)
     try:
-        plan = plan_tiles(grid.shape, tile=tile or spec.tile, halo=spec.halo,
-                          size_divisor=spec.size_divisor)
+        if tile is None and resume and out is not None and Path(out).exists():
+            tile = _stored_tile(out)  # a run being resumed keeps its tiles
+        if tile is None:  # the model's tile, grown where that reads fewer pixels
+            tile = auto_tile(grid.shape, tile=spec.tile, halo=spec.halo,
+                             size_divisor=spec.size_divisor)
+        plan = plan_tiles(grid.shape, tile=tile, halo=spec.halo, size_divisor=spec.size_divisor)
         stride = id_stride(len(plan))
     except ValueError as err:  # a tile size this model cannot run with: the caller's to fix
         raise ModelError(f"model {spec.name!r}: {err}") from None
@@ -316,3 +322,12 @@ def _finalize(store: ResultStore, plan: TilePlan, grid: WorkGrid, spec, timings,
     n = store.write_table(frames(), table_columns(spec.class_names))
     timings["table"] = time.perf_counter() - ts
     return n
+
+
+def _stored_tile(out) -> int | None:
+    """The tile core of the run stored at ``out`` (None when it cannot be read: the
+    resume check then says what is wrong)."""
+    try:
+        return int(ResultStore.open(out).config["plan"]["tile"])
+    except (StoreError, KeyError, TypeError, ValueError, OSError):
+        return None

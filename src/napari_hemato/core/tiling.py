@@ -147,3 +147,49 @@ def intersect(a: Box, b: Box) -> Box | None:
     if y0 >= y1 or x0 >= x1:
         return None
     return (y0, x0, y1, x1)
+
+
+#: largest input side :func:`auto_tile` grows a model's tiles to (px): a batch of one such
+#: tile holds about as many pixels as the engine's automatic batch (2.5 MP), and larger
+#: inputs ran slower per pixel on 2 cores (benchmarks/README.md)
+MAX_AUTO_INPUT = 1824
+
+
+def input_side(tile: int, halo: int, size_divisor: int = 1) -> int:
+    """The network's input side for a core of ``tile`` px: ``tile + 2 halo``, rounded up."""
+    return int(math.ceil((tile + 2 * halo) / size_divisor) * size_divisor)
+
+
+def auto_tile(shape: tuple[int, int], *, tile: int, halo: int, size_divisor: int = 1,
+              max_input: int = MAX_AUTO_INPUT) -> int:
+    """The core size, at least the model's ``tile``, that feeds the network the fewest
+    pixels over an extent ``shape``.
+
+    Every tile reads its halo again: a 768 px core with a 144 px halo reads 1.9× its
+    pixels. Larger cores (inputs up to ``max_input``) read less; among the cores giving
+    the same tile grid the smallest is kept (least padding beyond the extent). Cores grow
+    by ``size_divisor``: every tile's input then starts where the model's own tiles' would
+    modulo the network's pooling, so its predictions are the same bits. An extent
+    that fits one tile, or a model whose input is already ``max_input`` or more, keeps
+    ``tile``.
+
+    Examples
+    --------
+    >>> auto_tile((6000, 6000), tile=768, halo=144, size_divisor=16)  # 4 × 4, inputs of 1792
+    1504
+    >>> auto_tile((500, 600), tile=768, halo=144, size_divisor=16)
+    768
+    """
+    h, w = (int(s) for s in shape)
+    largest = max_input - 2 * halo
+    if largest <= tile or max(h, w) <= tile:
+        return tile
+    step = max(int(size_divisor), 1)
+    best = (math.ceil(h / tile) * math.ceil(w / tile) * input_side(tile, halo, step) ** 2, tile)
+    for t in range(tile, largest + 1, step):  # the pooling grid stays where it was on the image
+        if input_side(t, halo, step) > max_input:
+            break
+        cost = math.ceil(h / t) * math.ceil(w / t) * input_side(t, halo, step) ** 2
+        if cost < best[0]:
+            best = (cost, t)
+    return best[1]
