@@ -244,3 +244,12 @@ def test_colour_standardisation_removes_background_tint_and_stain_density():
     assert apply_colour_mode(cream_dark, "none") is cream_dark
     with pytest.raises(ValueError, match="unknown colour mode"):
         apply_colour_mode(cream_dark, "macenko")
+
+
+def test_colour_standardisation_of_a_batch_on_two_threads_is_window_by_window():
+    from napari_hemato.models.colour_standardize import apply_colour_mode, standardize_colour
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 255, (37, 48, 40, 3), dtype=np.uint8)
+    alone = np.stack([standardize_colour(w) for w in batch])
+    np.testing.assert_array_equal(apply_colour_mode(batch, "od-standardize"), alone)
