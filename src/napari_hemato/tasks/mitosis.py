@@ -60,12 +60,61 @@ def hotspot(table: pd.DataFrame, *, mpp: float, area_mm2: float = 10 * HPF_MM2,
         # the window centred on each mitosis, moved inside the region
         centres[:, 0] = np.clip(centres[:, 0], y0 + half, max(y1 - half, y0 + half))
         centres[:, 1] = np.clip(centres[:, 1], x0 + half, max(x1 - half, x0 + half))
-    tree = cKDTree(yx * mpp)
-    counts = np.array([len(tree.query_ball_point(c * mpp, side_um / 2 * (1 + 1e-9), p=np.inf))
-                       for c in centres])
-    best = int(np.argmax(counts))
+    best, count = _densest_window(yx * mpp, centres * mpp, side_um / 2 * (1 + 1e-9))
     return {"y": float(centres[best, 0]), "x": float(centres[best, 1]),
-            "count": int(counts[best]), "side_um": round(side_um, 1), "id": int(t["id"].iloc[best])}
+            "count": count, "side_um": round(side_um, 1), "id": int(t["id"].iloc[best])}
+
+
+def _densest_window(points: np.ndarray, centres: np.ndarray, half: float) -> tuple[int, int]:
+    """``(k, count)``: the first of ``centres`` whose square window of half-side ``half``
+    holds the most ``points`` (µm), and that count.
+
+    Exact, without counting every window: on a histogram of fine bins (a 32nd of ``half``)
+    the bins a window overlaps bound its count from above and the bins wholly inside it from
+    below. Only windows whose upper bound reaches the best lower bound can win; they are
+    counted, highest bound first, until the bound falls below the best count. A million
+    points take about a second where counting every window took minutes.
+
+    >>> pts = np.array([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0]])
+    >>> _densest_window(pts, pts, 2.0)
+    (0, 2)
+    """
+    tree = cKDTree(points)
+    if len(centres) <= 2048:  # few: count them all
+        counts = tree.query_ball_point(centres, half, p=np.inf, return_length=True)
+        k = int(np.argmax(counts))
+        return k, int(counts[k])
+    lo = np.minimum(points.min(axis=0), centres.min(axis=0)) - half
+    extent = np.maximum(points.max(axis=0), centres.max(axis=0)) + half - lo
+    b = max(half / 32, float(extent.max()) / 4096)  # at most 4096² bins
+    shape = np.floor(extent / b).astype(np.int64) + 1
+    cells = np.floor((points - lo) / b).astype(np.int64)
+    hist = np.zeros(tuple(shape), np.int64)
+    np.add.at(hist, (cells[:, 0], cells[:, 1]), 1)
+    sat = np.zeros((shape[0] + 1, shape[1] + 1), np.int64)
+    sat[1:, 1:] = hist.cumsum(0).cumsum(1)
+
+    def in_bins(first, last):  # points in bins [first, last) per axis, per centre
+        first, last = np.clip(first, 0, shape), np.clip(last, 0, shape)
+        last = np.maximum(last, first)
+        return (sat[last[:, 0], last[:, 1]] - sat[first[:, 0], last[:, 1]]
+                - sat[last[:, 0], first[:, 1]] + sat[first[:, 0], first[:, 1]])
+
+    low_edge, high_edge = (centres - half - lo) / b, (centres + half - lo) / b
+    upper = in_bins(np.floor(low_edge).astype(np.int64), np.floor(high_edge).astype(np.int64) + 1)
+    lower = in_bins(np.ceil(low_edge).astype(np.int64), np.floor(high_edge).astype(np.int64))
+    maybe = np.flatnonzero(upper >= lower.max())
+    order = maybe[np.lexsort((maybe, -upper[maybe]))]  # highest bound first, then index
+    best_k, best = -1, -1
+    for start in range(0, len(order), 1024):
+        chunk = order[start : start + 1024]
+        if upper[chunk[0]] < best:
+            break
+        counts = tree.query_ball_point(centres[chunk], half, p=np.inf, return_length=True)
+        for k, c in zip(chunk, counts, strict=True):
+            if c > best or (c == best and k < best_k):
+                best_k, best = int(k), int(c)
+    return best_k, best
 
 
 class MitosisTask(Task):
