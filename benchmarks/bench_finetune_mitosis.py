@@ -76,17 +76,30 @@ def recall(spec, low_dir, data: Path, work: Path, threads: int) -> dict:
             "fp_per_mm2_of_mosaic": round(d["fp_per_mm2_of_mosaic"], 2)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="../shared/data")
+def amibr_args(doc: str, argv, add_options) -> argparse.Namespace | None:
+    """The command line of a mitosis fine-tune benchmark: ``--data``, ``--threads`` and what
+    ``add_options(parser)`` adds; None (after saying so) when ``--data`` has no AMi-Br."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--data", type=Path, default=Path("../shared/data"))
     p.add_argument("--threads", type=int, default=2)
+    add_options(p)
+    args = p.parse_args(argv)
+    if not (args.data / "mitosis_ami_br" / "crops.csv").is_file():
+        print(f"{args.data}: no AMi-Br data; nothing to measure", file=sys.stderr)
+        return None
+    return args
+
+
+def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path)
     p.add_argument("--skip-recall", action="store_true", help="skip the AMi-Br mosaics (slow part)")
-    args = p.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "mitosis_ami_br" / "crops.csv").is_file():
-        print(f"{data}: no AMi-Br data; nothing to measure", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = amibr_args(__doc__, argv, _options)
+    if args is None:
         return 2
+    data = args.data
     from napari_hemato.core.spec import load_spec
     from napari_hemato.finetune.mitosis import finetune_mitosis
     from napari_hemato.models.registry import resolve_model

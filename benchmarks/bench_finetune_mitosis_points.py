@@ -15,9 +15,7 @@ folder.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,14 +46,11 @@ def review(mosaic, table, names, radius: float) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default="../shared/data")
-    p.add_argument("--points", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "mitosis_ami_br" / "crops.csv").is_file():
-        print(f"{data}: no AMi-Br data; nothing to measure", file=sys.stderr)
+    from bench_finetune_mitosis import amibr_args
+
+    args = amibr_args(__doc__, argv,
+                      lambda p: p.add_argument("--points", type=int, default=200))
+    if args is None:
         return 2
     import pandas as pd
     from skimage.io import imsave
@@ -65,17 +60,12 @@ def main(argv=None) -> int:
     from napari_hemato.finetune.mitosis import finetune_mitosis
     from napari_hemato.models.registry import resolve_model
     from napari_hemato.train import data_mitosis as dm
-    from napari_hemato.train.evaluate_mitosis import HIT_UM
-    from napari_hemato.train.mosaics import make_mosaics
+    from napari_hemato.train.evaluate_mitosis import HIT_UM, split_mosaics
 
     base = resolve_model("mitosis", None)
     spec = load_spec(base)
     names = list(spec.class_names)
-    frame = dm.read_crops_table(data)
-    frame = frame[frame["slide"].isin(spec.extra["validation_slides"]["tune"])].reset_index(drop=True)
-    crops = dm.load_crops(frame, mpp=dm.CROP_MPP)
-    tissue = [t.image for t in dm.tissue_regions(data, part="val", mpp=dm.CROP_MPP)]
-    mosaics = make_mosaics(crops, tissue, size=1024, per_mosaic=8, decoys=2, block=256, seed=0)
+    _, _, mosaics = split_mosaics(spec, args.data, split="tune", canvas=1024, per_mosaic=8, seed=0)
     counts = {"kept": 0, "reclassed": 0, "rejected": 0, "added": 0}
     with tempfile.TemporaryDirectory(prefix="bench-ft-points-") as tmp:
         work, csvs, total = Path(tmp), [], 0

@@ -95,6 +95,7 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid, outer, image=None) 
     dist = outputs["distance"][0] if "distance" in outputs else None
     probs = _class_probs(outputs, spec)
     pp = spec.postprocess
+    min_area_um2 = float(pp.get("min_area_um2", 5.0))  # postprocess_instances' default
     rule = StainRule.from_spec(pp, spec.class_names) if image is not None else None
     if rule is not None:
         if probs is None:
@@ -102,7 +103,7 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid, outer, image=None) 
         if image.shape[:2] != fg.shape:
             raise ValueError(f"{spec.name}: tile image {image.shape[:2]} and outputs {fg.shape} differ")
         # keep the rule's smaller objects until their stain is known
-        pp = {**pp, "min_area_um2": min(float(pp.get("min_area_um2", 5.0)), rule.min_area_um2)}
+        pp = {**pp, "min_area_um2": min(min_area_um2, rule.min_area_um2)}
     labels = postprocess_instances(pp, mpp, fg, dist, probs, spec.class_names)
     box = intersect(tile.outer, (0, 0, *plan.shape))
     inside = np.s_[box[0] - outer[0] : box[2] - outer[0], box[1] - outer[1] : box[3] - outer[1]]
@@ -141,7 +142,7 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid, outer, image=None) 
         rule_class = stain_classes(rule, image[inside], labels, fg, prob, area * mpp**2, bbox,
                                    whole & owned, mpp)
         # below the spec's own smallest size: dropped, as without the rule, unless re-typed
-        owned &= (area * mpp**2 >= float(spec.postprocess.get("min_area_um2", 5.0))) | (rule_class >= 0)
+        owned &= (area * mpp**2 >= min_area_um2) | (rule_class >= 0)
     if owned.sum() >= stride:
         raise ValueError(f"tile {tile.index} holds {owned.sum()} objects, more than {stride - 1}")
     keep = np.flatnonzero(owned)

@@ -185,11 +185,8 @@ def auto_tile(shape: tuple[int, int], *, tile: int, halo: int, size_divisor: int
     if largest <= tile or max(h, w) <= tile:
         return tile
     step = max(int(size_divisor), 1)
-    best = (math.ceil(h / tile) * math.ceil(w / tile) * input_side(tile, halo, step) ** 2, tile)
-    for t in range(tile, largest + 1, step):  # the pooling grid stays where it was on the image
-        if input_side(t, halo, step) > max_input:
-            break
-        cost = math.ceil(h / t) * math.ceil(w / t) * input_side(t, halo, step) ** 2
-        if cost < best[0]:
-            best = (cost, t)
-    return best[1]
+    # cores in steps of the divisor: the pooling grid stays where it was on the image
+    cores = [t for t in range(tile, largest + 1, step) if input_side(t, halo, step) <= max_input]
+    cost = {t: math.ceil(h / t) * math.ceil(w / t) * input_side(t, halo, step) ** 2
+            for t in cores or [tile]}
+    return min(cost, key=lambda t: (cost[t], t))

@@ -131,9 +131,10 @@ def _auc(truth: np.ndarray, score: np.ndarray) -> float:
     return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
 
 
-def evaluate_detection(spec, low_dir, data_dir, *, split, workdir, canvas, per_mosaic, seed,
-                       threads) -> dict:
-    """Mosaics of the ``split`` slides' crops, analysed and matched (see module docstring)."""
+def split_mosaics(spec: ModelSpec, data_dir, *, split: str, canvas: int, per_mosaic: int,
+                  seed: int):
+    """``(slides, crops, mosaics)``: the AMi-Br crops of the ``split`` slides (the model's
+    recorded validation slides, else the default split) pasted on held-out tissue."""
     frame = dm.read_crops_table(data_dir)
     slides = spec.extra.get("validation_slides", {}).get(split)
     if slides is None:
@@ -142,7 +143,15 @@ def evaluate_detection(spec, low_dir, data_dir, *, split, workdir, canvas, per_m
     crops = dm.load_crops(frame, mpp=dm.CROP_MPP)
     tissue = [t.image for t in dm.tissue_regions(data_dir, part="val", mpp=dm.CROP_MPP)]
     mosaics = make_mosaics(crops, tissue, size=canvas, per_mosaic=per_mosaic, decoys=2,
-                              block=256, seed=seed)
+                           block=256, seed=seed)
+    return slides, crops, mosaics
+
+
+def evaluate_detection(spec, low_dir, data_dir, *, split, workdir, canvas, per_mosaic, seed,
+                       threads) -> dict:
+    """Mosaics of the ``split`` slides' crops, analysed and matched (see module docstring)."""
+    slides, crops, mosaics = split_mosaics(spec, data_dir, split=split, canvas=canvas,
+                                           per_mosaic=per_mosaic, seed=seed)
     from skimage.io import imsave
 
     dets, seconds = [], []
