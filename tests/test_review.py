@@ -73,6 +73,20 @@ def test_painting_a_new_object_and_erasing_one_syncs_the_table():
     assert 1 not in s.table.index
 
 
+def test_a_paint_remeasures_only_the_objects_it_touched():
+    """Painting over part of object 2 re-measures 2, not the untouched objects (whose rows
+    keep the engine's geometry: here deliberately different from their pixels)."""
+    s = make_session()
+    s.table.loc[3, ["bbox_y0", "bbox_y1"]] = (-7, -5)  # not its pixels' box: must stay
+    s.labels[20:30, 60:70] = 4  # the right third of object 2 painted as object 4
+    added, removed = s.sync_with_labels()
+    assert added == removed == []
+    assert s.row(2)["area_px"] == 200 and s.row(2)["bbox_x1"] == 200 + 60
+    assert s.row(4)["area_px"] == 200 and s.row(4)["bbox_y0"] == 100 + 20
+    assert (s.row(3)["bbox_y0"], s.row(3)["bbox_y1"]) == (-7, -5)
+    assert s.row(1)["bbox_y1"] == 0  # untouched: as the table had it
+
+
 def test_merge_split_delete_keep_labels_and_table_consistent():
     s = make_session()
     s.merge(3, 4)

@@ -7,7 +7,8 @@ Alt-1 … Alt-0, Alt-Minus the first bank (a smear's 11 white-cell subtypes), Co
 the second (its cell types). Alt-R marks reviewed; Alt-Z undoes and Alt-Y (or
 Shift-Alt-Z) redoes any review action, per layer. Painting, erasing or filling with
 napari's tools keeps the table in step; merge, split and delete act on the selection.
-Review sessions are keyed on the layer's ``unique_id`` (napari hands plugin widgets
+On a whole-slide layer (masks too large to hold), Edit here makes the view an
+editable window and Save into slide writes it back. Review sessions are keyed on the layer's ``unique_id`` (napari hands plugin widgets
 proxies, never the same object twice), so undo and the queue position survive
 switching layers. Every change is autosaved next to the image within a second.
 """
@@ -161,6 +162,9 @@ class ReviewWidget(QWidget):
         is_points = session.annotations.kind == "points"
         for w in (self.merge_button, self.merge_with, self.split_button):
             w.setEnabled(not is_points and session.labels is not None)
+        lazy = bool(session.annotations.metadata.get("lazy"))
+        self.edit_here_button.setEnabled(lazy and not is_points)
+        self.save_window_button.setEnabled("edit" in session.annotations.metadata)
         self.accept_button.setEnabled(is_points)
         self.reject_button.setEnabled(is_points)
         self.hotspot_button.setVisible(is_points)
@@ -298,6 +302,18 @@ class ReviewWidget(QWidget):
             self._after_change()
         self.selected = None
 
+    def edit_here(self):
+        """A whole-slide layer's view as an editable window layer (:mod:`.region_edit`)."""
+        from napari_hemato._widgets.region_edit import edit_here
+
+        return edit_here(self)
+
+    def save_window(self) -> dict | None:
+        """Write the edit window under review back into its slide (:mod:`.region_edit`)."""
+        from napari_hemato._widgets.region_edit import save_window
+
+        return save_window(self)
+
     def accept(self) -> None:
         if self.selected is not None:
             self.session.accept([self.selected])
@@ -309,6 +325,13 @@ class ReviewWidget(QWidget):
             self._after_change()
 
     def _on_paint(self, layer) -> None:
+        # napari (0.9) emits ``paint`` before it writes the pixels of a single paint or fill
+        # call (a brush stroke's comes after): sync once the event loop is back
+        QTimer.singleShot(0, lambda: self._sync_paint(layer))
+
+    def _sync_paint(self, layer) -> None:
+        if layer not in self.viewer.layers:
+            return
         if layer_uid(layer) != layer_uid(self.layer):
             self.bind_layer(layer)
         self.session.sync_with_labels()

@@ -95,8 +95,15 @@ def build_panel(w) -> None:
     w.accept_button, w.reject_button = QPushButton("Accept"), QPushButton("Reject")
     w.accept_button.clicked.connect(w.accept)
     w.reject_button.clicked.connect(w.reject)
+    w.edit_here_button = QPushButton("Edit here")
+    w.edit_here_button.setToolTip("masks of a whole-slide layer: edit the view in memory")
+    w.edit_here_button.clicked.connect(w.edit_here)
+    w.save_window_button = QPushButton("Save into slide")
+    w.save_window_button.setToolTip("write this edit window back into its whole-slide result")
+    w.save_window_button.clicked.connect(w.save_window)
     for i, c in enumerate((w.merge_button, w.merge_with, w.split_button,
-                           w.delete_button, w.accept_button, w.reject_button)):
+                           w.delete_button, w.accept_button, w.reject_button,
+                           w.edit_here_button, w.save_window_button)):
         grid.addWidget(c, i // 2, i % 2)
     root.addWidget(edit)
 

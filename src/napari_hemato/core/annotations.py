@@ -137,15 +137,7 @@ def from_result(result, *, roi: Box | None = None) -> AnnotationSet:
         inside &= (table["x"] >= roi[1] - 0.5) & (table["x"] < roi[3] - 0.5)
         table = table[inside].reset_index(drop=True)
     else:
-        f = grid.factor
-        ry, rx = grid.roi[:2]
-        start = (roi[0] - ry, roi[1] - rx)
-        wy0, wx0 = (int(work_index(v, f)) for v in start)
-        wy1 = min(int(work_index(roi[2] - ry - 1, f)) + 1, grid.shape[0])
-        wx1 = min(int(work_index(roi[3] - rx - 1, f)) + 1, grid.shape[1])
-        work = np.asarray(result.labels()[wy0:wy1, wx0:wx1])
-        shape = (roi[2] - roi[0], roi[3] - roi[1])
-        labels = upsample_labels(work, f, shape, start, (wy0, wx0))
+        labels = level0_labels(result.labels(), grid, roi)
         present = np.unique(labels)
         table = table[table["id"].isin(present)].reset_index(drop=True)
     cfg = result.store.config
@@ -161,6 +153,28 @@ def from_result(result, *, roi: Box | None = None) -> AnnotationSet:
         metadata={"model": cfg["model"], "result": str(result.path), **region_metadata(
             roi, None if grid.mpp_assumed else grid.mpp0)},
     )
+
+
+def work_window(grid, roi: Box) -> Box:
+    """The work-grid box ``(wy0, wx0, wy1, wx1)`` whose pixels the level-0 box ``roi``
+    maps to (see :func:`~napari_hemato.core.geometry.work_index`)."""
+    f = grid.factor
+    ry, rx = grid.roi[:2]
+    wy0, wx0 = int(work_index(roi[0] - ry, f)), int(work_index(roi[1] - rx, f))
+    wy1 = min(int(work_index(roi[2] - ry - 1, f)) + 1, grid.shape[0])
+    wx1 = min(int(work_index(roi[3] - rx - 1, f)) + 1, grid.shape[1])
+    return (wy0, wx0, wy1, wx1)
+
+
+def level0_labels(work_labels, grid, roi: Box, *, work=None) -> np.ndarray:
+    """The level-0 label image of ``roi`` from the work-grid labels (a zarr array, or the
+    already-read ``work`` window of :func:`work_window`)."""
+    wy0, wx0, wy1, wx1 = work_window(grid, roi)
+    if work is None:
+        work = np.asarray(work_labels[wy0:wy1, wx0:wx1])
+    ry, rx = grid.roi[:2]
+    shape = (roi[2] - roi[0], roi[3] - roi[1])
+    return upsample_labels(work, grid.factor, shape, (roi[0] - ry, roi[1] - rx), (wy0, wx0))
 
 
 def region_metadata(region: Box, mpp: float | None) -> dict:

@@ -28,6 +28,7 @@ from skimage.segmentation import watershed
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.classes import REJECTED, UNASSIGNED, ClassHierarchy
+from napari_hemato.core.measure import measure_labels
 from napari_hemato.core.review_points import PointEdits
 from napari_hemato.core.review_steps import Step, recorded
 
@@ -63,7 +64,8 @@ class ReviewSession(PointEdits):
         self._cursor = -1
         self.queue_mode = "uncertain"
         self._max_id = 0
-        self._max_id = self._next_id() - 1  # the largest id in use at the start
+        # the largest id in use at the start; an edit window of a whole slide knows the slide's
+        self._max_id = max(self._next_id() - 1, int(annotations.metadata.get("max_id", 0)))
 
     # -- basic access -----------------------------------------------------------
     @property
@@ -235,6 +237,20 @@ class ReviewSession(PointEdits):
         """(reviewed, total) objects."""
         return int(self.table["reviewed"].astype(bool).sum()), len(self.table)
 
+    def adopt_table(self, table: pd.DataFrame) -> None:
+        """Take ``table`` as this set's table: a whole slide's, after an edit window saved
+        its masks into the slide (:mod:`~napari_hemato.core.region_edit`). The pixels are in
+        the store by then, so this is not undoable, and the history ends here."""
+        table = table.copy()
+        if "class_auto" not in table:
+            table["class_auto"] = table["class"]
+        self.table = table.set_index(table["id"].astype(np.int64), drop=False)
+        self.table.index.name = None
+        self._undo.clear()
+        self._redo.clear()
+        self._max_id = max(self._max_id, int(self.table.index.max()) if len(self.table) else 0)
+        self._changed()
+
     # -- geometry edits (instances) ----------------------------------------------
     def _require_labels(self) -> np.ndarray:
         if self.labels is None:
@@ -244,22 +260,13 @@ class ReviewSession(PointEdits):
     def _measure(self, ids) -> None:
         """Recompute centroid, bbox and area of ``ids`` from the label image."""
         labels = self._require_labels()
-        oy, ox = self.annotations.origin
-        mpp = self.annotations.mpp or np.nan
-        for obj_id in ids:
-            ys, xs = np.nonzero(labels == obj_id)
-            if ys.size == 0:
-                continue
-            values = {
-                "y": ys.mean() + oy, "x": xs.mean() + ox,
-                "bbox_y0": ys.min() + oy, "bbox_x0": xs.min() + ox,
-                "bbox_y1": ys.max() + 1 + oy, "bbox_x1": xs.max() + 1 + ox,
-                "area_px": float(ys.size),
-            }
-            values["y_um"], values["x_um"] = values["y"] * mpp, values["x"] * mpp
-            values["area_um2"] = ys.size * mpp**2
-            for k, v in values.items():
-                self.table.loc[obj_id, k] = v
+        values = measure_labels(labels, ids, origin=self.annotations.origin,
+                                mpp=self.annotations.mpp)
+        if not values["id"].size:
+            return
+        for col, v in values.items():
+            if col != "id":
+                self.table.loc[values["id"], col] = v
 
     def _next_id(self) -> int:
         """A fresh id, never reusing one of a deleted object."""
@@ -296,8 +303,14 @@ class ReviewSession(PointEdits):
             self.table = self.table.drop(index=removed)
         for obj_id in added:
             self._new_row(obj_id)
-        changed_geometry = added + [i for i in present & known]
-        self._measure(changed_geometry)
+        # re-measure only the objects whose pixels changed since the last step (a paint
+        # touches a few of the thousands a whole view holds)
+        if self._shadow is not None and self._shadow.shape == labels.shape:
+            diff = labels != self._shadow
+            touched = set(np.unique(labels[diff]).tolist()) | set(np.unique(self._shadow[diff]).tolist())
+        else:
+            touched = present
+        self._measure(sorted((touched & present) | set(added)))
         if added or removed:
             self._changed()
         return added, removed

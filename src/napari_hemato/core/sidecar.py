@@ -277,3 +277,20 @@ def autosave(ann: AnnotationSet, name: str) -> Path | None:
     if ann.kind == "instances" and ann.labels is None and not ann.metadata.get("lazy"):
         return None
     return save_annotations(ann, sidecar_dir(ann.image_path, create=True) / name)
+
+
+def discard_set(image_path: str | Path, name: str) -> bool:
+    """Remove the saved set ``name`` of an image (an edit window once saved into its slide);
+    whether there was one."""
+    folder = sidecar_dir(image_path) / name
+    if not folder.is_dir():
+        return False
+    with _locked(folder):
+        # the name of a save's temporary folder: a killed process's leftover is cleaned up
+        gone = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            os.replace(folder, gone)  # atomically out of sight, then deleted
+        except OSError as err:
+            raise _write_error(err, folder) from err
+        shutil.rmtree(gone, ignore_errors=True)
+    return True

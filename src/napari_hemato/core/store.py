@@ -9,6 +9,7 @@ Layout of ``RESULT.zarr``::
     tissue.npz           the run's tissue mask, if it had one (tiles off it are not read)
     assembled/000042     marker: the labels chunk of tile 42 is final
     objects.csv          the per-object table, written when the run completes
+    edits/000001.npz     mask corrections saved into labels/0 (core.store_edits)
 
 A tile file is written under a temporary name and renamed, so its presence is
 the tile's "done" marker: a killed process loses at most the tiles in flight,
@@ -114,7 +115,12 @@ class ResultStore:
         for sub in ("tiles", "assembled"):
             if not (path / sub).is_dir():
                 raise StoreError(f"{path}: not a complete result store ({sub}/ is missing)")
-        return cls(path, group)
+        store = cls(path, group)
+        if (path / "edits").is_dir():
+            from napari_hemato.core.store_edits import replay_pending
+
+            replay_pending(store)  # a mask edit a killed process left half-written
+        return store
 
     def verify(self) -> tuple[list[int], list[int]]:
         """Check the store before a resume; returns the (tiles, chunks) to redo.

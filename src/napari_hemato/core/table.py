@@ -131,6 +131,8 @@ def read_table_csv(path, dtypes: dict | None = None) -> pd.DataFrame:
     (a header's ``{column: dtype}``) restores the rest.
     """
     head = pd.read_csv(path, nrows=0).columns
+    if hasattr(path, "seek"):  # a buffer: read it again from its start
+        path.seek(0)
     strings = [c for c in head if c in STRING_COLUMNS
                or str((dtypes or {}).get(c, "")) in ("object", "str", "string")]
     table = pd.read_csv(path, dtype={c: str for c in strings},

@@ -15,6 +15,7 @@ from napari_hemato.core.annotations import AnnotationSet, from_result, region_me
 from napari_hemato.core.errors import HematoError
 from napari_hemato.core.sidecar import load_annotations, saved_sets, sidecar_dir
 from napari_hemato.core.slide import Slide, open_slide, slide_from_array
+from napari_hemato.core.store_edits import MERGED_KEY, merge_missing
 from napari_hemato.io.layers import KEY, annotation_layer_data
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def restore_saved_layers(image_path: str | Path, *, image_mpp: float | None = No
     A lazy whole-slide set saved its table only: its labels are reopened from the
     run's store, with the saved (corrected) table as features.
     """
-    from napari_hemato.io.layers import features_of
+    from napari_hemato.io.layers import features_of, labels_colormap
 
     layers = []
     for name, folder in saved_sets(image_path).items():
@@ -197,9 +198,16 @@ def restore_saved_layers(image_path: str | Path, *, image_mpp: float | None = No
             if ann.kind == "instances" and ann.labels is None:
                 from napari_hemato.core.engine import open_result
 
-                data, kwargs, kind = result_layer_data(open_result(ann.metadata["result"]),
-                                                       name=name)[0]
-                kwargs["features"] = features_of(ann.table)
+                result = open_result(ann.metadata["result"])
+                data, kwargs, kind = result_layer_data(result, name=name)[0]
+                # masks saved from an edit window into the store whose rows this table missed
+                table, merged = merge_missing(ann.table, result.store,
+                                              ann.metadata.get(MERGED_KEY, []))
+                kwargs["features"] = features_of(table)
+                kwargs["metadata"][KEY][MERGED_KEY] = merged
+                colormap = labels_colormap(table, ann.class_names)  # the corrected classes
+                if colormap is not None:
+                    kwargs["colormap"] = colormap
             else:
                 data, kwargs, kind = annotation_layer_data(ann, name=name)
             if image_mpp is None and "units" in kwargs:
@@ -295,6 +303,48 @@ def level0_to_world(layer, y: float, x: float) -> tuple[float, float]:
     sy, sx = (float(v) for v in layer.scale[-2:])
     ty, tx = (float(v) for v in layer.translate[-2:])
     return (ty + dy * sy, tx + dx * sx)
+
+
+def world_to_level0(layer, wy: float, wx: float) -> tuple[float, float]:
+    """Level-0 pixel of world point ``(wy, wx)`` over a result layer (inverse of
+    :func:`level0_to_world`)."""
+    meta = layer.metadata.get(KEY, {})
+    oy, ox = (float(v) for v in meta.get("origin", (0, 0)))
+    k = float(meta.get("px0_per_data", 1.0))
+    sy, sx = (float(v) for v in layer.scale[-2:])
+    ty, tx = (float(v) for v in layer.translate[-2:])
+    dy, dx = (wy - ty) / sy, (wx - tx) / sx
+    return ((dy + 0.5) * k - 0.5 + oy, (dx + 0.5) * k - 0.5 + ox)
+
+
+def camera_box_level0(layer, viewer) -> tuple[int, int, int, int]:
+    """The level-0 box of what the camera shows, over a result layer (not clipped)."""
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    canvas = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or (600, 800),
+                        float)
+    cy, cx = (float(v) for v in camera.center[-2:])
+    hy, hx = canvas / 2.0 / float(camera.zoom)
+    (y0, x0), (y1, x1) = world_to_level0(layer, cy - hy, cx - hx), world_to_level0(layer, cy + hy,
+                                                                                  cx + hx)
+    return (int(np.floor(y0 + 0.5)), int(np.floor(x0 + 0.5)),
+            int(np.ceil(y1 + 0.5)), int(np.ceil(x1 + 0.5)))
+
+
+def edit_window_layer_data(slide_layer, ann: AnnotationSet, *, name: str) -> tuple:
+    """An editable Labels layer of an edit window (:func:`~napari_hemato.core.region_edit.
+    open_window`) placed exactly over the whole-slide layer it was cut from, whatever that
+    layer's units and grid."""
+    data, kwargs, kind = annotation_layer_data(ann, name=name)
+    k = float(slide_layer.metadata.get(KEY, {}).get("px0_per_data", 1.0))
+    sy, sx = (float(v) for v in slide_layer.scale[-2:])
+    kwargs["scale"] = (sy / k, sx / k)
+    kwargs["translate"] = level0_to_world(slide_layer, float(ann.origin[0]), float(ann.origin[1]))
+    units = [str(u) for u in getattr(slide_layer, "units", ())[-2:]]
+    kwargs.pop("units", None)
+    if units and all(u in ("micrometer", "um", "µm") for u in units):
+        kwargs["units"] = ("um", "um")
+    kwargs["opacity"] = 0.7
+    return data, kwargs, kind
 
 
 def tissue_layer_data(mask, image_layer, *, name: str) -> tuple:
