@@ -122,7 +122,10 @@ def test_edits_are_written_back_whole_and_consistent(result):
     np.testing.assert_array_equal(after == locked[0], before == locked[0])
     np.testing.assert_array_equal(done.labels, from_result(result, roi=tuple(wb)).labels)
     # a resume sees sealed chunks, not damaged ones; the edit is in the store's journal
+    leftover = result.path / "edits" / ".000002.pending.npz.x1y2.tmp"  # a killed journal write
+    leftover.write_bytes(b"half")
     assert ResultStore.open(result.path).verify() == ([], [])
+    assert not leftover.exists()
     [entry] = edits(result.store)
     assert entry.token == done.token
 

@@ -28,7 +28,6 @@ from napari_hemato._widgets.review_frame import frame_object, layer_uid, show_ca
 from napari_hemato._widgets.review_layout import build_panel
 from napari_hemato.core.classes import BANK_KEYS, BANK_MODIFIERS
 from napari_hemato.core.review import ReviewSession
-from napari_hemato.core.sidecar import REVISION, autosave
 from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
 from napari_hemato.tasks import task_for
 
@@ -391,35 +390,7 @@ class ReviewWidget(QWidget):
 
     # -- autosave ---------------------------------------------------------------
     def autosave(self) -> Path | None:
-        """Save every changed session next to its image."""
-        saved = None
-        layers = {}
-        for layer in list(self.viewer.layers):
-            uid = layer_uid(layer)
-            if uid in self.sessions:
-                layers[uid] = layer
-                self._names[uid] = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
-        for uid, session in self.sessions.items():
-            if session.revision == self._saved_revision.get(uid) or uid not in self._names:
-                continue
-            name = self._names[uid]
-            layer = layers.get(uid)
-            ann = session.to_annotations()
-            path = autosave(ann, name)
-            if path is not None:
-                saved = path
-                # the revision saved is the base of the next save; another viewer's newer save
-                # made this one a copy: keep saving this layer there (nothing is overwritten)
-                session.annotations.metadata[REVISION] = ann.metadata[REVISION]
-                self._names[uid] = path.name
-                if layer is not None:
-                    layer.metadata.setdefault(KEY, {}).update(
-                        {REVISION: ann.metadata[REVISION], "sidecar_name": path.name})
-                if path.name != name:
-                    from napari.utils.notifications import show_warning
+        """Save every changed session next to its image (:mod:`.review_autosave`)."""
+        from napari_hemato._widgets.review_autosave import save_sessions
 
-                    show_warning(f"{name} was changed by another viewer: your corrections are "
-                                 f"saved as {path.name}")
-                self._saved_revision[uid] = session.revision
-        return saved
-
+        return save_sessions(self)

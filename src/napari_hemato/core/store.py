@@ -129,7 +129,7 @@ class ResultStore:
         open as a complete archive, and ``assembled/`` markers whose labels chunk
         is missing or differs from the one written.
         """
-        for pattern in ("tiles/.*.tmp", ".objects.*.tmp", "**/*.partial"):
+        for pattern in ("tiles/.*.tmp", "edits/.*.tmp", ".objects.*.tmp", "**/*.partial"):
             for leftover in self.path.glob(pattern):
                 leftover.unlink(missing_ok=True)
         bad_tiles = [int(p.stem) for p in sorted((self.path / "tiles").glob("*.npz"))
