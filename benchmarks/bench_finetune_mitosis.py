@@ -16,11 +16,12 @@ held-out AMi-Br test slides (the card's mosaics, ``evaluate_detection``). Prints
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import emit
 
 THRESHOLDS = (0.3, 0.5, 0.6, 0.7)
 
@@ -138,10 +139,7 @@ def main(argv=None) -> int:
             out["amibr_test_recall"] = {"before": recall(spec, low, data, work / "rb", args.threads),
                                         "after": recall(tuned_spec, tuned_low, data, work / "ra", args.threads)}
         out["replay_mb"] = round((base / "replay.npz").stat().st_size / 1e6, 2)
-    text = json.dumps(out, indent=2, default=float)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n")
+    emit(out, args.json, indent=2, default=float)
     return 0
 
 

@@ -15,7 +15,6 @@ ships as embeddings. Prints JSON (and writes it with ``--json``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from _report import emit
 from PIL import Image
 
 
@@ -113,10 +113,7 @@ def main(argv=None) -> int:
                 "pbc_reference_after": round(result.metrics["after"]["reference_accuracy"], 4),
                 "pbc_reference_balanced_after": round(result.metrics["after"]["reference_balanced_accuracy"], 4),
                 "chosen": result.metrics["chosen"]})
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(out, args.json, indent=2)
     return 0
 
 

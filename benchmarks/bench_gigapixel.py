@@ -20,7 +20,6 @@ Usage:  python benchmarks/bench_gigapixel.py [--model DIR] [--size 31623] [--no-
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import emit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -114,10 +114,7 @@ def main() -> None:
         out["cluster_big"] = cluster_run(big, args.model, work / "big_cluster.zarr")
         out["cluster_vs_cli"] = same_results(work / "big_cli.zarr", work / "big_cluster.zarr")
     out["benchmark_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

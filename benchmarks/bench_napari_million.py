@@ -12,11 +12,11 @@ Usage:  xvfb-run -a python benchmarks/bench_napari_million.py [--n 1000000]
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 import pandas as pd
+from _report import emit
 
 
 def main() -> None:
@@ -74,10 +74,7 @@ def main() -> None:
         zoomed.append(draw())
     out["zoomed_pan_redraw_s_max"] = round(max(zoomed), 3)
     viewer.close()
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        open(args.out, "w").write(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Usage:  python benchmarks/bench_region_edit.py [--views 5] [--out benchmarks/res
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _report import emit
 
 DATA = Path(__file__).parent / "_data"
 
@@ -87,10 +87,7 @@ def main() -> None:
                "save_s_max": max(r["save_s"] for r in runs),
                "rows_not_matching_labels": bad,
                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

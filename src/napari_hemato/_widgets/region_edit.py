@@ -17,7 +17,7 @@ from napari.utils.notifications import show_info, show_warning
 from napari_hemato._widgets.review_frame import layer_uid
 from napari_hemato.core.errors import HematoError
 from napari_hemato.core.store_edits import MERGED_KEY
-from napari_hemato.io.layers import KEY, features_of, labels_colormap
+from napari_hemato.io.layers import KEY
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,7 @@ def save_window(w) -> dict | None:
         merged = [*slide_session.annotations.metadata.get(MERGED_KEY, []), done.token]
         slide_session.annotations.metadata[MERGED_KEY] = merged
         slide_layer.metadata[KEY][MERGED_KEY] = merged
-    slide_layer.features = features_of(done.table)
-    colormap = labels_colormap(done.table, slide_session.class_names)
-    if colormap is not None:
-        slide_layer.colormap = colormap
+    w._after_change()  # the slide layer's features, colours and summary from its new table
     slide_layer.refresh()
     # the window's corrections are in the slide now: forget its session (so closing it saves
     # nothing), close it, and remove its autosaved copy

@@ -42,3 +42,13 @@ def measure_labels(labels: np.ndarray, ids, origin=(0, 0), mpp: float | None = N
     return {"id": ids, "y": y, "x": x, "y_um": y * mpp, "x_um": x * mpp,
             "bbox_y0": ymin + oy, "bbox_x0": xmin + ox, "bbox_y1": ymax + 1 + oy,
             "bbox_x1": xmax + 1 + ox, "area_px": n, "area_um2": n * mpp**2}
+
+
+def write_geometry(table, values: dict) -> None:
+    """Put :func:`measure_labels`' ``values`` into ``table`` (indexed by id), in place; a
+    geometry column of object dtype (blank rows of a run that found nothing) becomes float."""
+    for col, v in values.items():
+        if col in table and col != "id":
+            if table[col].dtype == object:
+                table[col] = table[col].astype(np.float64)
+            table.loc[values["id"], col] = v

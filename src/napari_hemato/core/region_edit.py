@@ -37,7 +37,7 @@ from napari_hemato.core.annotations import (
 )
 from napari_hemato.core.classes import UNASSIGNED
 from napari_hemato.core.errors import HematoError, StoreError
-from napari_hemato.core.measure import measure_labels
+from napari_hemato.core.measure import measure_labels, write_geometry
 from napari_hemato.core.store_edits import merge_rows, write_edit
 from napari_hemato.core.table import GEOMETRY_COLUMNS
 from napari_hemato.core.tiling import Box
@@ -76,7 +76,7 @@ def grow_to_objects(table: pd.DataFrame, view: Box, roi: Box) -> Box:
 
 
 def open_window(result, table: pd.DataFrame, view: Box, *,
-                max_pixels: int = MAX_EDIT_PIXELS, metadata: dict | None = None) -> AnnotationSet:
+                max_pixels: int = MAX_EDIT_PIXELS) -> AnnotationSet:
     """An editable in-memory set of the level-0 box ``view`` of ``result``'s labels, grown
     to whole objects, with ``table``'s rows (the slide's corrected table) for them."""
     grid = result.grid
@@ -100,7 +100,7 @@ def open_window(result, table: pd.DataFrame, view: Box, *,
     locked = sorted(set(present.tolist()) - set(rows.loc[inside, "id"].astype(int).tolist()))
     cfg = result.store.config
     max_id = int(max(table["id"].max() if len(table) else 0, present.max(initial=0)))
-    meta = {**(metadata or {}), "result": str(result.path),
+    meta = {"result": str(result.path),
             **region_metadata(box, None if grid.mpp_assumed else grid.mpp0),
             "max_id": max_id,
             EDIT_KEY: {"result": str(result.path), "box": [int(v) for v in box],
@@ -131,6 +131,7 @@ def commit_window(result, ann: AnnotationSet, table: pd.DataFrame) -> Commit:
     rows = ann.table.set_index(ann.table["id"].astype(np.int64), drop=False)
     rows.index.name = None
     locked = np.asarray(edit["locked"], np.int64)
+    cut = set(locked.tolist())
     keep = np.isin(orig, locked) | np.isin(new, locked)
     keep &= new != orig
     kept = int(keep.sum())
@@ -141,14 +142,14 @@ def commit_window(result, ann: AnnotationSet, table: pd.DataFrame) -> Commit:
     final = level0_labels(None, grid, box, work=w_new)
     diff = final != orig
     changed = sorted((set(np.unique(final[diff]).tolist()) | set(np.unique(orig[diff]).tolist()))
-                     - {0} - set(locked.tolist()))
+                     - {0} - cut)
     present = set(np.unique(final).tolist()) - {0}
-    removed = sorted(before - present - set(locked.tolist()))
+    removed = sorted(before - present - cut)
     added = sorted(present - before)
-    out = _rows(rows, table, present - set(locked.tolist()), changed, set(added))
-    if locked.size:  # their class corrections; their geometry is the slide's (whole) one
-        out = pd.concat([out, _rows(rows.loc[rows.index.isin(locked)], table,
-                                    set(rows.index[rows.index.isin(locked)].tolist()), [], set())])
+    out = _rows(rows, table, present - cut, changed, set(added))
+    if cut:  # their class corrections; their geometry is the slide's (whole) one
+        cut_rows = rows.loc[rows.index.isin(locked)]
+        out = pd.concat([out, _rows(cut_rows, table, set(cut_rows.index.tolist()), [], set())])
     out = _measure(out, final, [i for i in changed if i in present], box, grid.mpp0)
     token = ""  # only class changes: nothing to write into the store
     if not np.array_equal(w_new, w_old):
@@ -231,11 +232,6 @@ def _measure(rows: pd.DataFrame, labels: np.ndarray, ids, box: Box, mpp: float) 
     """Level-0 centroid, box and area of ``ids`` (as the review measures a painted object)."""
     if not ids:
         return rows
-    values = measure_labels(labels, ids, origin=box[:2], mpp=mpp)
     rows = rows.copy()
-    for col, v in values.items():
-        if col in rows and col != "id":
-            if rows[col].dtype == object:
-                rows[col] = rows[col].astype(np.float64)
-            rows.loc[values["id"], col] = v
+    write_geometry(rows, measure_labels(labels, ids, origin=box[:2], mpp=mpp))
     return rows

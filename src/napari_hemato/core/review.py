@@ -28,7 +28,7 @@ from skimage.segmentation import watershed
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.classes import REJECTED, UNASSIGNED, ClassHierarchy
-from napari_hemato.core.measure import measure_labels
+from napari_hemato.core.measure import measure_labels, write_geometry
 from napari_hemato.core.review_points import PointEdits
 from napari_hemato.core.review_steps import Step, recorded
 
@@ -262,11 +262,8 @@ class ReviewSession(PointEdits):
         labels = self._require_labels()
         values = measure_labels(labels, ids, origin=self.annotations.origin,
                                 mpp=self.annotations.mpp)
-        if not values["id"].size:
-            return
-        for col, v in values.items():
-            if col != "id":
-                self.table.loc[values["id"], col] = v
+        if values["id"].size:
+            write_geometry(self.table, values)
 
     def _next_id(self) -> int:
         """A fresh id, never reusing one of a deleted object."""

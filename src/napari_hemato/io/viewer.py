@@ -29,12 +29,17 @@ def layer_mpp(layer) -> float | None:
     meta = layer.metadata.get(KEY, {})
     if meta.get("mpp"):
         return float(meta["mpp"])
-    units = [str(u) for u in getattr(layer, "units", ())]
-    if units and all(u in ("micrometer", "um", "µm") for u in units[-2:]):
+    if _in_um(getattr(layer, "units", ())):
         sy, sx = (float(s) for s in layer.scale[-2:])
         if abs(sy - sx) < 1e-9 * max(sy, sx) and sy != 1.0:
             return sy
     return None
+
+
+def _in_um(units) -> bool:
+    """Whether a layer's (last two) units are micrometres."""
+    units = [str(u) for u in units][-2:]
+    return bool(units) and all(u in ("micrometer", "um", "µm") for u in units)
 
 
 def image_info(layer) -> dict:
@@ -66,6 +71,17 @@ def _to_level0_box(layer, world_corners: np.ndarray) -> tuple[int, int, int, int
     return (int(y0), int(x0), int(y1), int(x1))
 
 
+def camera_world_box(viewer) -> np.ndarray:
+    """World corners ``[[y0, x0], [y1, x1]]`` of what the camera shows (its centre, zoom and
+    the canvas size)."""
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    canvas = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or (600, 800),
+                        float)
+    cy, cx = (float(v) for v in camera.center[-2:])
+    hy, hx = canvas / 2.0 / float(camera.zoom)
+    return np.array([[cy - hy, cx - hx], [cy + hy, cx + hx]])
+
+
 def view_roi(layer, viewer=None) -> tuple[int, int, int, int] | None:
     """Level-0 box of the image layer visible on screen (None when nothing of it is).
 
@@ -77,13 +93,7 @@ def view_roi(layer, viewer=None) -> tuple[int, int, int, int] | None:
     shape = np.asarray(layer.level_shapes[0], int)
     h, w = (shape[:2] if getattr(layer, "rgb", False) else shape[-2:])
     if viewer is not None:
-        camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
-        canvas = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or (600, 800),
-                            float)
-        cy, cx = (float(v) for v in camera.center[-2:])
-        hy, hx = canvas / 2.0 / float(camera.zoom)
-        world = np.array([[cy - hy, cx - hx], [cy + hy, cx + hx]])
-        data = np.array([layer.world_to_data(p)[-2:] for p in world])
+        data = np.array([layer.world_to_data(p)[-2:] for p in camera_world_box(viewer)])
         # pixel i covers [i - 0.5, i + 0.5) in napari data coordinates
         y0, x0 = np.floor(data.min(axis=0) + 0.5).astype(int)
         y1, x1 = np.ceil(data.max(axis=0) + 0.5).astype(int)
@@ -294,38 +304,34 @@ def level0_to_world(layer, y: float, x: float) -> tuple[float, float]:
     >>> level0_to_world(L(), 60.0, 10.0)
     (120.0, 20.0)
     """
-    meta = layer.metadata.get(KEY, {})
-    oy, ox = (float(v) for v in meta.get("origin", (0, 0)))
-    k = float(meta.get("px0_per_data", 1.0))
+    (oy, ox), k, (sy, sx), (ty, tx) = _layer_frame(layer)
     # a work-grid pixel i covers level-0 [origin + i k, origin + (i + 1) k): its centre is
     # origin + (i + 0.5) k - 0.5, so level-0 p is at data (p - origin + 0.5) / k - 0.5
     dy, dx = (y - oy + 0.5) / k - 0.5, (x - ox + 0.5) / k - 0.5
-    sy, sx = (float(v) for v in layer.scale[-2:])
-    ty, tx = (float(v) for v in layer.translate[-2:])
     return (ty + dy * sy, tx + dx * sx)
+
+
+def _layer_frame(layer):
+    """``(origin, px0_per_data, scale, translate)`` of a result layer (level-0 origin of its
+    data, level-0 pixels per data pixel, its last two scale and translate values)."""
+    meta = layer.metadata.get(KEY, {})
+    origin = tuple(float(v) for v in meta.get("origin", (0, 0)))
+    return (origin, float(meta.get("px0_per_data", 1.0)),
+            tuple(float(v) for v in layer.scale[-2:]),
+            tuple(float(v) for v in layer.translate[-2:]))
 
 
 def world_to_level0(layer, wy: float, wx: float) -> tuple[float, float]:
     """Level-0 pixel of world point ``(wy, wx)`` over a result layer (inverse of
     :func:`level0_to_world`)."""
-    meta = layer.metadata.get(KEY, {})
-    oy, ox = (float(v) for v in meta.get("origin", (0, 0)))
-    k = float(meta.get("px0_per_data", 1.0))
-    sy, sx = (float(v) for v in layer.scale[-2:])
-    ty, tx = (float(v) for v in layer.translate[-2:])
+    (oy, ox), k, (sy, sx), (ty, tx) = _layer_frame(layer)
     dy, dx = (wy - ty) / sy, (wx - tx) / sx
     return ((dy + 0.5) * k - 0.5 + oy, (dx + 0.5) * k - 0.5 + ox)
 
 
 def camera_box_level0(layer, viewer) -> tuple[int, int, int, int]:
     """The level-0 box of what the camera shows, over a result layer (not clipped)."""
-    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
-    canvas = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or (600, 800),
-                        float)
-    cy, cx = (float(v) for v in camera.center[-2:])
-    hy, hx = canvas / 2.0 / float(camera.zoom)
-    (y0, x0), (y1, x1) = world_to_level0(layer, cy - hy, cx - hx), world_to_level0(layer, cy + hy,
-                                                                                  cx + hx)
+    (y0, x0), (y1, x1) = (world_to_level0(layer, *p) for p in camera_world_box(viewer))
     return (int(np.floor(y0 + 0.5)), int(np.floor(x0 + 0.5)),
             int(np.ceil(y1 + 0.5)), int(np.ceil(x1 + 0.5)))
 
@@ -335,13 +341,11 @@ def edit_window_layer_data(slide_layer, ann: AnnotationSet, *, name: str) -> tup
     open_window`) placed exactly over the whole-slide layer it was cut from, whatever that
     layer's units and grid."""
     data, kwargs, kind = annotation_layer_data(ann, name=name)
-    k = float(slide_layer.metadata.get(KEY, {}).get("px0_per_data", 1.0))
-    sy, sx = (float(v) for v in slide_layer.scale[-2:])
+    _, k, (sy, sx), _ = _layer_frame(slide_layer)
     kwargs["scale"] = (sy / k, sx / k)
     kwargs["translate"] = level0_to_world(slide_layer, float(ann.origin[0]), float(ann.origin[1]))
-    units = [str(u) for u in getattr(slide_layer, "units", ())[-2:]]
     kwargs.pop("units", None)
-    if units and all(u in ("micrometer", "um", "µm") for u in units):
+    if _in_um(getattr(slide_layer, "units", ())):
         kwargs["units"] = ("um", "um")
     kwargs["opacity"] = 0.7
     return data, kwargs, kind
