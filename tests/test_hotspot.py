@@ -1,25 +1,40 @@
-"""The mitosis hotspot's pruned search gives the window counting every window would."""
+"""The mitosis hotspot: the densest 10-HPF window, found from a summed-area table."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.spatial import cKDTree
 
 from napari_hemato.tasks.mitosis import _densest_window, hotspot
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_pruned_search_equals_counting_every_window(seed):
+def test_window_search_equals_counting_every_window_position(seed):
+    """Every window position on the grid counted one by one gives the same best window (the
+    first in raster order among ties), and its count is the points geometrically inside."""
     rng = np.random.default_rng(seed)
-    n = 6000  # above the brute-force cut-off: the bounds are used
-    pts = np.concatenate([rng.uniform(0, 4000, (n, 2)), rng.normal(1500, 30, (n // 10, 2))])
-    pts = np.round(pts, 0)  # points on window edges, tied counts
-    centres = pts + rng.integers(-5, 6, pts.shape)
-    for half in (20.0, 150.0):
-        counts = cKDTree(pts).query_ball_point(centres, half, p=np.inf, return_length=True)
-        assert _densest_window(pts, centres, half) == (int(np.argmax(counts)), int(counts.max()))
+    pts = np.concatenate([rng.uniform(0, 200, (300, 2)), rng.normal(120, 4, (30, 2))])
+    pts = np.round(pts, 0)  # points on bin edges, tied counts
+    side = 40.0
+    w = _densest_window(pts[:, 0], pts[:, 1], (200.0, 200.0), side)
+    starts = np.arange(0, 200 / (side / 64) - 64 + 1) * (side / 64)
+    y_in = (pts[None, :, 0] >= starts[:, None]) & (pts[None, :, 0] < starts[:, None] + side)
+    x_in = (pts[None, :, 1] >= starts[:, None]) & (pts[None, :, 1] < starts[:, None] + side)
+    counts = y_in.astype(int) @ x_in.T.astype(int)  # counts[iy, ix], every position
+    iy, ix = np.unravel_index(np.argmax(counts), counts.shape)
+    assert (w.count, w.y0, w.x0) == (counts.max(), starts[iy], starts[ix])
+    inside = y_in[iy] & x_in[ix]
+    assert set(np.flatnonzero(inside)) == set(w.members.tolist())
+
+
+def test_window_search_finds_a_planted_cluster_among_a_million_points():
+    rng = np.random.default_rng(4)
+    pts = np.concatenate([rng.uniform(0, 1e5, (1_000_000, 2)), rng.normal(70000, 800, (2000, 2))])
+    w = _densest_window(pts[:, 0], pts[:, 1], (1e5, 1e5), 6158.0)
+    assert abs(w.y0 + 3079 - 70000) < 3079 and abs(w.x0 + 3079 - 70000) < 3079
+    expected = 1_000_000 * (6158.0 / 1e5) ** 2 + 2000  # background + the cluster
+    assert 0.9 * expected < w.count < 1.1 * expected
 
 
 def test_hotspot_of_many_mitoses_is_the_densest_window():

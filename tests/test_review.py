@@ -50,6 +50,28 @@ def test_class_change_marks_corrected_and_undo_restores():
         s.set_class([1], "XX")
 
 
+def test_class_counts_follow_every_step_without_recounting():
+    """The counts kept step by step equal a recount after class changes, undo, redo, a split
+    and a delete; ``last_changed`` names the rows a row-level step changed."""
+    s = make_session()
+
+    def recount():
+        return s.table["class"].astype(str).value_counts().sort_index().astype(int)
+
+    assert s.class_counts().equals(recount())
+    s.set_class([2, 3], "MO")
+    assert s.last_changed == [2, 3] and s.class_counts().equals(recount())
+    s.set_class([2], "LY")
+    s.undo()
+    assert s.last_changed == [2] and s.class_counts().equals(recount())
+    s.redo()
+    assert s.class_counts().equals(recount()) and s.class_counts()["LY"] == 1
+    s.split(2)  # a whole-table step: counted again
+    assert s.last_changed is None and s.class_counts().equals(recount())
+    s.delete([1])
+    assert s.class_counts().equals(recount())
+
+
 def test_queue_walks_least_certain_first_and_skips_reviewed():
     s = make_session()
     assert s.build_queue(mode="uncertain") == [2, 4, 3, 1]  # margins .05, .1, .5, .85

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import QSizePolicy
 from napari_hemato._widgets.serial import SerialHandlers
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError
+from napari_hemato.io import point_lod
 from napari_hemato.io.layers import KEY
 from napari_hemato.io.viewer import (
     image_info,
@@ -58,6 +59,7 @@ class AnalyzeWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
         self._viewer = viewer
+        point_lod.install(viewer)
         self.image = create_widget(annotation=napari.layers.Image, label="image")
         self.task = ComboBox(choices=task_names(), value=DEFAULT_TASK, label="task",
                              tooltip="offered from the image: smear for a camera field "
@@ -303,7 +305,9 @@ class AnalyzeWidget(Container):
             for data, kwargs, kind in result_layer_data(result, name=name):
                 mpp0 = None if result.grid.mpp_assumed else result.grid.mpp0
                 kwargs = in_image_world(kwargs, params["layer"], mpp0)
-                layer = self._viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
+                layer = napari.layers.Layer.create(data, kwargs, kind)
+                point_lod.prepare(self._viewer, layer)  # a million points: drawn thinned
+                layer = self._viewer.add_layer(layer)
                 layer.metadata[KEY]["sidecar_name"] = layer.name
                 if layer.metadata[KEY].get("lazy"):
                     layer.editable = False  # whole-slide labels: classes are reviewed, masks read-only

@@ -28,7 +28,14 @@ from napari_hemato._widgets.review_frame import frame_object, layer_uid, show_ca
 from napari_hemato._widgets.review_layout import build_panel
 from napari_hemato.core.classes import BANK_KEYS, BANK_MODIFIERS
 from napari_hemato.core.review import ReviewSession
-from napari_hemato.io.layers import KEY, annotations_from_layer, features_of, labels_colormap
+from napari_hemato.io import point_lod
+from napari_hemato.io.layers import (
+    KEY,
+    annotations_from_layer,
+    class_colors,
+    features_of,
+    labels_colormap,
+)
 from napari_hemato.tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,7 @@ class ReviewWidget(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__()
         self.viewer = viewer
+        point_lod.install(viewer)  # big Points layers drawn with a level of detail
         self.sessions: dict = {}  # unique_id of a layer -> its session
         self.layer = None
         self.selected: int | None = None
@@ -53,6 +61,7 @@ class ReviewWidget(QWidget):
         self._highlight = None
         self._names: dict = {}  # unique_id -> sidecar name, so a removed layer still saves
         self._summary: dict = {}
+        self._synced: dict = {}  # unique_id of a layer -> the session revision its layer shows
         self._build()
         self._autosave_timer = QTimer(self)
         self._autosave_timer.setSingleShot(True)
@@ -133,6 +142,7 @@ class ReviewWidget(QWidget):
             session = ReviewSession(ann, hierarchy=task_for(ann).hierarchy(ann))
             self.sessions[uid] = session
             self._saved_revision[uid] = 0
+            self._synced[uid] = session.revision  # the layer's rows are the session's
             self._names[uid] = layer.metadata.get(KEY, {}).get("sidecar_name", layer.name)
             layer.mouse_drag_callbacks.append(self._on_click)
             if ann.kind == "instances" and ann.labels is not None:
@@ -214,22 +224,53 @@ class ReviewWidget(QWidget):
     # -- actions ----------------------------------------------------------------
     def _after_change(self) -> None:
         session, layer = self.session, self.layer
+        if not self._rows_in_place():
+            self._whole_layer()
+        self._synced[layer_uid(layer)] = session.revision
+        if self.selected is not None and self.selected in session.table.index:
+            self.select(self.selected, center=False)
+        self._update_summary()
+        self._autosave_timer.start()
+
+    def _rows_in_place(self) -> bool:
+        """Write only the rows the last revision changed into a Points layer's features and
+        colours (a class change on a million points); False when the whole layer must follow."""
+        session, layer = self.session, self.layer
+        ids = session.last_changed
+        if (ids is None or session.annotations.kind != "points"
+                or self._synced.get(layer_uid(layer)) != session.revision - 1):
+            return False
+        features = layer.features
+        rows = session.table.loc[ids]
+        if len(features) != len(session.table):
+            return False
+        pos = session.table.index.get_indexer(ids)
+        if (pos < 0).any() or not np.array_equal(features["id"].to_numpy()[pos], ids):
+            return False
+        for column in rows.columns.difference(features.columns):  # e.g. class_auto, once
+            features[column] = session.table[column].to_numpy()
+        for column in rows.columns:  # only the columns that changed (a column write costs ms)
+            values = rows[column].to_numpy()
+            if not pd.Series(values).equals(pd.Series(features[column].to_numpy()[pos])):
+                features.iloc[pos, features.columns.get_loc(column)] = values
+        colors = class_colors(rows["class"])
+        layer._face.colors[pos] = colors  # napari keeps one RGBA row per point
+        layer._border.colors[pos] = colors
+        layer.refresh(extent=False, highlight=False, thumbnail=False)
+        return True
+
+    def _whole_layer(self) -> None:
+        session, layer = self.session, self.layer
         layer.features = features_of(session.table.reset_index(drop=True))
         if session.annotations.kind == "instances":
             colormap = labels_colormap(session.table, session.class_names)
             if colormap is not None:
                 layer.colormap = colormap
         else:
-            from napari_hemato.core.class_colors import class_color_float
-
-            colors = [class_color_float(c) for c in session.table["class"].astype(str)]
-            if colors:
+            colors = class_colors(session.table["class"])
+            if len(colors):
                 layer.face_color = colors
                 layer.border_color = colors
-        if self.selected is not None and self.selected in session.table.index:
-            self.select(self.selected, center=False)
-        self._update_summary()
-        self._autosave_timer.start()
 
     def set_class(self, name: str) -> None:
         if self.session is None or self.selected is None:
@@ -374,7 +415,7 @@ class ReviewWidget(QWidget):
         summary = task.summary(session.table, area_mm2=ann.region_mm2, mpp=ann.mpp, region=ann.region)
         lines = task.summary_lines({**summary, **(extra or {})})
         if not lines:
-            counts = session.table["class"].value_counts()
+            counts = session.class_counts()
             lines = [", ".join(f"{k}: {v}" for k, v in counts.items())]
         self.summary.setText("<br>".join(lines))
         self._summary = summary

@@ -27,9 +27,9 @@ def frame_object(viewer, layer, row, *, mpp, zoom: bool, highlight=None):
 
     Returns the highlight Shapes layer (``highlight`` reused when still in the viewer).
     """
-    from napari_hemato.io.viewer import level0_to_world, review_box
+    from napari_hemato.io.viewer import level0_to_world, review_box, viewer_camera
 
-    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera = viewer_camera(viewer)
     box0 = review_box(row, mpp=mpp, context=REVIEW_CONTEXT, min_um=REVIEW_MIN_UM)
     (wy0, wx0), (wy1, wx1) = (level0_to_world(layer, *box0[:2]), level0_to_world(layer, *box0[2:]))
     camera.center = level0_to_world(layer, float(row["y"]), float(row["x"]))

@@ -329,15 +329,19 @@ def view_result(slide, result, *, run: bool = True):
     unless ``run`` is False: then the viewer is returned, for tests)."""
     import napari
 
+    from napari_hemato.io import point_lod
     from napari_hemato.io.reader import read_slide
     from napari_hemato.io.viewer import result_layer_data
 
     viewer = napari.Viewer(title=f"napari-hemato: {Path(slide).name}")
+    point_lod.install(viewer)  # a million points are drawn with a level of detail
     for data, kwargs, kind in read_slide(str(slide))[:1]:
         viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
     name = f"{Path(slide).stem} {result.spec.task}"
     for data, kwargs, kind in result_layer_data(result, name=name):
-        viewer.add_layer(napari.layers.Layer.create(data, kwargs, kind))
+        layer = napari.layers.Layer.create(data, kwargs, kind)
+        point_lod.prepare(viewer, layer)
+        viewer.add_layer(layer)
     viewer.window.add_plugin_dock_widget("napari-hemato", "Review and correct")
     if run:
         napari.run()

@@ -60,6 +60,9 @@ class ReviewSession(PointEdits):
         # the label image as of the last recorded step: painting is diffed against it
         self._shadow = None if annotations.labels is None else np.array(annotations.labels)
         self.revision = 0
+        #: ids whose rows the last revision changed (None: any row, or label pixels)
+        self.last_changed: list[int] | None = None
+        self._counts: pd.Series | None = None
         self._queue: list[int] = []
         self._cursor = -1
         self.queue_mode = "uncertain"
@@ -91,8 +94,25 @@ class ReviewSession(PointEdits):
         return AnnotationSet(a.kind, self.table.reset_index(drop=True).copy(), self.class_names,
                              a.labels, a.origin, a.mpp, a.image_path, a.image_shape, dict(a.metadata))
 
-    def _changed(self) -> None:
+    def _changed(self, ids: list[int] | None = None, before: pd.DataFrame | None = None,
+                 after: pd.DataFrame | None = None) -> None:
+        """A new revision. ``ids``: the only rows it changed (values, not which rows exist),
+        from ``before`` to ``after`` (their classes keep :meth:`class_counts` current)."""
         self.revision += 1
+        self.last_changed = None if ids is None else list(ids)
+        if ids is None or before is None or self._counts is None:
+            self._counts = None
+        else:
+            counts = self._counts.add(after["class"].astype(str).value_counts(), fill_value=0)
+            self._counts = counts.sub(before["class"].astype(str).value_counts(), fill_value=0)
+
+    def class_counts(self) -> pd.Series:
+        """Objects per class, sorted by name. Kept up to date step by step: a class change on
+        a million rows does not count them all again."""
+        if self._counts is None:
+            self._counts = self.table["class"].astype(str).value_counts()
+        counts = self._counts[self._counts > 0].astype(int)
+        return counts.sort_index()
 
     @property
     def can_undo(self) -> bool:
@@ -128,7 +148,7 @@ class ReviewSession(PointEdits):
                 return  # a sync that found nothing; a user's action is a step even when idle
             self._undo.append(Step(action, before, after, ids, pixels))
             self._redo.clear()
-            self._changed()
+            self._changed(ids if pixels is None else None, before, after)
         finally:
             self._depth -= 1
 
@@ -138,13 +158,17 @@ class ReviewSession(PointEdits):
             self.table = rows.copy()
         else:
             present = [i for i in step.ids if i in self.table.index]
+            current = self.table.loc[present].copy()
             self.table.loc[present, rows.columns] = rows.loc[present].to_numpy()
         if step.pixels is not None:
             index, old, new = step.pixels
             values = new if forward else old
             self.labels.ravel()[index] = values
             self._shadow.ravel()[index] = values
-        self._changed()
+        if step.ids is None or step.pixels is not None:
+            self._changed()
+        else:
+            self._changed(step.ids, current, self.table.loc[present])
 
     def undo(self) -> str | None:
         """Take back the last action; its name, or None when there is nothing to undo."""

@@ -42,6 +42,13 @@ def labels_colormap(table: pd.DataFrame, class_names=None) -> dict | None:
     return colors
 
 
+def class_colors(classes: pd.Series) -> np.ndarray:
+    """``(n, 4)`` RGBA per object from its class (one colour lookup per class, not per row)."""
+    codes, names = pd.factorize(classes.astype(str))
+    palette = np.array([class_color_float(c) for c in names] or np.zeros((0, 4)), float).reshape(-1, 4)
+    return palette[codes] if len(codes) else np.zeros((0, 4))
+
+
 def layer_metadata(ann: AnnotationSet, *, role: str, run_id: str | None = None) -> dict:
     return {KEY: {
         "role": role,
@@ -80,13 +87,14 @@ def annotation_layer_data(ann: AnnotationSet, *, name: str, run_id: str | None =
         return (ann.labels, kwargs, "labels")
     unit = ann.mpp if ann.mpp else 1.0
     data = ann.table[["y", "x"]].to_numpy(float) - np.asarray(ann.origin, float)
-    colors = [class_color_float(c) for c in ann.table["class"].astype(str)]
+    colors = class_colors(ann.table["class"])
     kwargs = {
         "name": name, "scale": scale, "translate": translate, "metadata": meta,
         "features": features_of(ann.table),
         "size": POINT_DIAMETER_UM / unit if ann.mpp else 24.0,
         "symbol": "ring", "border_width": 0.15, "border_width_is_relative": True,
-        "face_color": colors if colors else "magenta", "border_color": colors if colors else "magenta",
+        "face_color": colors if len(colors) else "magenta",
+        "border_color": colors if len(colors) else "magenta",
         **units,
     }
     return (data, kwargs, "points")

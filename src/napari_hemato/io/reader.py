@@ -70,12 +70,13 @@ def read_slide(path: str | Sequence[str]) -> list[LayerData]:
     >>> kwargs["scale"], kwargs["rgb"]  # doctest: +SKIP
     ((0.499, 0.499), True)
     """
+    from napari_hemato.io.point_lod import thin_on_open
     from napari_hemato.io.viewer import restore_saved_layers
 
     if isinstance(path, list | tuple):
         path = path[0]
     image = slide_to_layer_data(open_slide(path))
-    return [image, *restore_saved_layers(path, image_mpp=_image_mpp(image))]
+    return thin_on_open([image, *restore_saved_layers(path, image_mpp=_image_mpp(image))])
 
 
 def _image_mpp(layer_data: LayerData) -> float | None:
@@ -137,12 +138,13 @@ def _is_ome_zarr(path: Path) -> bool:
 
 def _sample(name: str, mpp: float | None = None) -> list[tuple]:
     """A bundled sample, with the corrections saved for it (in the user cache)."""
+    from napari_hemato.io.point_lod import thin_on_open
     from napari_hemato.io.viewer import restore_saved_layers
     from napari_hemato.samples import sample_path
 
     path = sample_path(name)
     image = slide_to_layer_data(open_slide(path, mpp=mpp))
-    return [image, *restore_saved_layers(path, image_mpp=_image_mpp(image))]
+    return thin_on_open([image, *restore_saved_layers(path, image_mpp=_image_mpp(image))])
 
 
 def sample_he_slide() -> list[tuple]:

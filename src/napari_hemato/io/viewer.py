@@ -71,10 +71,15 @@ def _to_level0_box(layer, world_corners: np.ndarray) -> tuple[int, int, int, int
     return (int(y0), int(x0), int(y1), int(x1))
 
 
+def viewer_camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` from napari 0.9, ``viewer.camera`` before)."""
+    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+
+
 def camera_world_box(viewer) -> np.ndarray:
     """World corners ``[[y0, x0], [y1, x1]]`` of what the camera shows (its centre, zoom and
     the canvas size)."""
-    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera = viewer_camera(viewer)
     canvas = np.asarray(getattr(getattr(viewer, "canvas", None), "size", None) or (600, 800),
                         float)
     cy, cx = (float(v) for v in camera.center[-2:])
