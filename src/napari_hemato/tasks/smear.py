@@ -40,21 +40,25 @@ def differential(table: pd.DataFrame, *, target: int = 100) -> dict:
     >>> differential(t)["percent"]["SNE"]
     66.7
     """
-    classes = table["class"].astype(str)
-    wbc = classes[classes.isin(CLASS_NAMES)]
-    if "cell_type" in table:  # a platelet seen by the detector is not a WBC-classifier PLT
-        wbc = wbc[table.loc[wbc.index, "cell_type"].astype(str) == "WBC"]
-    counts = {c: int((wbc == c).sum()) for c in CLASS_NAMES}
+    classes = table["class"]
+    codes, names = pd.factorize(table["cell_type"] if "cell_type" in table else classes)
+    types = dict(zip(map(str, names), np.bincount(codes[codes >= 0], minlength=len(names)),
+                     strict=True))
+    # a platelet seen by the detector is not a WBC-classifier PLT: only WBC-typed rows count
+    if "cell_type" in table:
+        wbc_code = [k for k, name in enumerate(names) if str(name) == "WBC"]
+        classes = classes[codes == wbc_code[0]] if wbc_code else classes.iloc[:0]
+    found = classes.astype(str).value_counts()
+    counts = {c: int(found.get(c, 0)) for c in CLASS_NAMES}
     total = int(sum(counts.values()))
-    cell_type = table["cell_type"].astype(str) if "cell_type" in table else classes
     return {
         "wbc_total": total,
         "target": target,
         "target_reached": total >= target,
         "counts": counts,
         "percent": {c: round(100.0 * n / total, 1) if total else 0.0 for c, n in counts.items()},
-        "rbc": int((cell_type == "RBC").sum()),
-        "platelets": int((cell_type == "Platelets").sum()),
+        "rbc": int(types.get("RBC", 0)),
+        "platelets": int(types.get("Platelets", 0)),
     }
 
 
