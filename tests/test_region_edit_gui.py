@@ -12,12 +12,14 @@ pytest.importorskip("onnx")
 pytestmark = pytest.mark.gui
 
 
+@pytest.mark.parametrize("pyramid", [False, True], ids=["one-level", "multiscale"])
 def test_edit_here_paint_delete_save_reopen(make_napari_viewer, qtbot, field,  # noqa: F811
-                                            two_class_model, monkeypatch):  # noqa: F811
+                                            two_class_model, monkeypatch, pyramid):  # noqa: F811
     import zarr
 
     from napari_hemato._widgets.analyze import AnalyzeWidget
     from napari_hemato._widgets.review import ReviewWidget
+    from napari_hemato.core import label_pyramid
     from napari_hemato.core.annotations import from_result
     from napari_hemato.core.engine import open_result
     from napari_hemato.core.sidecar import saved_sets
@@ -26,11 +28,18 @@ def test_edit_here_paint_delete_save_reopen(make_napari_viewer, qtbot, field,  #
     from .test_object_geometry import assert_table_is_the_label_image
 
     monkeypatch.setattr(glue, "MAX_EDITABLE_PIXELS", 1000)  # the 400 x 520 field stays lazy
+    if pyramid:  # levels of 520, 260, 130 and 65 px, as a whole slide's would be
+        monkeypatch.setattr(label_pyramid, "TOP_SIDE", 100)
     viewer = make_napari_viewer(show=True)
     viewer.open(field, plugin="napari-hemato")
     run_analysis(qtbot, AnalyzeWidget(viewer), task="nuclei", model=two_class_model)
     slide = viewer.layers[-1]
-    assert isinstance(slide.data, zarr.Array) and not slide.editable
+    assert not slide.editable
+    if pyramid:
+        assert slide.multiscale and len(slide.data) == 4
+        assert all(isinstance(level, zarr.Array) for level in slide.data)
+    else:
+        assert isinstance(slide.data, zarr.Array)
     review = ReviewWidget(viewer)
     review.bind_layer(slide)
     assert review.edit_here_button.isEnabled() and not review.save_window_button.isEnabled()
@@ -78,6 +87,11 @@ def test_edit_here_paint_delete_save_reopen(make_napari_viewer, qtbot, field,  #
     features = slide.features.set_index("id")
     assert features.loc[painted_over, "class"] == "B" and victim not in features.index
     assert_table_is_the_label_image(slide.features.drop(columns="index"), stored, result.grid.roi)
+    # every lower level was brought up to date over the saved box: each keeps every 2nd pixel
+    levels = label_pyramid.levels(result.store.group)
+    assert len(levels) == (4 if pyramid else 1)
+    for upper, lower in zip(levels, levels[1:], strict=False):
+        np.testing.assert_array_equal(np.asarray(lower), np.asarray(upper)[::2, ::2])
     # the slide's table is saved now; the window's own autosave is gone
     names = saved_sets(field)
     assert not any("edit" in n for n in names)

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from napari_hemato.core import label_pyramid
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import Cancelled, ModelError, StoreError, WriteError
 from napari_hemato.core.executors import distributed_batches, local_batches
@@ -116,6 +117,18 @@ class RunResult:
     def labels(self):
         """Instance labels on the work grid as a zarr array (None for point models)."""
         return self.store.labels
+
+    def label_levels(self) -> list:
+        """The labels and their lower-resolution levels (:mod:`.label_pyramid`), level 0
+        first; built here for a finished run that has none (made by an older version)."""
+        if self.store.labels is None:
+            return []
+        if self.status == "complete":
+            try:
+                label_pyramid.ensure(self.store.group)
+            except (OSError, PermissionError) as err:  # a read-only store: level 0 only
+                log.warning("%s: lower-resolution labels not built (%s)", self.store.path, err)
+        return label_pyramid.levels(self.store.group)
 
 
 def open_result(path) -> RunResult:
@@ -277,6 +290,8 @@ def iter_run(
         if cancel.cancelled or len(sink.done) < len(plan):
             raise Cancelled("run cancelled")
         n_objects = _finalize(store, plan, grid, spec, timings, skip)
+        if store.labels is not None:
+            label_pyramid.build(store.group)
         status = "complete"
     except Cancelled:
         status = "cancelled"

@@ -4,6 +4,8 @@ Layout of ``RESULT.zarr``::
 
     zarr.json            group; attrs["napari_hemato"] = run config + status
     labels/0             uint32 instance labels on the work grid, chunk = tile core
+    labels/1, 2, ...     every second pixel of the level above (core.label_pyramid), built
+                         when the run completes; updated by saved mask edits
     labels/zarr.json     OME-NGFF style multiscales (axes y, x in µm)
     tiles/000042.npz     one file per finished tile: label fragment + object rows
     tissue.npz           the run's tissue mask, if it had one (tiles off it are not read)

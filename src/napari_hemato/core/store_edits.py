@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from napari_hemato.core import label_pyramid
 from napari_hemato.core.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def _apply(store, pending: Path) -> None:
     if labels is None:
         raise StoreError(f"{store.path}: has no labels to edit")
     labels[y0:y1, x0:x1] = edit.after
+    label_pyramid.update(store.group, edit.box)
     _reseal_markers(store, edit.box)
     os.replace(pending, pending.with_name(pending.name.replace(".pending", "")))
 

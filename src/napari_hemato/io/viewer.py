@@ -168,11 +168,15 @@ def result_layer_data(result, *, name: str, roi=None) -> list[tuple]:
         kwargs["colormap"] = colormap
     if not grid.mpp_assumed:
         kwargs["units"] = ("um", "um")
-    return [(result.labels(), kwargs, "labels")]
+    levels = result.label_levels()
+    if len(levels) > 1:
+        kwargs["multiscale"] = True
+    return [(levels if len(levels) > 1 else levels[0], kwargs, "labels")]
 
 
 def preview_layer_data(info, image_layer, *, name: str) -> tuple | None:
-    """``(data, kwargs)`` of a live preview of a running instance run (None for points).
+    """``(data, kwargs)`` of a live preview of a running instance run (None for points, and
+    for a run over ``MAX_EDITABLE_PIXELS``: its levels are built when it completes).
 
     Everything comes from the run's :class:`~napari_hemato.core.engine.RunInfo`, which the
     engine hands out with its progress events: the store's own metadata is being written by
@@ -193,6 +197,8 @@ def preview_layer_data(info, image_layer, *, name: str) -> tuple | None:
     # the run's own pixel size: a smear field's may have been measured on its red cells
     kwargs = in_image_world(kwargs, image_layer, None if grid.mpp_assumed else grid.mpp0)
     data = zarr.open_array(str(Path(info.path) / "labels" / "0"), mode="r")
+    if int(np.prod(data.shape)) > MAX_EDITABLE_PIXELS:
+        return None  # one level of a whole slide: napari would read all of it per refresh
     return data, kwargs
 
 
