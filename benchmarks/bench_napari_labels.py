@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from _report import emit
+from _viewer import shown_viewer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -50,9 +51,7 @@ def main() -> None:
     args = p.parse_args()
     path = _result(args.result, args.size)
 
-    import napari
     from napari.layers import Layer
-    from qtpy.QtWidgets import QApplication
 
     from napari_hemato.core import label_pyramid
     from napari_hemato.core.engine import open_result
@@ -67,16 +66,7 @@ def main() -> None:
     out["pyramid_built_now_s"] = round(time.perf_counter() - t0, 1) if built else None
     if args.level0_only:
         result.label_levels = lambda: [result.labels()]
-    viewer = napari.Viewer(show=True)
-    app = QApplication.instance()
-
-    def draw() -> float:
-        t = time.perf_counter()
-        viewer.window._qt_viewer.canvas.native.repaint()
-        app.processEvents()
-        return time.perf_counter() - t
-
-    draw()
+    viewer, draw = shown_viewer()
     t0 = time.perf_counter()
     [(data, kwargs, kind)] = glue.result_layer_data(result, name="nuclei")
     out["layer_data_s"] = round(time.perf_counter() - t0, 2)

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 from _report import emit
+from _viewer import shown_viewer
 
 
 def _all_in_view_drawn(layer, viewer) -> bool:
@@ -67,9 +68,7 @@ def main() -> None:
     p.add_argument("--no-lod", action="store_true", help="draw every point (the baseline)")
     p.add_argument("--out")
     args = p.parse_args()
-    import napari
     from napari.layers import Layer
-    from qtpy.QtWidgets import QApplication
 
     from napari_hemato.core.annotations import AnnotationSet
     from napari_hemato.io import point_lod
@@ -85,16 +84,7 @@ def main() -> None:
         "score": rng.uniform(0.6, 1, n), "prob_normal": p_a, "prob_atypical": 1 - p_a,
         "provenance": "auto", "reviewed": False})
     ann = AnnotationSet("points", table, ["normal", "atypical"], mpp=0.25)
-    viewer = napari.Viewer(show=True)
-    app = QApplication.instance()
-
-    def draw() -> float:
-        t = time.perf_counter()
-        viewer.window._qt_viewer.canvas.native.repaint()
-        app.processEvents()
-        return time.perf_counter() - t
-
-    draw()
+    viewer, draw = shown_viewer()
     out = {"points": n, "level_of_detail": not args.no_lod}
     t0 = time.perf_counter()
     data, kwargs, kind = annotation_layer_data(ann, name="mitoses")
@@ -123,8 +113,8 @@ def main() -> None:
     out["zoomed_pan_redraw_s_max"] = round(max(zoomed), 3)
     out["zoomed_points_drawn"] = int(layer.shown.sum())
     out["zoomed_all_in_view_drawn"] = _all_in_view_drawn(layer, viewer)
-    if not args.no_lod:
-        out["plans_made"] = point_lod.lod_of(layer).n_plans
+    lod = point_lod.lod_of(layer)  # None when every point fits the draw budget
+    out["plans_made"] = lod.n_plans if lod is not None else 0
     out.update(_review_steps(viewer, layer, draw))
     viewer.close()
     emit(out, args.out)
