@@ -46,14 +46,18 @@ def bccd_val_accuracy(clf, cells) -> dict:
 
 
 def write_corrections(cells, idx, folder: Path) -> Path:
-    """The cells ``idx`` as a crops export: square crops (2 x diameter) + manifest.csv."""
+    """The cells ``idx`` as the Review dock exports them: square crops of
+    ``CORRECTION_CONTEXT`` x diameter (red cells around for a red-cell-scale model's
+    ruler) + manifest.csv."""
+    from napari_hemato.tasks.smear import CORRECTION_CONTEXT
+
     rows = []
     for i in idx:
         field = cells.fields[str(cells.table["image"].iloc[i])]
         cy, cx = cells.centres[i]
         d = float(cells.diameters[i])
-        half = int(round(d))
-        pad = np.pad(field, ((half, half), (half, half), (0, 0)), mode="symmetric")
+        half = int(round(d * CORRECTION_CONTEXT / 2))
+        pad = np.pad(field, ((half, half), (half, half), (0, 0)), mode="constant", constant_values=255)
         y, x = int(round(cy)) + half, int(round(cx)) + half
         crop = pad[y - half : y + half, x - half : x + half]
         name = f"{cells.groups[i]}/cell_{i}.png"

@@ -37,6 +37,9 @@ def register(sub) -> None:
                    help="single-cell images (one WBC near the centre, any size) or folders of them")
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
     p.add_argument("--model", type=Path, help="classifier folder (default: bundled wbc model)")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="µm per pixel of the images, when known (a red-cell-scale model then cuts its "
+                        "physical window without reading the red cells around each cell)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_classify)
 
@@ -139,6 +142,8 @@ def cmd_classify(args) -> int:
 
     if args.out.exists() and not args.overwrite:
         raise HematoError(f"{args.out}: already exists (pass --overwrite)")
+    if args.mpp is not None and not (0 < args.mpp < 100):
+        raise HematoError(f"--mpp {args.mpp}: a pixel size is a positive number of µm per pixel")
     images = _cell_images(args.images)
     if not images:
         raise HematoError("no cell images given")
@@ -156,7 +161,7 @@ def cmd_classify(args) -> int:
                 errors += 1
                 bar.write(f"napari-hemato: skipped {err}")
         if crops:
-            probs, _ = classifier.classify_crops(crops)
+            probs, _ = classifier.classify_crops(crops, mpp=args.mpp)
             for path, p in zip(chunk, probs, strict=True):
                 k = int(np.argmax(p))
                 rows.append([str(path), names[k], f"{p[k]:.4f}", *(f"{v:.4f}" for v in p)])

@@ -1,8 +1,9 @@
 """Second stage of the smear task: classify every white cell the detector found.
 
 The smear model gives each cell a type (RBC, WBC, Platelets). Each WBC is then
-cropped around its centroid, normalised by its own segmented size, and
-classified into the 11 PBC classes. The table keeps the detector's call in
+cropped around its centroid, normalised as the classifier's spec says (by its own
+segmented size, or at the field's pixel size for ``preprocess["scale"] == "red-cell"``
+models: :func:`window_context`), and classified into the 11 PBC classes. The table keeps the detector's call in
 ``cell_type`` (with ``prob_RBC``, ``prob_WBC``, ``prob_Platelets``); for WBCs,
 ``class`` becomes the subtype, ``confidence`` its probability, and
 ``prob_SNE`` … ``prob_PLT`` hold the full vector (empty for other cells).
@@ -37,9 +38,53 @@ def cell_crop(slide, y: float, x: float, area_px: float, context: float) -> tupl
     return to_rgb8(crop), diameter
 
 
-def _crops(slide, rows: pd.DataFrame, context: float) -> Iterator[tuple[np.ndarray, float]]:
+#: crop side / diameter read around a cell for the classifier's red-cell ruler (pixel size unknown)
+RULER_CONTEXT = 6.0
+
+
+def window_context(preprocess: dict, area_px: float, mpp: float | None) -> float:
+    """Crop side / cell diameter a classifier of ``preprocess`` needs around a cell.
+
+    Self-scale models: ``context``. Red-cell-scale models: the physical window
+    (``window_um / mpp``) when the pixel size is known, else a neighbourhood of
+    :data:`RULER_CONTEXT` diameters for the red-cell ruler.
+
+    Examples
+    --------
+    >>> window_context({"context": 1.5}, 5000.0, 0.1)
+    1.5
+    >>> round(window_context({"context": 1.8, "scale": "red-cell", "window_um": 25.0}, math.pi * 50**2, 0.1), 2)
+    2.5
+    """
+    context = float(preprocess.get("context", 1.5))
+    if preprocess.get("scale", "self") == "self":
+        return context
+    if not mpp:
+        return max(context, RULER_CONTEXT)
+    diameter = 2.0 * math.sqrt(max(float(area_px), 1.0) / math.pi)
+    return max(context, float(preprocess["window_um"]) / float(mpp) / diameter)
+
+
+def stated_mpp(slide) -> float | None:
+    """The slide's µm/px when the file or the user states it; None when it was estimated.
+
+    A smear field's pixel size measured by the smear model's red cells
+    (``mpp_source == "red-cells"``, :mod:`napari_hemato.core.smear_scale`) follows that
+    model's own reference red cell; on BCCD it reads ~0.84x the WBC classifier's red-cell
+    ruler (23 fields), so red-cell-scale classifiers measure such fields with their own
+    ruler, the one they were trained with.
+    """
+    mpp = getattr(slide, "mpp", None)
+    if not mpp or getattr(slide, "mpp_source", None) == "red-cells":
+        return None
+    return float(mpp)
+
+
+def _crops(slide, rows: pd.DataFrame, context: float, preprocess=None) -> Iterator[tuple[np.ndarray, float]]:
+    mpp = stated_mpp(slide)
     for y, x, area in rows[["y", "x", "area_px"]].itertuples(index=False):
-        yield cell_crop(slide, y, x, area, context)
+        ctx = context if preprocess is None else window_context(preprocess, area, mpp)
+        yield cell_crop(slide, y, x, area, ctx)
 
 
 def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 64) -> pd.DataFrame:
@@ -54,7 +99,9 @@ def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 6
     classifier
         Anything with ``spec.class_names``, ``spec.preprocess`` and
         ``classify_crops(crops, diameters) -> (probs, cams)`` (see
-        :class:`napari_hemato.models.cell_classifier.CellClassifier`).
+        :class:`napari_hemato.models.cell_classifier.CellClassifier`); a red-cell-scale
+        classifier also gets the slide's stated pixel size (:func:`stated_mpp`; None: its
+        red-cell ruler reads each cell's neighbourhood).
     """
     out = table.copy()
     names = list(classifier.spec.class_names)
@@ -65,12 +112,14 @@ def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 6
     wbc = out.index[out["cell_type"] == WBC]
     if len(wbc) == 0:
         return out
-    context = float(classifier.spec.preprocess.get("context", 1.5))
+    preprocess = dict(classifier.spec.preprocess)
+    context = float(preprocess.get("context", 1.5))
+    kwargs = {} if preprocess.get("scale", "self") == "self" else {"mpp": stated_mpp(slide)}
     probs = []
     rows = out.loc[wbc]
     for start in range(0, len(rows), batch_size):
-        chunk = list(_crops(slide, rows.iloc[start : start + batch_size], context))
-        p, _ = classifier.classify_crops([c for c, _ in chunk], [d for _, d in chunk])
+        chunk = list(_crops(slide, rows.iloc[start : start + batch_size], context, preprocess))
+        p, _ = classifier.classify_crops([c for c, _ in chunk], [d for _, d in chunk], **kwargs)
         probs.append(np.asarray(p, np.float64))
     probs = np.concatenate(probs)
     best = probs.argmax(axis=1)

@@ -39,6 +39,12 @@ from napari_hemato.models.cell_windows import (  # noqa: F401 - the classifier's
     segment_center_cell,
 )
 from napari_hemato.models.colour_standardize import COLOUR_MODES, apply_colour_mode
+from napari_hemato.models.window_scale import (
+    NEIGHBOURHOOD,
+    WHOLE_FIELD_PX,
+    WindowScale,
+    field_mpp_for_cells,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +91,19 @@ class CellClassifier:
             raise ModelError(f"{folder}: classifier spec needs 'input_size'")
         self.size = int(self.spec.input_size)
         self.context = float(self.spec.preprocess.get("context", DEFAULT_CONTEXT))
+        try:
+            #: window-size policy (``preprocess["scale"]``); ``.sources`` counts where sides came from
+            self.scale = WindowScale.from_preprocess(self.spec.preprocess, default_context=DEFAULT_CONTEXT)
+        except ValueError as exc:
+            raise ModelError(f"{folder}: {exc}") from exc
         self.colour = self.spec.preprocess.get("colour", "none")
         if self.colour not in COLOUR_MODES:
             raise ModelError(f"{folder}: unknown preprocess colour mode {self.colour!r} "
                              f"(known: {', '.join(COLOUR_MODES)})")
 
     def __repr__(self) -> str:
-        return f"CellClassifier({self.spec.name!r} {self.spec.version}, {self.size}px, context {self.context})"
+        return (f"CellClassifier({self.spec.name!r} {self.spec.version}, {self.size}px, "
+                f"scale {self.scale.mode}, context {self.context})")
 
     @property
     def has_embedding(self) -> bool:
@@ -99,7 +111,7 @@ class CellClassifier:
         return "embedding" in self.spec.outputs
 
     def _classify(self, items, batch_size: int, *, embeddings: bool = False):
-        """``items``: iterable of (image, centre, diameter, out_shape, offset) -> probs, cams
+        """``items``: iterable of (image, centre, side, out_shape, offset) -> probs, cams
         (and, with ``embeddings``, the (n, D) pooled features instead of the CAMs)."""
         items = list(items)
         n_cls = len(self.spec.class_names)
@@ -111,8 +123,8 @@ class CellClassifier:
         for start in range(0, len(items), max(1, int(batch_size))):
             chunk = items[start : start + batch_size]
             xs, wins = [], []
-            for image, center, diameter, _shape, _offset in chunk:
-                x, win = normalize_cell(image, center, diameter, context=self.context, size=self.size)
+            for image, center, side, _shape, _offset in chunk:
+                x, win = normalize_cell(image, center, side, context=1.0, size=self.size, side_px=side)
                 xs.append(x)
                 wins.append(win)
             out = self._predictor.predict(apply_colour_mode(np.stack(xs), self.colour))
@@ -130,7 +142,7 @@ class CellClassifier:
                 cams_all.append(cam_to_crop(cam[i, int(probs[i].argmax())], win, shape))
         return np.concatenate(probs_all), (np.concatenate(emb_all) if embeddings else cams_all)
 
-    def _crop_items(self, crops, diameters_px) -> list:
+    def _crop_items(self, crops, diameters_px, mpp=None) -> list:
         crops = [as_rgb8(c) for c in crops]
         if diameters_px is None:
             diameters_px = [None] * len(crops)
@@ -143,16 +155,18 @@ class CellClassifier:
             for i, d in zip(todo, pool.map(estimate_cell_diameter, [crops[i] for i in todo]),
                             strict=True):
                 diameters[i] = d
-        return [(crop, ((crop.shape[0] - 1) / 2, (crop.shape[1] - 1) / 2), d, crop.shape[:2], (0, 0))
-                for crop, d in zip(crops, diameters, strict=True)]
+        sides = self.scale.sides(list(zip(crops, diameters, strict=True)), mpp=mpp)
+        return [(crop, ((crop.shape[0] - 1) / 2, (crop.shape[1] - 1) / 2), s, crop.shape[:2], (0, 0))
+                for crop, s in zip(crops, sides, strict=True)]
 
     def embed_crops(self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *,
-                    batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                    mpp=None, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """``(probs, embeddings)`` of single-cell crops, preprocessed as :meth:`classify_crops`."""
-        return self._classify(self._crop_items(crops, diameters_px), batch_size, embeddings=True)
+        return self._classify(self._crop_items(crops, diameters_px, mpp), batch_size, embeddings=True)
 
     def classify_crops(
-        self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *, batch_size: int = 64
+        self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *, mpp=None,
+        batch_size: int = 64,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Classify single-cell crops (one cell at the centre of each).
 
@@ -163,6 +177,10 @@ class CellClassifier:
         diameters_px : list of float, optional
             The cell's diameter in each crop; None (or a None entry) estimates
             it with :func:`estimate_cell_diameter`.
+        mpp : float or list of float, optional
+            µm/px of the crops (one for all or one each), used by red-cell-scale
+            models (``spec.preprocess["scale"] == "red-cell"``); unknown: the
+            red-cell ruler measures each crop. Ignored by self-scale models.
         batch_size : int
             Cells per onnxruntime call.
 
@@ -177,15 +195,17 @@ class CellClassifier:
         --------
         >>> probs, cams = CellClassifier().classify_crops([crop], [80.0])  # doctest: +SKIP
         """
-        return self._classify(self._crop_items(crops, diameters_px), batch_size)
+        return self._classify(self._crop_items(crops, diameters_px, mpp), batch_size)
 
     def classify_in_image(
-        self, image: np.ndarray, centers_yx: np.ndarray, diameters_px: np.ndarray, *, batch_size: int = 64
+        self, image: np.ndarray, centers_yx: np.ndarray, diameters_px: np.ndarray, *, mpp: float | None = None,
+        batch_size: int = 64,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Classify cells lying inside a larger image (smear field, slide region).
 
-        Each cell's window (side ``diameter * context``, mirrored where it
-        leaves the image) is cut around its centre, resized and classified.
+        Each cell's window (side ``diameter * context``, or ``window_um / mpp``
+        for red-cell-scale models; mirrored where it leaves the image) is cut
+        around its centre, resized and classified.
 
         Parameters
         ----------
@@ -194,6 +214,10 @@ class CellClassifier:
             Cell centres (row, column) in pixels of ``image``.
         diameters_px : (n,) array
             Cell diameters in pixels of ``image``.
+        mpp : float, optional
+            µm/px of ``image`` (red-cell-scale models; the smear pipeline passes
+            the field's). Unknown: the red-cell ruler measures the field once
+            (up to ~1.3 MP) or each cell's neighbourhood (larger images).
         batch_size : int
             Cells per onnxruntime call.
 
@@ -207,15 +231,15 @@ class CellClassifier:
         --------
         >>> probs, cams = clf.classify_in_image(field, [[240, 320]], [180.0])  # doctest: +SKIP
         """
-        return self._classify(self._image_items(image, centers_yx, diameters_px), batch_size)
+        return self._classify(self._image_items(image, centers_yx, diameters_px, mpp), batch_size)
 
-    def embed_in_image(self, image: np.ndarray, centers_yx, diameters_px, *,
+    def embed_in_image(self, image: np.ndarray, centers_yx, diameters_px, *, mpp: float | None = None,
                        batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """``(probs, embeddings)`` of cells in a larger image, as :meth:`classify_in_image`."""
-        return self._classify(self._image_items(image, centers_yx, diameters_px), batch_size,
+        return self._classify(self._image_items(image, centers_yx, diameters_px, mpp), batch_size,
                               embeddings=True)
 
-    def _image_items(self, image, centers_yx, diameters_px) -> list:
+    def _image_items(self, image, centers_yx, diameters_px, mpp=None) -> list:
         image = as_rgb8(image)
         centers = np.asarray(centers_yx, float).reshape(-1, 2)
         diameters = np.asarray(diameters_px, float).reshape(-1)
@@ -223,8 +247,29 @@ class CellClassifier:
             raise ValueError(f"{len(centers)} centres but {len(diameters)} diameters")
         if (~np.isfinite(diameters) | (diameters <= 0)).any():
             raise ValueError("diameters_px must be positive and finite")
+        sides = image_sides(self.scale, image, centers, diameters, mpp)
         items = []
-        for c, d in zip(centers, diameters, strict=True):
-            y0, x0, side = cell_window(c, d, self.context)
-            items.append((image, c, d, (side, side), (y0, x0)))
+        for c, side in zip(centers, sides, strict=True):
+            y0, x0, side_i = cell_window(c, side, 1.0)
+            items.append((image, c, side, (side_i, side_i), (y0, x0)))
         return items
+
+
+def image_sides(scale: WindowScale, image: np.ndarray, centers, diameters, mpp=None) -> np.ndarray:
+    """Window sides (px) of cells inside a field, by ``scale``'s policy.
+
+    Red-cell scale without ``mpp``: one ruler reading of the whole field (its
+    white cells left out) when it is at most ``WHOLE_FIELD_PX``, else of each
+    cell's neighbourhood (``NEIGHBOURHOOD`` x its diameter).
+    """
+    if scale.mode == "self" or (mpp is not None and np.isfinite(mpp) and mpp > 0) or not len(centers):
+        return scale.sides([(None, d) for d in diameters], mpp=mpp)
+    if image.shape[0] * image.shape[1] <= WHOLE_FIELD_PX:
+        m = field_mpp_for_cells(scale, image, centers, diameters)
+        if m is not None:
+            return scale.sides([(None, d) for d in diameters], mpp=m, source="red-cell")
+    cells = []
+    for c, d in zip(centers, diameters, strict=True):
+        y0, x0, side = cell_window(c, d, NEIGHBOURHOOD)
+        cells.append((extract_window(image, y0, x0, side), d))
+    return scale.sides(cells)

@@ -171,18 +171,22 @@ def estimate_cell_diameter(image: np.ndarray) -> float:
 
 
 # -- size normalisation --------------------------------------------------------
-def cell_window(center_yx, diameter_px: float, context: float = DEFAULT_CONTEXT) -> tuple[int, int, int]:
+def cell_window(center_yx, diameter_px: float, context: float = DEFAULT_CONTEXT, *,
+                side_px: float | None = None) -> tuple[int, int, int]:
     """Integer square window ``(y0, x0, side)`` of side ``diameter * context`` around a centre.
 
     ``center_yx`` is in pixel-index coordinates (the centre of an
-    ``h x w`` crop is ``((h - 1) / 2, (w - 1) / 2)``).
+    ``h x w`` crop is ``((h - 1) / 2, (w - 1) / 2)``). A given ``side_px``
+    (a physical window, :mod:`napari_hemato.models.window_scale`) replaces
+    ``diameter * context``.
 
     Examples
     --------
     >>> cell_window((89.5, 90.5), 80.0, 1.5)
     (30, 31, 120)
     """
-    side = max(4, int(round(float(diameter_px) * float(context))))
+    side = float(diameter_px) * float(context) if side_px is None else float(side_px)
+    side = max(4, int(round(side)))
     y0 = int(round(float(center_yx[0]) - (side - 1) / 2))
     x0 = int(round(float(center_yx[1]) - (side - 1) / 2))
     return y0, x0, side
@@ -215,7 +219,8 @@ def extract_window(image: np.ndarray, y0: int, x0: int, side: int) -> np.ndarray
 
 
 def normalize_cell(
-    image: np.ndarray, center_yx, diameter_px: float, *, context: float = DEFAULT_CONTEXT, size: int = 128
+    image: np.ndarray, center_yx, diameter_px: float, *, context: float = DEFAULT_CONTEXT, size: int = 128,
+    side_px: float | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Size-normalised input for the classifier: window around the cell resized to ``size``.
 
@@ -231,6 +236,8 @@ def normalize_cell(
         Window side / cell diameter.
     size : int
         Output side (the model's ``input_size``).
+    side_px : float, optional
+        Window side in px; replaces ``diameter_px * context`` (red-cell scale).
 
     Returns
     -------
@@ -244,7 +251,7 @@ def normalize_cell(
     >>> x.shape, win
     ((64, 64, 3), (30, 31, 120))
     """
-    y0, x0, side = cell_window(center_yx, diameter_px, context)
+    y0, x0, side = cell_window(center_yx, diameter_px, context, side_px=side_px)
     win = extract_window(image, y0, x0, side)
     return _resize(win, (size, size)), (y0, x0, side)
 

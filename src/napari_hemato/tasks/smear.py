@@ -116,6 +116,10 @@ def add_wbc_subtypes(result, slide, classifier) -> None:
     )
 
 
+#: crop side / white-cell size of the corrections exported for ``finetune wbc``
+CORRECTION_CONTEXT = 4.0
+
+
 class SmearTask(Task):
     name = "smear"
     title = "Blood smear cells (RBC / WBC / platelets) and the WBC differential"
@@ -124,10 +128,14 @@ class SmearTask(Task):
     tissue_default = "none"  # a smear field is all specimen: the whole field counts
 
     def export_corrections(self, annotations, folder):
-        """The crops export (``manifest.csv``): ``finetune wbc`` keeps the reviewed white cells."""
+        """The crops export (``manifest.csv``): ``finetune wbc`` keeps the reviewed white cells.
+
+        Crops span :data:`CORRECTION_CONTEXT` cell diameters: enough red cells around each
+        white cell for a red-cell-scale classifier's ruler to read the pixel size at
+        fine-tuning (a self-scale one cuts its window from the centre either way)."""
         from napari_hemato.core.export.crops import export_crops
 
-        return export_crops(annotations, folder, overwrite=True)
+        return export_crops(annotations, folder, context=CORRECTION_CONTEXT, overwrite=True)
 
     def suits(self, info) -> bool:
         """A smear field: a single-level colour camera image (JPEG, PNG, BMP) stating no pixel
@@ -192,16 +200,19 @@ class SmearTask(Task):
     def cam(self, annotations, row, *, model_dir: str | None = None):
         """``(crop, cam)`` for the white cell in ``row``: the crop the classifier saw and
         its class activation map in [0, 1] (bundled WBC model unless ``model_dir``)."""
-        from napari_hemato.core.cells import cell_crop
+        from napari_hemato.core.cells import cell_crop, stated_mpp, window_context
         from napari_hemato.core.slide import open_slide
 
         if not annotations.image_path:
             raise ValueError("the annotation set does not say which image it came from")
         classifier = _cam_classifier(model_dir)
-        context = float(classifier.spec.preprocess.get("context", 1.5))
+        preprocess = dict(classifier.spec.preprocess)
         with open_slide(annotations.image_path, mpp=annotations.mpp) as slide:
+            mpp = stated_mpp(slide)
+            context = window_context(preprocess, row["area_px"], mpp)
+            kwargs = {} if preprocess.get("scale", "self") == "self" else {"mpp": mpp}
             crop, diameter = cell_crop(slide, row["y"], row["x"], row["area_px"], context)
-        _, cams = classifier.classify_crops([crop], [diameter])
+        _, cams = classifier.classify_crops([crop], [diameter], **kwargs)
         cam = np.asarray(cams[0], np.float32)
         if cam.shape != crop.shape[:2]:
             from skimage.transform import resize

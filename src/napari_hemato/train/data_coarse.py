@@ -80,6 +80,9 @@ class FieldCells:
         Folder of the field images.
     split : str, optional
         Keep only rows of this split.
+    scale : WindowScale, optional
+        Red-cell scale: each field is measured once by the red-cell ruler (as
+        ``classify_in_image`` does without ``mpp``) and windows are physical.
 
     Examples
     --------
@@ -88,7 +91,8 @@ class FieldCells:
     (128, 128, 3)
     """
 
-    def __init__(self, csv: str | Path, image_dir: str | Path, *, split: str | None = None) -> None:
+    def __init__(self, csv: str | Path, image_dir: str | Path, *, split: str | None = None,
+                 scale=None) -> None:
         self.table = read_coarse_table(csv, split=split)
         image_dir = Path(image_dir)
         self.fields: dict[str, np.ndarray] = {}
@@ -103,6 +107,15 @@ class FieldCells:
         self.diameters = ((b[:, 2] - b[:, 0]) + (b[:, 3] - b[:, 1])) / 2
         self.groups = self.table["group"].astype(str).to_numpy()
         self.masks = group_mask(self.groups)
+        self.sides = None  # red-cell scale: window side (px) of each cell
+        if scale is not None and scale.mode != "self":
+            from napari_hemato.models.cell_classifier import image_sides
+
+            self.sides = np.zeros(len(self))
+            for name, rows in self.table.groupby("image", sort=True):
+                idx = rows.index.to_numpy()
+                self.sides[idx] = image_sides(scale, self.fields[str(name)], self.centres[idx],
+                                              self.diameters[idx])
         log.info("%s: %d coarse-labelled cells in %d images (%s)", Path(csv).name, len(self),
                  len(self.fields), self.table["group"].value_counts().to_dict())
 
@@ -114,11 +127,14 @@ class FieldCells:
 
     def runtime_input(self, i: int, *, size: int, context: float) -> np.ndarray:
         """The window the runtime classifies for cell ``i`` (as ``classify_in_image``)."""
+        side = None if self.sides is None else self.sides[i]
         return normalize_cell(self._field(i), self.centres[i], self.diameters[i], context=context,
-                              size=size)[0]
+                              size=size, side_px=side)[0]
 
     def sample(self, i: int, rng: np.random.Generator, *, size: int, context: float, **kwargs) -> np.ndarray:
         """An augmented window of cell ``i`` (see :func:`augmented_window`)."""
+        if self.sides is not None:
+            kwargs = {"side_px": self.sides[i], "context_jitter": 1.18, **kwargs}
         return augmented_window(self._field(i), self.centres[i], self.diameters[i], rng,
                                 size=size, context=context, **kwargs)
 
@@ -153,11 +169,11 @@ class CoarseCells(NamedTuple):
 
 
 def load_coarse(labels: str | Path, images: str | Path | None, *, size: int, context: float,
-                colour: str) -> CoarseCells:
-    """The train and val cells of a coarse-label CSV, for training."""
+                colour: str, scale=None) -> CoarseCells:
+    """The train and val cells of a coarse-label CSV, for training (``scale``: see :class:`FieldCells`)."""
     if images is None:
         raise ValueError("coarse_labels needs coarse_images (the folder of its field images)")
-    train = FieldCells(labels, images, split="train")
-    val = FieldCells(labels, images, split="val")
+    train = FieldCells(labels, images, split="train", scale=scale)
+    val = FieldCells(labels, images, split="val", scale=scale)
     return CoarseCells(train, val, group_balanced_weights(train.groups),
                        runtime_inputs(val, size=size, context=context, colour=colour))

@@ -169,6 +169,9 @@ class CellImages:
         self.diameter, self.cy, self.cx = geo[:, 0].astype(float), geo[:, 1].astype(float), geo[:, 2].astype(float)
         self.segmented = geo[:, 3].astype(bool)
         self.labels = self.df["label"].to_numpy(int)
+        self.runtime_side: np.ndarray | None = None  # red-cell scale: windows (px), set_scale
+        self.train_side: np.ndarray | None = None
+        self.side_jitter = 1.18
         if (~self.segmented).any():
             log.info("%d of %d images: no cell segmented, fallback diameter used",
                      int((~self.segmented).sum()), len(self.df))
@@ -176,11 +179,31 @@ class CellImages:
     def __len__(self) -> int:
         return len(self.images)
 
+    def set_scale(self, scale, *, cache: str | Path | None = None, train_mpp: float | None = None) -> None:
+        """Physical windows (red-cell scale, :class:`~napari_hemato.models.window_scale.WindowScale`).
+
+        ``runtime_side``: what the runtime cuts for each image (the red-cell
+        ruler on the crop, the cell's own size where it fails); ``train_side``:
+        ``window_um / train_mpp`` for every image (one scanner: the training
+        images' pooled pixel size), or the runtime sides when ``train_mpp`` is None.
+        The ruler's readings are cached in ``cache`` (CSV by path).
+        """
+        if scale.mode == "self":
+            self.runtime_side = self.train_side = None
+            return
+        self.ruler_mpp = ruler_readings(self.images, self.df["path"], self.diameter, scale, cache=cache)
+        self.runtime_side = np.array([scale.side_from_mpp(m) if np.isfinite(m) else d * scale.context
+                                      for m, d in zip(self.ruler_mpp, self.diameter, strict=True)])
+        self.train_side = (self.runtime_side if train_mpp is None
+                           else np.full(len(self), scale.side_from_mpp(train_mpp)))
+
     def runtime_input(self, i: int, *, size: int, context: float) -> np.ndarray:
         """The exact input the runtime builds for image ``i`` (crop centre, estimated diameter)."""
         img = self.images[i]
         h, w = img.shape[:2]
-        return normalize_cell(img, ((h - 1) / 2, (w - 1) / 2), self.diameter[i], context=context, size=size)[0]
+        side = None if self.runtime_side is None else self.runtime_side[i]
+        return normalize_cell(img, ((h - 1) / 2, (w - 1) / 2), self.diameter[i], context=context, size=size,
+                              side_px=side)[0]
 
     def sample(self, i: int, rng: np.random.Generator, *, size: int, context: float, **kwargs) -> np.ndarray:
         """A geometrically augmented, size-normalised (size, size, 3) uint8 crop of image ``i``.
@@ -194,8 +217,35 @@ class CellImages:
             cy, cx = self.cy[i], self.cx[i]
         else:
             cy, cx = (h - 1) / 2, (w - 1) / 2
+        if self.train_side is not None:
+            kwargs = {"side_px": self.train_side[i], "context_jitter": self.side_jitter, **kwargs}
         return augmented_window(img, (cy, cx), self.diameter[i], rng, size=size, context=context,
                                 **kwargs)
+
+
+def ruler_readings(images, paths, diameters, scale, *, cache=None) -> np.ndarray:
+    """µm/px of each single-cell image by the red-cell ruler (nan where it fails), cached by path."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = list(paths)
+    if cache is not None and Path(cache).is_file():
+        old = pd.read_csv(cache).set_index("path")
+        if set(paths) <= set(old.index) and float(old["rbc_um"].iloc[0]) == scale.rbc_um:
+            return old.loc[paths, "mpp"].to_numpy(float)
+
+    def one(k):
+        img = images[k]
+        h, w = img.shape[:2]
+        m = scale.ruler_mpp(img, [((h - 1) / 2, (w - 1) / 2, float(diameters[k]))], cell_px=float(diameters[k]))
+        return np.nan if m is None else m
+
+    with ThreadPoolExecutor(2) as pool:
+        mpp = np.array(list(pool.map(one, range(len(images)))), float)
+    log.info("red-cell ruler: %d of %d images measured, median %.4f µm/px", int(np.isfinite(mpp).sum()),
+             len(mpp), float(np.nanmedian(mpp)) if np.isfinite(mpp).any() else float("nan"))
+    if cache is not None:
+        pd.DataFrame({"path": paths, "mpp": mpp, "rbc_um": scale.rbc_um}).to_csv(cache, index=False)
+    return mpp
 
 
 def augmented_window(
@@ -209,13 +259,15 @@ def augmented_window(
     context_jitter: float = 1.25,
     shift: float = 0.06,
     p_lowres: float = 0.2,
+    side_px: float | None = None,
 ) -> np.ndarray:
     """A size-normalised window around a cell with geometric augmentation.
 
     Context factor times ``exp(U(-ln j, ln j))`` (``j = context_jitter``),
     centre plus a gaussian shift of ``shift`` x window side, rot90 / flip, and
     with probability ``p_lowres`` a down-up resampling (0.45-0.9x) that mimics
-    lower-resolution sources.
+    lower-resolution sources. A given ``side_px`` (red-cell scale) replaces
+    ``diameter * context`` and takes the same jitter.
 
     Examples
     --------
@@ -226,10 +278,11 @@ def augmented_window(
     from PIL import Image
 
     ctx = context * math.exp(rng.uniform(-math.log(context_jitter), math.log(context_jitter)))
-    side = diameter * ctx
+    side = diameter * ctx if side_px is None else side_px * ctx / context
     dy, dx = np.clip(rng.normal(0, shift * side, 2), -2.5 * shift * side, 2.5 * shift * side)
     cy, cx = center_yx
-    x, _ = normalize_cell(image, (cy + dy, cx + dx), diameter, context=ctx, size=size)
+    x, _ = normalize_cell(image, (cy + dy, cx + dx), diameter, context=ctx, size=size,
+                          side_px=None if side_px is None else side)
     x = np.rot90(x, int(rng.integers(4)))
     if rng.random() < 0.5:
         x = x[:, ::-1]
@@ -257,9 +310,16 @@ def balanced_weights(labels: np.ndarray, power: float = 0.5) -> np.ndarray:
     return w / w.sum()
 
 
-def load_split(data_dir: Path, out_dir: Path, *, val_fraction: float, seed: int):
+def load_split(data_dir: Path, out_dir: Path, *, val_fraction: float, seed: int, scale=None):
     """``(train_df, val_df, rule, train, val)``: the split and its :class:`CellImages` (val: None
-    when empty); the cell geometry is cached in ``out_dir/geometry_{train,val}.csv``."""
+    when empty); the cell geometry is cached in ``out_dir/geometry_{train,val}.csv``.
+
+    With a red-cell ``scale`` (:class:`~napari_hemato.models.window_scale.WindowScale`) the
+    ruler reads every image (cached in ``out_dir/ruler_{train,val}.csv``); training windows use
+    the median training reading (``train.pooled_mpp``), validation windows the runtime's;
+    ``scale.context`` (the runtime's fallback when the ruler fails) becomes ``window_um`` / the
+    training cells' median diameter in µm.
+    """
     import time
 
     df, rule = assign_split(list_samples(data_dir), val_fraction=val_fraction, seed=seed)
@@ -272,6 +332,21 @@ def load_split(data_dir: Path, out_dir: Path, *, val_fraction: float, seed: int)
     train = CellImages(tr_df, data_dir, cache=out_dir / "geometry_train.csv")
     val = CellImages(va_df, data_dir, cache=out_dir / "geometry_val.csv") if len(va_df) else None
     log.info("loaded images and cell geometry in %.0f s", time.perf_counter() - t0)
+    train.pooled_mpp = None
+    if scale is not None and scale.mode != "self":
+        readings = ruler_readings(train.images, tr_df["path"], train.diameter, scale,
+                                  cache=out_dir / "ruler_train.csv")
+        if not np.isfinite(readings).any():
+            raise ValueError(f"{data_dir}: the red-cell ruler measured no training image")
+        train.pooled_mpp = float(np.nanmedian(readings))
+        cell_um = float(np.median(train.diameter[train.segmented])) * train.pooled_mpp
+        scale.context = round(float(scale.window_um) / cell_um, 3)  # the fallback: same mean zoom
+        train.set_scale(scale, cache=out_dir / "ruler_train.csv", train_mpp=train.pooled_mpp)
+        if val is not None:
+            val.set_scale(scale, cache=out_dir / "ruler_val.csv")
+        log.info("red-cell scale: training windows at %.4f µm/px (median ruler), %.0f px; %.1f %% of "
+                 "training images not measured", train.pooled_mpp, train.train_side[0],
+                 100 * float((~np.isfinite(readings)).mean()))
     return tr_df, va_df, rule, train, val
 
 

@@ -206,15 +206,20 @@ def evaluate_wbc(model_dir=None, data_dir="../shared/data", *, bccd_dir=None, th
                  "note": "disc of the estimated diameter around the crop centre; PBC images are 180x182 "
                          "and cells ~60-80 px, so the disc is ~15 % of the image"}
 
+    sources_x1 = dict(clf.scale.sources)
     scale_rows = {"1.0": {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
-                          "group8_accuracy": grouped["accuracy"]}}
+                          "balanced_accuracy": report["balanced_accuracy"],
+                          "group8_accuracy": grouped["accuracy"], "window_sources": sources_x1}}
     pred1 = probs.argmax(1)
     for s in scales:
         scaled = [_rescale(im, s) for im in images]
+        clf.scale.sources.clear()
         p, _ = clf.classify_crops(scaled, batch_size=batch_size)
         r = classification_report(p, labels, names)
         g = classification_report(group_probs(p, names)[0], glabels, gnames)
         scale_rows[str(s)] = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"],
+                              "balanced_accuracy": r["balanced_accuracy"],
+                              "window_sources": dict(clf.scale.sources),
                               "group8_accuracy": g["accuracy"],
                               "agreement_with_x1": round(float((p.argmax(1) == pred1).mean()), 4),
                               "image_size": list(scaled[0].shape[:2])}
@@ -235,7 +240,8 @@ def evaluate_wbc(model_dir=None, data_dir="../shared/data", *, bccd_dir=None, th
 
     out = {
         "model": {"name": spec.name, "version": spec.version, "fingerprint": spec.fingerprint,
-                  "input_size": spec.input_size, "context": clf.context},
+                  "input_size": spec.input_size, "context": clf.context,
+                  "scale": clf.scale.as_preprocess()},
         "data": {"pbc": str(pbc), "n_validation": len(files),
                  "split_rule": spec.extra.get("split", {}).get("rule"),
                  "note": "held-out split recorded in model.json; PBC has no patient ids, so images of "
@@ -243,7 +249,7 @@ def evaluate_wbc(model_dir=None, data_dir="../shared/data", *, bccd_dir=None, th
         "validation": report,
         "group8": grouped,
         "cross_scale": {"rule": "validation images rescaled (bicubic up, Lanczos down), diameters "
-                                "re-estimated; PBC cells ~60-80 px at x1, ~130-180 px at x2.2",
+                                "(and, red-cell scale, the red-cell ruler) re-estimated; PBC cells ~60-80 px at x1, ~130-180 px at x2.2",
                         "by_scale": scale_rows},
         "cam_check": cam_check,
         "speed": speed,
@@ -269,7 +275,9 @@ def evaluate_wbc(model_dir=None, data_dir="../shared/data", *, bccd_dir=None, th
             "note": "predicted class distribution over all BCCD WBC boxes (different lab, stain "
                     "and camera); centre = box centre, diameter = mean box side",
         }
+        clf.scale.sources.clear()
         out["bccd_groups"] = evaluate_bccd_groups(clf, bccd, batch_size=batch_size)
+        out["bccd_groups"]["window_sources"] = dict(clf.scale.sources)
     return out
 
 

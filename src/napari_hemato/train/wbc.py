@@ -49,6 +49,7 @@ from torch.nn import functional as F  # noqa: E402
 
 from napari_hemato.models.cell_classifier import CLASS_NAMES, DEFAULT_CONTEXT  # noqa: E402
 from napari_hemato.models.colour_standardize import COLOUR_MODES, apply_colour_mode  # noqa: E402
+from napari_hemato.models.window_scale import SCALE_MODES, WindowScale  # noqa: E402
 from napari_hemato.train import loop  # noqa: E402
 from napari_hemato.train.augment import StainAugment  # noqa: E402
 from napari_hemato.train.checkpoint import load_weights  # noqa: E402
@@ -201,6 +202,9 @@ def train_wbc(
     coarse_images: str | Path | None = None,
     coarse_batch: int = 16,
     init_from: str | Path | None = None,
+    scale: str = "self",
+    window_um: float = 25.0,
+    scale_jitter: float = 1.18,
 ) -> dict:
     """Train the classifier; checkpoint every epoch; export ONNX + spec.
 
@@ -235,6 +239,14 @@ def train_wbc(
         Start from the weights of this checkpoint (``checkpoint.safetensors``, its
         model folder, or an old ``checkpoint.pt``, read with ``torch.load(weights_only=True)``);
         fresh optimiser and schedule.
+    scale : {"self", "red-cell"}
+        Window size (:mod:`napari_hemato.models.window_scale`, recorded in the spec's
+        ``preprocess["scale"]``): the cell's own diameter x ``context`` (default), or a
+        physical window of ``window_um`` at the pixel size the red-cell ruler reads
+        (training windows: the median reading of the training images, jittered by
+        ``scale_jitter``; validation: the runtime's per-image reading). In red-cell mode
+        ``context`` (the fallback when the ruler fails) becomes ``window_um`` / the training
+        cells' median diameter in µm.
 
     Returns
     -------
@@ -249,12 +261,19 @@ def train_wbc(
     rng = loop.begin(seed, threads)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tr_df, va_df, rule, train, val = load_split(data_dir, out_dir, val_fraction=val_fraction, seed=seed)
+    if scale not in SCALE_MODES:
+        raise ValueError(f"scale {scale!r} is not one of {SCALE_MODES}")
+    ws = WindowScale(scale, context, window_um if scale == "red-cell" else None)
+    tr_df, va_df, rule, train, val = load_split(data_dir, out_dir, val_fraction=val_fraction, seed=seed,
+                                                scale=ws)
+    if ws.mode == "red-cell":
+        context = ws.context  # load_split set the fallback from the training cells' sizes
+        train.side_jitter = scale_jitter
     if colour not in COLOUR_MODES:
         raise ValueError(f"colour {colour!r} is not one of {COLOUR_MODES}")
     val_inputs = runtime_inputs(val, size=size, context=context, colour=colour)
     coarse = None if coarse_labels is None else load_coarse(
-        coarse_labels, coarse_images, size=size, context=context, colour=colour)
+        coarse_labels, coarse_images, size=size, context=context, colour=colour, scale=ws)
 
     net = build_model(size=size, pretrained=pretrained)
     if freeze_blocks is None:
@@ -273,6 +292,8 @@ def train_wbc(
         "threads": threads, "steps_per_epoch": steps, "sampler": "class share ∝ sqrt(n_c)",
         "augment": augment, "freeze_blocks": freeze_blocks, "color_jitter": color_jitter,
         "colour": colour, "init_from": None if init_from is None else str(init_from),
+        "scale": ws.as_preprocess() | ({"train_mpp": round(train.pooled_mpp, 5), "scale_jitter": scale_jitter}
+                                       if ws.mode == "red-cell" else {}),
         "coarse": None if coarse is None else {
             "labels": str(coarse_labels), "images": str(coarse_images), "batch": coarse_batch,
             "n_train": len(coarse.train), "n_val": len(coarse.val),
@@ -313,7 +334,7 @@ def train_wbc(
             temperature = fit_temperature(predict_logits(net, val_inputs[fit_idx]), val.labels[fit_idx])
             extra["calibration"] = calibration_record(temperature, seed, va_df["path"].iloc[fit_idx])
         export_model(net, out_dir, size=size, context=context, extra=extra, check_inputs=val_inputs[:64],
-                     temperature=temperature, colour=colour)
+                     temperature=temperature, colour=colour, scale=ws.as_preprocess())
     return history
 
 
@@ -350,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init-from", default=None,
                    help="start from the weights of this checkpoint (checkpoint.safetensors, its "
                         "folder, or an old checkpoint.pt) (fine-tuning)")
+    p.add_argument("--scale", choices=SCALE_MODES, default="self",
+                   help="window size: the cell's own diameter x context (self, default) or a physical "
+                        "window at the red-cell ruler's pixel size (red-cell)")
+    p.add_argument("--window-um", type=float, default=25.0, help="window side in µm (red-cell scale)")
+    p.add_argument("--scale-jitter", type=float, default=1.18,
+                   help="training window size jitter factor (red-cell scale; 1.18 = ±18 %%)")
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--no-export", action="store_true")
     args = p.parse_args(argv)
@@ -361,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
               augment=not args.no_augment, export=not args.no_export, freeze_blocks=args.freeze_blocks,
               color_jitter=args.color_jitter, calibrate=not args.no_calibrate, colour=args.colour,
               coarse_labels=args.coarse_labels, coarse_images=args.coarse_images,
-              coarse_batch=args.coarse_batch, init_from=args.init_from)
+              coarse_batch=args.coarse_batch, init_from=args.init_from, scale=args.scale,
+              window_um=args.window_um, scale_jitter=args.scale_jitter)
     return 0
 
 

@@ -8,7 +8,8 @@ from napari_hemato.train.data_coarse import GROUPS
 
 
 def classification_report(probs: np.ndarray, labels: np.ndarray, names) -> dict:
-    """Accuracy, macro-F1, per-class precision / recall / F1 / support and confusion (rows = truth).
+    """Accuracy, macro-F1, balanced accuracy (mean recall), per-class precision / recall / F1 /
+    support and confusion (rows = truth).
 
     Examples
     --------
@@ -34,6 +35,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, names) -> dict:
         "n": int(len(labels)),
         "accuracy": round(float((pred == labels).mean()), 4) if len(labels) else 0.0,
         "macro_f1": round(float(np.mean([per[n]["f1"] for n in present])), 4) if present else 0.0,
+        "balanced_accuracy": round(float(np.mean([per[n]["recall"] for n in present])), 4) if present else 0.0,
         "per_class": per,
         "labels": list(names),
         "confusion": conf.tolist(),

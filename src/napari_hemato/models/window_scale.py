@@ -1,0 +1,153 @@
+"""How large a cell's window is: by the cell's own size, or at a physical pixel size.
+
+A classifier spec's ``preprocess`` chooses (:class:`WindowScale`):
+
+- ``"scale": "self"`` (default; every model without a ``scale`` key): window
+  side = cell diameter x ``context``. Magnification-free, but the absolute size
+  of the cell is lost (a lymphocyte and a monocyte fill their windows alike).
+- ``"scale": "red-cell"``: window side = ``window_um`` / µm per px, so every
+  window covers the same physical field and a monocyte looks larger than a
+  lymphocyte. The pixel size comes from, in order: (a) the caller (the smear
+  pipeline knows the field's µm/px from :mod:`napari_hemato.core.smear_scale`);
+  (b) the red-cell ruler (:mod:`napari_hemato.models.red_cell_ruler`) on the crop
+  or the cell's neighbourhood, red cell = ``rbc_um``; (c) when the ruler fails,
+  the cell's own size (diameter x ``context``), logged and counted in
+  :attr:`WindowScale.sources`.
+
+Runtime and training cut windows through these sides and
+:func:`napari_hemato.models.cell_windows.normalize_cell`.
+
+Examples
+--------
+>>> ws = WindowScale.from_preprocess({"scale": "red-cell", "window_um": 25.0, "context": 1.8})
+>>> float(ws.sides([(None, 80.0)], mpp=0.25)[0])
+100.0
+>>> float(WindowScale.from_preprocess({"context": 1.5}).sides([(None, 80.0)])[0])
+120.0
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_hemato.models.red_cell_ruler import RBC_UM, estimate_red_cell_diameter
+
+log = logging.getLogger(__name__)
+
+SCALE_MODES = ("self", "red-cell")
+#: a field up to this many pixels is measured once for all its cells, larger ones per cell
+WHOLE_FIELD_PX = 1280 * 1024
+#: per-cell neighbourhood measured by the ruler in large images (x cell diameter)
+NEIGHBOURHOOD = 6.0
+
+
+@dataclass
+class WindowScale:
+    """The window-size policy of a classifier (see the module docstring)."""
+
+    mode: str = "self"
+    context: float = 1.5
+    window_um: float | None = None
+    rbc_um: float = RBC_UM
+    sources: Counter = field(default_factory=Counter)  # where each side came from, cumulative
+
+    @classmethod
+    def from_preprocess(cls, preprocess: dict, *, default_context: float = 1.5) -> WindowScale:
+        """The policy a spec's ``preprocess`` dict records (no ``scale`` key: ``"self"``)."""
+        mode = preprocess.get("scale", "self")
+        if mode not in SCALE_MODES:
+            raise ValueError(f"unknown preprocess scale {mode!r} (known: {', '.join(SCALE_MODES)})")
+        ws = cls(mode, float(preprocess.get("context", default_context)),
+                 preprocess.get("window_um"), float(preprocess.get("rbc_um", RBC_UM)))
+        if mode == "red-cell" and not ws.window_um:
+            raise ValueError("preprocess scale 'red-cell' needs 'window_um'")
+        return ws
+
+    def as_preprocess(self) -> dict:
+        """The spec keys of this policy."""
+        if self.mode == "self":
+            return {"context": self.context}
+        return {"context": self.context, "scale": self.mode, "window_um": self.window_um,
+                "rbc_um": self.rbc_um}
+
+    def side_from_mpp(self, mpp: float) -> float:
+        """Window side (px) at ``mpp`` µm/px (red-cell mode)."""
+        return float(self.window_um) / float(mpp)
+
+    def ruler_mpp(self, image: np.ndarray, exclude=None, *, cell_px: float | None = None) -> float | None:
+        """µm/px of ``image`` from its red cells, None when the ruler fails (``cell_px``: the
+        diameter of the cell it is centred on, which sets the working resolution)."""
+        return estimate_red_cell_diameter(image, exclude=exclude, cell_px=cell_px).mpp(self.rbc_um)
+
+    def sides(self, cells, *, mpp=None, source: str = "caller") -> np.ndarray:
+        """Window sides (px) of ``cells``, a sequence of ``(crop_or_None, diameter_px)``.
+
+        Parameters
+        ----------
+        cells : sequence of (array or None, float)
+            Per cell: its single-cell crop or neighbourhood, centred on the cell
+            (measured by the ruler when no ``mpp`` is known), or None; and its
+            diameter in px.
+        mpp : float or sequence of float, optional
+            Known µm/px (one for all, or one per cell; None / nan entries unknown).
+        source : str
+            What a known ``mpp`` is counted as in :attr:`sources`.
+
+        Returns
+        -------
+        (n,) float array
+        """
+        n = len(cells)
+        known = np.full(n, np.nan) if mpp is None else np.broadcast_to(
+            np.asarray([np.nan if m is None else m for m in np.atleast_1d(mpp)], float), (n,)).copy()
+        out = np.empty(n, float)
+        measured = {} if self.mode == "self" else self._measure(cells, known)
+        for i, (_crop, d) in enumerate(cells):
+            if self.mode == "self":
+                out[i] = float(d) * self.context
+                self.sources["self"] += 1
+                continue
+            m, src = known[i], source
+            if not (np.isfinite(m) and m > 0):
+                m, src = measured.get(i), "red-cell"
+            if m is None or not m > 0:
+                out[i] = float(d) * self.context
+                self.sources["self-fallback"] += 1
+                log.info("no pixel size for a cell (red-cell ruler failed): window = own diameter x %.2f",
+                         self.context)
+                continue
+            out[i] = self.side_from_mpp(m)
+            self.sources[src] += 1
+        return out
+
+
+    def _measure(self, cells, known: np.ndarray) -> dict[int, float | None]:
+        """The ruler's reading of every cell with a crop and no known µm/px, on two threads
+        (numpy/scipy work that releases the GIL; same readings as one thread)."""
+        todo = [i for i, (crop, _d) in enumerate(cells)
+                if crop is not None and not (np.isfinite(known[i]) and known[i] > 0)]
+
+        def one(i):
+            crop, d = cells[i]
+            h, w = crop.shape[:2]
+            return self.ruler_mpp(crop, [((h - 1) / 2, (w - 1) / 2, float(d))], cell_px=float(d))
+
+        if len(todo) < 2:
+            return {i: one(i) for i in todo}
+        with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
+            return dict(zip(todo, pool.map(one, todo), strict=True))
+
+
+def field_mpp_for_cells(ws: WindowScale, image: np.ndarray, centers, diameters) -> float | None:
+    """One ruler reading for a field (its white cells excluded), or None."""
+    exclude = [(float(c[0]), float(c[1]), float(d)) for c, d in zip(centers, diameters, strict=True)]
+    return ws.ruler_mpp(image, exclude)
+
+
+__all__ = ["SCALE_MODES", "WindowScale", "field_mpp_for_cells"]
