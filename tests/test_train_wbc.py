@@ -199,3 +199,36 @@ def test_coarse_labels_partial_loss_and_colour_standardisation(tmp_path):
     grey = np.clip(cell.astype(float) * (208 / 250, 212 / 226, 206 / 202), 0, 255).astype(np.uint8)
     p, _ = CellClassifier(out).classify_crops([cell, grey], [30.0, 30.0])
     np.testing.assert_allclose(p[0], p[1], atol=0.02)
+
+
+def test_red_cell_scale_training_records_its_physical_window(tmp_path):
+    """``--scale red-cell``: the ruler reads every training image, windows are window_um wide
+    at the pooled reading, and the spec tells the runtime to do the same."""
+    import pandas as pd
+    from PIL import Image
+
+    from napari_hemato.core.spec import load_spec
+    from napari_hemato.models.cell_classifier import CLASS_NAMES, CellClassifier
+    from napari_hemato.train import wbc
+    from tests.test_red_cell_scale import _smear
+
+    data, out = tmp_path / "data", tmp_path / "model"
+    rows = ["path,class,split,slide"]
+    for k, name in enumerate(CLASS_NAMES):
+        (data / name).mkdir(parents=True)
+        for j in range(2):
+            img = _smear((128, 128), 20.0, wbc=30 + 2 * k, seed=k * 2 + j)
+            Image.fromarray(img).save(data / name / f"{name}_{j}.png")
+            rows.append(f"{name}/{name}_{j}.png,{name},{'val' if j else 'train'},slide{j}")
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+    assert wbc.main(["--data", str(data), "--out", str(out), "--epochs", "1", "--steps-per-epoch", "1",
+                     "--batch-size", "4", "--input-size", "32", "--no-pretrained", "--threads", "1",
+                     "--scale", "red-cell", "--window-um", "20"]) == 0
+    pre = load_spec(out).preprocess
+    assert pre["scale"] == "red-cell" and pre["window_um"] == 20.0 and pre["rbc_um"] == 7.5
+    readings = pd.read_csv(out / "ruler_train.csv")["mpp"]
+    assert readings.notna().all() and abs(readings.median() - 7.5 / 20.0) < 0.04  # 20 px red cells
+    clf = CellClassifier(out, threads=1)
+    assert clf.scale.mode == "red-cell"
+    probs, _ = clf.classify_crops([_smear((128, 128), 20.0, wbc=40)])
+    assert probs.shape == (1, 11) and clf.scale.sources["red-cell"] == 1
