@@ -187,11 +187,15 @@ def test_bundled_classify_in_image_matches_crops(bundled, pbc_val):
         canvas[y : y + h, x : x + w] = cell
     diam = [estimate_cell_diameter(c) for c in cells]
     centers = [[y + (c.shape[0] - 1) / 2, x + (c.shape[1] - 1) / 2] for (y, x), c in zip(offsets, cells, strict=True)]
-    p_img, cams = bundled.classify_in_image(canvas, np.array(centers), np.array(diam))
-    p_crop, _ = bundled.classify_crops(cells)
+    # a red-cell-scale model cuts window_um at a pixel size: the same one for both paths (the
+    # canvas has no red cells between the pasted crops, so its own reading would differ)
+    mpp = 0.22 if bundled.scale.mode == "red-cell" else None
+    p_img, cams = bundled.classify_in_image(canvas, np.array(centers), np.array(diam), mpp=mpp)
+    p_crop, _ = bundled.classify_crops(cells, mpp=mpp)
     assert p_img.argmax(1).tolist() == p_crop.argmax(1).tolist()
     np.testing.assert_allclose(p_img, p_crop, atol=1e-4)
-    assert [c.shape for c in cams] == [(round(d * bundled.context),) * 2 for d in diam]
+    sides = [bundled.scale.side_from_mpp(mpp) if mpp else d * bundled.context for d in diam]
+    assert [c.shape for c in cams] == [(round(s),) * 2 for s in sides]
 
 
 def test_estimate_diameter_on_pbc(shared_data):

@@ -62,7 +62,10 @@ def cmd_models(args) -> int:
         out("no bundled models")
     for task, folder in models.items():
         spec = load_spec(folder)
-        mpp = f"{spec.mpp} µm/px" if spec.mpp else "size-normalised crops"
+        pre = spec.preprocess or {}
+        mpp = (f"{spec.mpp} µm/px" if spec.mpp
+               else f"{pre['window_um']:g} µm windows" if pre.get("scale") == "red-cell"
+               else "size-normalised crops")
         out(f"{task:<8} {spec.name} {spec.version}  {spec.kind}, {mpp}; "
             f"classes: {', '.join(spec.class_names)}")
         out(f"         {folder}")
