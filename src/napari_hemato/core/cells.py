@@ -80,11 +80,9 @@ def stated_mpp(slide) -> float | None:
     return float(mpp)
 
 
-def _crops(slide, rows: pd.DataFrame, context: float, preprocess=None) -> Iterator[tuple[np.ndarray, float]]:
-    mpp = stated_mpp(slide)
+def _crops(slide, rows: pd.DataFrame, preprocess: dict, mpp: float | None) -> Iterator[tuple[np.ndarray, float]]:
     for y, x, area in rows[["y", "x", "area_px"]].itertuples(index=False):
-        ctx = context if preprocess is None else window_context(preprocess, area, mpp)
-        yield cell_crop(slide, y, x, area, ctx)
+        yield cell_crop(slide, y, x, area, window_context(preprocess, area, mpp))
 
 
 def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 64) -> pd.DataFrame:
@@ -113,12 +111,13 @@ def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 6
     if len(wbc) == 0:
         return out
     preprocess = dict(classifier.spec.preprocess)
-    context = float(preprocess.get("context", 1.5))
-    kwargs = {} if preprocess.get("scale", "self") == "self" else {"mpp": stated_mpp(slide)}
+    mpp = stated_mpp(slide)
+    # self-scale classifiers take no pixel size (nor need one: the crop is diameter x context)
+    kwargs = {} if preprocess.get("scale", "self") == "self" else {"mpp": mpp}
     probs = []
     rows = out.loc[wbc]
     for start in range(0, len(rows), batch_size):
-        chunk = list(_crops(slide, rows.iloc[start : start + batch_size], context, preprocess))
+        chunk = list(_crops(slide, rows.iloc[start : start + batch_size], preprocess, mpp))
         p, _ = classifier.classify_crops([c for c, _ in chunk], [d for _, d in chunk], **kwargs)
         probs.append(np.asarray(p, np.float64))
     probs = np.concatenate(probs)

@@ -124,7 +124,7 @@ class CellClassifier:
             chunk = items[start : start + batch_size]
             xs, wins = [], []
             for image, center, side, _shape, _offset in chunk:
-                x, win = normalize_cell(image, center, side, context=1.0, size=self.size, side_px=side)
+                x, win = normalize_cell(image, center, side, context=1.0, size=self.size)
                 xs.append(x)
                 wins.append(win)
             out = self._predictor.predict(apply_colour_mode(np.stack(xs), self.colour))

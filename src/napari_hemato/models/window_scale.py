@@ -107,7 +107,9 @@ class WindowScale:
         known = np.full(n, np.nan) if mpp is None else np.broadcast_to(
             np.asarray([np.nan if m is None else m for m in np.atleast_1d(mpp)], float), (n,)).copy()
         out = np.empty(n, float)
-        measured = {} if self.mode == "self" else self._measure(cells, known)
+        todo = [] if self.mode == "self" else [
+            i for i, (crop, _d) in enumerate(cells) if crop is not None and not (np.isfinite(known[i]) and known[i] > 0)]
+        measured = dict(zip(todo, self.crop_readings([cells[i] for i in todo]), strict=True))
         for i, (_crop, d) in enumerate(cells):
             if self.mode == "self":
                 out[i] = float(d) * self.context
@@ -126,22 +128,20 @@ class WindowScale:
             self.sources[src] += 1
         return out
 
-
-    def _measure(self, cells, known: np.ndarray) -> dict[int, float | None]:
-        """The ruler's reading of every cell with a crop and no known µm/px, on two threads
+    def crop_readings(self, cells) -> list[float | None]:
+        """The ruler's µm/px of each ``(crop, diameter_px)`` (a crop centred on its cell; None
+        where the ruler fails), read at the cell's working resolution on two threads
         (numpy/scipy work that releases the GIL; same readings as one thread)."""
-        todo = [i for i, (crop, _d) in enumerate(cells)
-                if crop is not None and not (np.isfinite(known[i]) and known[i] > 0)]
 
-        def one(i):
-            crop, d = cells[i]
+        def one(cell):
+            crop, d = cell
             h, w = crop.shape[:2]
             return self.ruler_mpp(crop, [((h - 1) / 2, (w - 1) / 2, float(d))], cell_px=float(d))
 
-        if len(todo) < 2:
-            return {i: one(i) for i in todo}
+        if len(cells) < 2:
+            return [one(c) for c in cells]
         with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1))) as pool:
-            return dict(zip(todo, pool.map(one, todo), strict=True))
+            return list(pool.map(one, cells))
 
 
 def field_mpp_for_cells(ws: WindowScale, image: np.ndarray, centers, diameters) -> float | None:

@@ -206,13 +206,11 @@ class SmearTask(Task):
         if not annotations.image_path:
             raise ValueError("the annotation set does not say which image it came from")
         classifier = _cam_classifier(model_dir)
-        preprocess = dict(classifier.spec.preprocess)
         with open_slide(annotations.image_path, mpp=annotations.mpp) as slide:
             mpp = stated_mpp(slide)
-            context = window_context(preprocess, row["area_px"], mpp)
-            kwargs = {} if preprocess.get("scale", "self") == "self" else {"mpp": mpp}
+            context = window_context(classifier.spec.preprocess, row["area_px"], mpp)
             crop, diameter = cell_crop(slide, row["y"], row["x"], row["area_px"], context)
-        _, cams = classifier.classify_crops([crop], [diameter], **kwargs)
+        _, cams = classifier.classify_crops([crop], [diameter], mpp=mpp)
         cam = np.asarray(cams[0], np.float32)
         if cam.shape != crop.shape[:2]:
             from skimage.transform import resize

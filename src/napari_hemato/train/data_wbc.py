@@ -225,22 +225,13 @@ class CellImages:
 
 def ruler_readings(images, paths, diameters, scale, *, cache=None) -> np.ndarray:
     """µm/px of each single-cell image by the red-cell ruler (nan where it fails), cached by path."""
-    from concurrent.futures import ThreadPoolExecutor
-
     paths = list(paths)
     if cache is not None and Path(cache).is_file():
         old = pd.read_csv(cache).set_index("path")
         if set(paths) <= set(old.index) and float(old["rbc_um"].iloc[0]) == scale.rbc_um:
             return old.loc[paths, "mpp"].to_numpy(float)
-
-    def one(k):
-        img = images[k]
-        h, w = img.shape[:2]
-        m = scale.ruler_mpp(img, [((h - 1) / 2, (w - 1) / 2, float(diameters[k]))], cell_px=float(diameters[k]))
-        return np.nan if m is None else m
-
-    with ThreadPoolExecutor(2) as pool:
-        mpp = np.array(list(pool.map(one, range(len(images)))), float)
+    readings = scale.crop_readings(list(zip(images, diameters, strict=True)))
+    mpp = np.array([np.nan if m is None else m for m in readings], float)
     log.info("red-cell ruler: %d of %d images measured, median %.4f µm/px", int(np.isfinite(mpp).sum()),
              len(mpp), float(np.nanmedian(mpp)) if np.isfinite(mpp).any() else float("nan"))
     if cache is not None:
