@@ -1,7 +1,9 @@
 """README screenshots from the bundled models on the bundled samples (real viewer, Xvfb).
 
-Writes ``docs/analysed_sample.png``, ``docs/review_panel.png`` and (when the smear
-model is bundled) ``docs/smear_review.png``; the README embeds them.
+Takes ``analysed_sample.png``, ``review_panel.png`` and (when the smear model is
+bundled) ``smear_review.png``. They are written to ``docs/`` (which the README
+embeds) only with ``HEMATO_UPDATE_DOCS=1``; otherwise to a temporary folder, so an
+ordinary test run leaves the working tree clean.
 """
 
 from __future__ import annotations
@@ -15,6 +17,15 @@ from napari_hemato.models.registry import bundled_models
 
 pytestmark = pytest.mark.gui
 DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture(autouse=True)
+def _shots_folder(tmp_path_factory, monkeypatch):
+    """``docs/`` with HEMATO_UPDATE_DOCS=1, else a temporary folder."""
+    import os
+
+    if os.environ.get("HEMATO_UPDATE_DOCS") != "1":
+        monkeypatch.setattr(f"{__name__}.DOCS", tmp_path_factory.mktemp("docs"))
 
 
 def analyse(qtbot, widget, task, roi_shape=None, mpp=None):
