@@ -254,3 +254,55 @@ def test_the_ruler_reads_alike_at_the_cells_working_resolution():
     small = estimate_red_cell_diameter(img, exclude=[(199.5, 209.5, 110.0)], cell_px=110.0)
     assert WORK_CELL_PX < 110 and full.ok and small.ok
     assert abs(small.diameter_px / full.diameter_px - 1) < 0.05
+
+
+def test_pooled_reading_agrees_or_refuses():
+    """One pixel size for a sample: the median when readings agree, None when they disagree
+    (two magnifications) or too few succeed."""
+    from napari_hemato.models.window_scale import POOL_MIN_OK, _pooled
+
+    rng = np.random.default_rng(0)
+    one = 0.22 * (1 + rng.normal(0, 0.04, 24))
+    r = _pooled(list(one), 24)
+    assert r.ok and r.mpp == pytest.approx(np.median(one)) and r.spread < 0.1
+    mixed = list(one[:12]) + list(1.5 * one[12:])
+    assert not _pooled(mixed, 24).ok and _pooled(mixed, 24).spread > 0.2
+    few = [None] * (24 - POOL_MIN_OK + 1) + list(one[: POOL_MIN_OK - 1])
+    assert not _pooled(few, 24).ok and _pooled(few, 24).n_ok == POOL_MIN_OK - 1
+
+
+def test_classify_cells_pools_the_ruler_per_image_size(tmp_path, capsys):
+    """``classify-cells`` reads a sample of each image size and gives its median to all images
+    of that size: the probabilities are those at that pixel size; a group too small to pool, and
+    ``--ruler per-cell``, read each image."""
+    import pandas as pd
+
+    from napari_hemato.cli import main
+    from napari_hemato.models.cell_classifier import CellClassifier
+    from napari_hemato.models.window_scale import POOL_SAMPLE
+
+    folder = _tiny(tmp_path / "red", {"context": 1.8, "scale": "red-cell", "window_um": 25.0})
+    cells = tmp_path / "cells"
+    cells.mkdir()
+    n = 2 * POOL_SAMPLE
+    crops = [_smear((300, 400), 30.0, wbc=70, seed=i)[60:240, 110:290] for i in range(n)]
+    for i, c in enumerate(crops):  # 180 x 180: red cells 30 px = 7.5 µm -> ~0.25 µm/px
+        Image.fromarray(c).save(cells / f"a{i:02d}.png")
+    small = _zoom(crops[0], 0.8)  # one image of another size: read alone
+    Image.fromarray(small).save(cells / "b.png")
+    assert main(["classify-cells", str(cells), "--model", str(folder),
+                 "--out", str(tmp_path / "pooled.csv")]) == 0
+    said = capsys.readouterr().out
+    assert f"for the {n} images of 180x180 px" in said
+    got = pd.read_csv(tmp_path / "pooled.csv").filter(like="prob_").to_numpy()
+    clf = CellClassifier(folder, threads=1)
+    reading = clf.pooled_mpp(crops[:POOL_SAMPLE])
+    assert reading.ok and abs(reading.mpp / 0.25 - 1) < 0.1  # the ruler reads a little short
+    assert f"pixel size {reading.mpp:.4f}" in said
+    at_pool, _ = clf.classify_crops(crops, mpp=reading.mpp)
+    np.testing.assert_allclose(got[:n], at_pool, atol=1e-4)
+    alone, _ = clf.classify_crops([small])  # its own ruler reading
+    np.testing.assert_allclose(got[n:], alone, atol=1e-4)
+    assert main(["classify-cells", str(cells), "--model", str(folder), "--ruler", "per-cell",
+                 "--out", str(tmp_path / "each.csv")]) == 0
+    assert "pixel size" not in capsys.readouterr().out

@@ -40,6 +40,11 @@ def register(sub) -> None:
     p.add_argument("--mpp", type=float, default=None,
                    help="µm per pixel of the images, when known (a red-cell-scale model then cuts its "
                         "physical window without reading the red cells around each cell)")
+    p.add_argument("--ruler", choices=("pooled", "per-cell"), default="pooled",
+                   help="without --mpp, how a red-cell-scale model finds the pixel size: 'pooled' "
+                        "(default) reads the red cells of a sample of each image size and uses "
+                        "their median for all images of that size when they agree (one device, one "
+                        "pixel size; else each image is read); 'per-cell' reads every image")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_classify)
 
@@ -138,6 +143,63 @@ def _read_cell(path: Path):
         return to_rgb8(np.asarray(slide.levels[0]))
 
 
+def _image_size(path: Path):
+    """(width, height) from the file header (Pillow reads no pixels), or None."""
+    if path.suffix.lower() not in _PLAIN:
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
+def _pooled_pixel_sizes(classifier, images: list[Path]) -> dict[Path, float]:
+    """µm/px per image where a pooled red-cell reading stands for its image-size group.
+
+    Images of one size from one folder come from one device: a sample of
+    ``POOL_SAMPLE`` per size (evenly spread through the sorted list) is read by
+    the ruler; if the readings agree, their median is every image's pixel size.
+    Groups smaller than twice the sample, unreadable samples or disagreeing
+    readings keep the per-image ruler.
+    """
+    import numpy as np
+
+    from napari_hemato.models.window_scale import POOL_SAMPLE
+
+    if classifier.scale.mode != "red-cell":
+        return {}
+    groups: dict = {}
+    for path in images:
+        size = _image_size(path)
+        if size is not None:
+            groups.setdefault(size, []).append(path)
+    found: dict[Path, float] = {}
+    for (w, h), paths in groups.items():
+        if len(paths) < 2 * POOL_SAMPLE:
+            continue
+        pick = np.unique(np.linspace(0, len(paths) - 1, POOL_SAMPLE).round().astype(int))
+        crops = []
+        for i in pick:
+            try:
+                crops.append(_read_cell(paths[i]))
+            except HematoError:
+                continue
+        reading = classifier.pooled_mpp(crops)
+        if reading.ok:
+            found.update(dict.fromkeys(paths, reading.mpp))
+            out(f"pixel size {reading.mpp:.4f} µm/px for the {len(paths)} images of {w}x{h} px: "
+                f"median red-cell ruler of {reading.n_ok} of {reading.n_read} sampled (spread "
+                f"{reading.spread:.2f}); --ruler per-cell reads each image")
+        else:
+            out(f"the {len(paths)} images of {w}x{h} px: the red cells of {reading.n_read} sampled "
+                f"images disagree or are too few ({reading.n_ok} read, spread {reading.spread:.2f}); "
+                "each image is read")
+    return found
+
+
 def cmd_classify(args) -> int:
     import numpy as np
 
@@ -152,6 +214,7 @@ def cmd_classify(args) -> int:
         raise HematoError("no cell images given")
     classifier = CellClassifier(args.model)
     names = list(classifier.spec.class_names)
+    pooled = _pooled_pixel_sizes(classifier, images) if args.mpp is None and args.ruler == "pooled" else {}
     rows, errors = [], 0
     bar = progress_bar(len(images), 0, "classify", unit="cell")
     for start in range(0, len(images), 64):
@@ -164,7 +227,8 @@ def cmd_classify(args) -> int:
                 errors += 1
                 bar.write(f"napari-hemato: skipped {err}")
         if crops:
-            probs, _ = classifier.classify_crops(crops, mpp=args.mpp)
+            mpp = args.mpp if args.mpp is not None or not pooled else [pooled.get(p) for p in chunk]
+            probs, _ = classifier.classify_crops(crops, mpp=mpp, cams=False)
             for path, p in zip(chunk, probs, strict=True):
                 k = int(np.argmax(p))
                 rows.append([str(path), names[k], f"{p[k]:.4f}", *(f"{v:.4f}" for v in p)])

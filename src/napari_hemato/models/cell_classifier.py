@@ -110,9 +110,10 @@ class CellClassifier:
         """Whether the model outputs its pooled features (``embedding``): needed to fine-tune."""
         return "embedding" in self.spec.outputs
 
-    def _classify(self, items, batch_size: int, *, embeddings: bool = False):
+    def _classify(self, items, batch_size: int, *, embeddings: bool = False, cams: bool = True):
         """``items``: iterable of (image, centre, side, out_shape, offset) -> probs, cams
-        (and, with ``embeddings``, the (n, D) pooled features instead of the CAMs)."""
+        (and, with ``embeddings``, the (n, D) pooled features instead of the CAMs; without
+        ``cams``, an empty list: the CAM output is neither computed nor resized)."""
         items = list(items)
         n_cls = len(self.spec.class_names)
         if embeddings and not self.has_embedding:
@@ -127,11 +128,14 @@ class CellClassifier:
                 x, win = normalize_cell(image, center, side, context=1.0, size=self.size)
                 xs.append(x)
                 wins.append(win)
-            out = self._predictor.predict(apply_colour_mode(np.stack(xs), self.colour))
+            roles = ["probs", "embedding"] if embeddings else (None if cams else ["probs"])
+            out = self._predictor.predict(apply_colour_mode(np.stack(xs), self.colour), roles=roles)
             probs, cam = out["probs"].astype(np.float32), out.get("cam")
             probs_all.append(probs)
             if embeddings:
                 emb_all.append(out["embedding"].reshape(len(chunk), -1))
+                continue
+            if not cams:
                 continue
             for i, (_, _, _, shape, offset) in enumerate(chunk):
                 if cam is None:
@@ -149,6 +153,10 @@ class CellClassifier:
         if len(diameters_px) != len(crops):
             raise ValueError(f"{len(crops)} crops but {len(diameters_px)} diameters")
         todo = [i for i, d in enumerate(diameters_px) if d is None or not np.isfinite(d) or d <= 0]
+        if self.scale.mode == "red-cell" and mpp is not None:  # a known pixel size needs no diameter
+            known = np.broadcast_to(np.asarray([np.nan if m is None else m for m in np.atleast_1d(mpp)],
+                                               float), (len(crops),))
+            todo = [i for i in todo if not (np.isfinite(known[i]) and known[i] > 0)]
         diameters = [d if d is None else float(d) for d in diameters_px]
         # the size estimate is numpy/scipy work that releases the GIL: two threads, same results
         with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1, len(todo)))) as pool:
@@ -159,6 +167,20 @@ class CellClassifier:
         return [(crop, ((crop.shape[0] - 1) / 2, (crop.shape[1] - 1) / 2), s, crop.shape[:2], (0, 0))
                 for crop, s in zip(crops, sides, strict=True)]
 
+    def pooled_mpp(self, crops: Sequence[np.ndarray]):
+        """One pixel size for single-cell crops from one source (a sample of a folder), read by
+        the red-cell ruler and pooled (:meth:`WindowScale.pooled_reading`); a
+        :class:`~napari_hemato.models.window_scale.PooledReading` (``mpp`` None when the
+        readings are too few or disagree, and always for self-scale models)."""
+        from napari_hemato.models.window_scale import PooledReading
+
+        if self.scale.mode != "red-cell":
+            return PooledReading(None, 0, 0, float("nan"))
+        crops = [as_rgb8(c) for c in crops]
+        with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1, len(crops)))) as pool:
+            diameters = list(pool.map(estimate_cell_diameter, crops))
+        return self.scale.pooled_reading(list(zip(crops, diameters, strict=True)))
+
     def embed_crops(self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *,
                     mpp=None, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
         """``(probs, embeddings)`` of single-cell crops, preprocessed as :meth:`classify_crops`."""
@@ -166,7 +188,7 @@ class CellClassifier:
 
     def classify_crops(
         self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *, mpp=None,
-        batch_size: int = 64,
+        batch_size: int = 64, cams: bool = True,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Classify single-cell crops (one cell at the centre of each).
 
@@ -183,6 +205,8 @@ class CellClassifier:
             red-cell ruler measures each crop. Ignored by self-scale models.
         batch_size : int
             Cells per onnxruntime call.
+        cams : bool
+            Compute the CAMs (False: probabilities only, faster; ``cams`` is empty).
 
         Returns
         -------
@@ -195,7 +219,7 @@ class CellClassifier:
         --------
         >>> probs, cams = CellClassifier().classify_crops([crop], [80.0])  # doctest: +SKIP
         """
-        return self._classify(self._crop_items(crops, diameters_px, mpp), batch_size)
+        return self._classify(self._crop_items(crops, diameters_px, mpp), batch_size, cams=cams)
 
     def classify_in_image(
         self, image: np.ndarray, centers_yx: np.ndarray, diameters_px: np.ndarray, *, mpp: float | None = None,

@@ -225,6 +225,24 @@ def evaluate_wbc(model_dir=None, data_dir="../shared/data", *, bccd_dir=None, th
                               "image_size": list(scaled[0].shape[:2])}
         log.info("scale x%s: %s", s, scale_rows[str(s)])
 
+    # classify-cells' default for a folder: one pooled red-cell reading (a sample of the images)
+    pooled_row = None
+    if clf.scale.mode == "red-cell":
+        from napari_hemato.models.window_scale import POOL_SAMPLE
+
+        pick = np.unique(np.linspace(0, len(images) - 1, POOL_SAMPLE).round().astype(int))
+        reading = clf.pooled_mpp([images[i] for i in pick])
+        if reading.ok:
+            p, _ = clf.classify_crops(images, mpp=reading.mpp, batch_size=batch_size)
+            r = classification_report(p, labels, names)
+            pooled_row = {"mpp": round(reading.mpp, 5), "n_sampled": reading.n_read,
+                          "spread": round(reading.spread, 4), "accuracy": r["accuracy"],
+                          "balanced_accuracy": r["balanced_accuracy"], "macro_f1": r["macro_f1"],
+                          "agreement_with_per_image_ruler": round(float((p.argmax(1) == pred1).mean()), 4),
+                          "what": "classify-cells' default (--ruler pooled): the median ruler reading "
+                                  "of an even sample of the images is every image's pixel size"}
+            log.info("pooled ruler: %s", pooled_row)
+
     # speed: known diameters (crop + resize + inference + CAM), then with diameter estimation
     sub = images[: min(len(images), 640)]
     diam = [estimate_cell_diameter(im) for im in sub]
@@ -252,6 +270,7 @@ def evaluate_wbc(model_dir=None, data_dir="../shared/data", *, bccd_dir=None, th
                                 "(and, red-cell scale, the red-cell ruler) re-estimated; PBC cells ~60-80 px at x1, ~130-180 px at x2.2",
                         "by_scale": scale_rows},
         "cam_check": cam_check,
+        **({"validation_pooled_ruler": pooled_row} if pooled_row else {}),
         "speed": speed,
     }
 
