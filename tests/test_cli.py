@@ -341,3 +341,30 @@ def test_the_viewer_extra_is_napari_with_a_qt_binding():
     extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     extras = extras["project"]["optional-dependencies"]
     assert any(d.startswith("napari[pyqt6]") for d in extras["viewer"])
+
+
+def test_each_command_is_registered_by_the_module_the_fast_path_imports():
+    """``main`` imports only the named command's module: the map must match the parser."""
+    import argparse
+
+    from napari_hemato.cli import COMMANDS, MODULES, build_parser
+
+    def commands(parser):
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return set(sub.choices)
+
+    assert commands(build_parser()) == set(COMMANDS) and set(COMMANDS.values()) == set(MODULES)
+    for command, module in COMMANDS.items():
+        assert command in commands(build_parser(command))
+        assert commands(build_parser(command)) == {c for c, m in COMMANDS.items() if m == module}
+
+
+def test_classify_cells_starts_without_the_task_registry():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom napari_hemato.cli import main\ntry:\n    main(['-v', 'classify-cells', "
+            "'--help'])\nexcept SystemExit:\n    pass\nprint('napari_hemato.tasks' in sys.modules, "
+            "'pandas' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-2:] == ["False", "False"], done.stdout
