@@ -1,8 +1,9 @@
 """Fine-tuning the mitosis detector on a user's rejections: held-out H&E, AMi-Br recall.
 
-The held-out parts of the mitosis-poor H&E images (``train/data_mitosis.TISSUE_SOURCES``:
+The held-out parts of the mitosis-poor H&E images (``train/data_mitosis.tissue_sources``:
 MICCAI image04 and image14, the bottom 38 % of CMU-1-Small-Region, the right half of the
-skin image; never used to train the bundled model) are analysed whole with the bundled
+skin image and 32 of the 107 DSB 2018 tiles; never used to train the bundled model; tune and
+test tissue alike) are analysed whole with the bundled
 model (threshold lowered once, so every threshold is read off one run, as
 ``train/evaluate_mitosis`` does). The "user" image is the held-out image with the most
 detections at the model's threshold; the simulated user rejects all of them (the points CSV
@@ -23,16 +24,16 @@ from pathlib import Path
 
 from _report import emit
 
-THRESHOLDS = (0.3, 0.5, 0.6, 0.7)
+THRESHOLDS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def held_out_counts(low_dir, data: Path, work: Path, threads: int) -> list[dict]:
+def held_out_counts(low_dir, data: Path, work: Path, threads: int, thresholds=THRESHOLDS) -> list[dict]:
     """Detections (score >= t) in the held-out part of each tissue image, per mm² of tissue."""
     from napari_hemato.train import data_mitosis as dm
     from napari_hemato.train.evaluate_mitosis import _analyze
 
     rows = []
-    for src in dm.TISSUE_SOURCES:
+    for src in dm.tissue_sources(data):
         path = data / src.path
         box = None
         if path.is_file():
@@ -45,10 +46,10 @@ def held_out_counts(low_dir, data: Path, work: Path, threads: int) -> list[dict]
         yx, score = table[["y", "x"]].to_numpy(float), table["score"].to_numpy(float)
         inside = (yx[:, 0] >= y0) & (yx[:, 0] < y1) & (yx[:, 1] >= x0) & (yx[:, 1] < x1)
         mm2 = float(dm.tissue_mask(img[y0:y1, x0:x1]).sum()) * src.mpp**2 / 1e6
-        rows.append({"key": src.key, "path": str(path), "mpp": src.mpp, "box": list(box),
+        rows.append({"key": src.key, "group": src.group, "path": str(path), "mpp": src.mpp, "box": list(box),
                      "tissue_mm2": round(mm2, 4), "seconds": round(seconds, 1),
-                     "n": {str(t): int((inside & (score >= t)).sum()) for t in THRESHOLDS},
-                     "per_mm2": {str(t): round(int((inside & (score >= t)).sum()) / mm2, 2) for t in THRESHOLDS},
+                     "n": {str(t): int((inside & (score >= t)).sum()) for t in thresholds},
+                     "per_mm2": {str(t): round(int((inside & (score >= t)).sum()) / mm2, 2) for t in thresholds},
                      "_result": result, "_inside": inside, "_score": score})
     return rows
 
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ft-mitosis-") as tmp:
         work = Path(tmp)
         low = _low_threshold_copy(spec, work / "base_low")
-        before = held_out_counts(low, data, work / "before", args.threads)
+        grid = tuple(sorted({*THRESHOLDS, thr}))  # the model's own threshold among them
+        before = held_out_counts(low, data, work / "before", args.threads, grid)
         user = max(before, key=lambda r: (r["n"][str(thr)], r["tissue_mm2"]))
         csv, n_rejected = reject_all(user, thr, work / "corrections")
         t0 = time.perf_counter()
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
         wall = time.perf_counter() - t0
         tuned_spec = load_spec(result.folder)
         tuned_low = _low_threshold_copy(tuned_spec, work / "tuned_low")
-        after = held_out_counts(tuned_low, data, work / "after", args.threads)
+        after = held_out_counts(tuned_low, data, work / "after", args.threads, grid)
         out["user_image"] = {"key": user["key"], "rejected": n_rejected}
         out["finetune"] = {"wall_seconds_2_threads": round(wall, 1), "chosen": result.metrics["chosen"],
                            "before": result.metrics["before"], "after": result.metrics["after"],
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
         others = [(b, a) for b, a in zip(before, after, strict=True) if b["key"] != user["key"]]
         mm2 = sum(b["tissue_mm2"] for b, _ in others)
         out["other_images_pooled"] = {"tissue_mm2": round(mm2, 4), **{
-            when: {str(t): round(sum(r[k]["n"][str(t)] for r in others) / mm2, 2) for t in THRESHOLDS}
+            when: {str(t): round(sum(r[k]["n"][str(t)] for r in others) / mm2, 2) for t in grid}
             for when, k in (("before_per_mm2", 0), ("after_per_mm2", 1))}}
         if not args.skip_recall:
             out["amibr_test_recall"] = {"before": recall(spec, low, data, work / "rb", args.threads),

@@ -35,3 +35,25 @@ def write_tiff(path: Path, image: np.ndarray, *, mpp: float | None = None) -> Pa
         kwargs = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
     tifffile.imwrite(path, image, photometric="rgb", **kwargs)
     return path
+
+
+def fake_dsb_tissue(root: Path, n: int = 10) -> Path:
+    """A DSB-layout folder: ``<id>.png`` (purple tissue) + ``<id>_label.tif`` (nuclei)."""
+    import tifffile
+    from PIL import Image
+
+    folder = root / "nuclei_dsb2018_brightfield"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:256, :320]
+    for i in range(n):
+        img = np.full((256, 320, 3), (200, 180, 215), np.uint8)
+        lab = np.zeros((256, 320), np.uint16)
+        r = 4 + i  # nuclei of different sizes: different pixel sizes
+        for k, (y, x) in enumerate(rng.integers(20, 236, (12, 2))):
+            disc = (yy - y) ** 2 + (xx - x) ** 2 < r * r
+            img[disc] = (90, 60, 150)
+            lab[disc] = k + 1
+        Image.fromarray(img).save(folder / f"{i:02d}{'ab' * 8}.png")
+        tifffile.imwrite(folder / f"{i:02d}{'ab' * 8}_label.tif", lab)
+    return root

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from napari_hemato.core.spec import load_spec
+from tests.synthetic import fake_dsb_tissue
 
 
 def _fake_crop(rng: np.random.Generator, atypical: bool) -> np.ndarray:
@@ -87,15 +88,27 @@ def test_tiny_training_exports_a_valid_model(tmp_path):
     from napari_hemato.train.mitosis import MitosisOutputs, main, train_mitosis
 
     data = _tiny_dataset(tmp_path / "data")
+    fake_dsb_tissue(data, n=4)  # negative tissue: 3 train tiles, one tune tile
     out = tmp_path / "model"
     kw = dict(steps_per_epoch=2, batch_size=4, widths=(8, 8, 16), threads=1, val_crops=4,
               mosaic_um=96.0)
     t0 = time.perf_counter()
     result = train_mitosis(data, out, epochs=1, seed=3, **kw)
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 60
     assert (out / "checkpoint.safetensors").exists()
     split = result["split"]
     assert len(split["tune"]) == 1 and len(split["test"]) == 1 and len(split["train"]) == 4
+    # the epoch was scored within the tune tissue's false-detection budget, and the exported
+    # threshold is at least the budget's
+    val = result["best"]["val"]
+    assert val["budget"]["budget_per_mm2"] == 2.0 and val["budget"]["tissue_mm2"] > 0
+    tissue = load_spec(out).extra["validation_tissue"]
+    assert len(tissue["tune"]) == 1 and tissue["test"] == []
+    # the threshold is then set on the tune slide's crops through the runtime (recall bound)
+    record = load_spec(out).extra["threshold"]
+    assert record == result["threshold"] and record["tune_crops"] == 3
+    assert load_spec(out).postprocess["threshold"] == record["value"]
+    assert "Wilson" in record["rule"] and record["previous"] >= round(val["budget"]["threshold"], 3)
 
     spec = load_spec(out)
     assert spec.task == "mitosis" and spec.kind == "points" and spec.mpp == 0.25
@@ -169,3 +182,41 @@ def test_effnet_detector_trains_on_composed_canvases_and_exports_exactly(tmp_pat
         ref_h, ref_p = MitosisOutputs(result["model"].eval())(torch.from_numpy(spec.normalize(img)))
     assert h.shape == (1, 1, 96, 160)
     assert np.abs(ref_h.numpy() - h).max() < 1e-4 and np.abs(ref_p.numpy() - p).max() < 1e-4
+
+
+def _region(key, group, shape):
+    from napari_hemato.train import data_mitosis as dm
+
+    src = dm.TissueSource(key, f"{key}.png", 0.25, "none", group=group)
+    return dm.TissueRegion(src, (0, 0, *shape), np.zeros((*shape, 3), np.uint8), 0.25)
+
+
+def test_tissue_groups_are_sampled_alike_whatever_their_tile_count():
+    pytest.importorskip("torch")
+    from napari_hemato.train.mitosis_batches import tissue_weights
+
+    regions = [_region("big", "cmu", (400, 400))] + [_region(f"d{i}", "dsb", (100, 100)) for i in range(20)]
+    w = tissue_weights(regions)
+    assert w.sum() == pytest.approx(1.0)
+    assert w[0] == pytest.approx(0.5) and w[1:].sum() == pytest.approx(0.5)  # one group each half
+    np.testing.assert_allclose(w[1:], w[1])  # by area within a group
+
+
+def test_hard_negatives_are_shared_among_tissue_groups(monkeypatch):
+    pytest.importorskip("torch")
+    from napari_hemato.train import mitosis
+
+    regions = [_region("a", "miccai", (64, 64)), _region("b", "dsb", (64, 64))]
+    peaks = {0: [(10, 10, 0.5)], 1: [(y, x, 0.9) for y in (8, 40) for x in (8, 24, 40, 56)]}
+
+    def fake_predict(net, img):  # region 0: one weak detection, region 1: eight strong ones
+        r = next(i for i, reg in enumerate(regions) if reg.image is img)
+        heat = np.zeros(img.shape[:2], np.float32)
+        for y, x, s in peaks[r]:
+            heat[y, x] = s
+        return heat, None
+
+    monkeypatch.setattr(mitosis, "dense_predict", fake_predict)
+    hard = mitosis.mine_hard_negatives(None, regions, threshold=0.3, top=4)
+    assert len(hard) == 4 and sum(r == 0 for r, _, _ in hard) == 1  # the weak group keeps its one
+    assert sum(r == 1 for r, _, _ in hard) == 3  # ... and passes its unused share on

@@ -6,9 +6,12 @@ file``); the figure is at the crop centre. Optionally, ``points.csv`` files
 written by the plugin (``y_px, x_px, class``) next to an image add crops cut
 around each point (see :func:`load_points_crops`).
 
-Negatives are H&E images without mitosis labels (:data:`TISSUE_SOURCES`, each
-with its pixel size and the part held out for validation). They are *not*
-verified to be mitosis-free: a rare mitosis there is label noise.
+Negatives are H&E images without mitosis labels (:func:`tissue_sources`: the
+fixed :data:`TISSUE_SOURCES` plus every DSB 2018 stained-tissue image found, each
+with its pixel size, its tissue group and the part held out). The held-out parts
+are split into ``tune`` (checkpoint, threshold) and ``test`` (reported numbers)
+tissue. They are *not* verified to be mitosis-free: a rare mitosis there is
+label noise.
 
 Validation mosaics are made from these by :mod:`napari_hemato.train.mosaics`.
 
@@ -45,7 +48,10 @@ class TissueSource:
 
     ``holdout`` is ``"all"`` (the whole image is validation), ``"none"``
     (training only), or ``"rows>=F"`` / ``"cols>=F"`` (that fraction of the image is
-    validation, the rest training). ``mpp_note`` says where the pixel size comes from.
+    validation, the rest training). ``role`` says which held-out set the validation
+    part belongs to: ``"tune"`` (checkpoint and threshold) or ``"test"`` (reported
+    numbers). ``mpp_note`` says where the pixel size comes from; ``group`` names the
+    kind of tissue for per-group reports.
     """
 
     key: str
@@ -53,21 +59,63 @@ class TissueSource:
     mpp: float
     holdout: str
     mpp_note: str = "stated"
+    group: str = ""
+    role: str = "test"
 
 
 TISSUE_SOURCES: tuple[TissueSource, ...] = (
     *(
         TissueSource(f"miccai/image{i:02d}", f"nuclei_he_miccai/image{i:02d}.png",
                      0.5 if i <= 7 else 0.25, "all" if i in (4, 14) else "none",
-                     "20x, ~0.5" if i <= 7 else "40x, ~0.25")
+                     "20x, ~0.5" if i <= 7 else "40x, ~0.25", "miccai",
+                     "tune" if i == 4 else "test")
         for i in (1, 3, 4, 5, 7, 8, 10, 11, 13, 14)
     ),
-    TissueSource("cmu_small_region", "slides/cmu_small_region.svs", 0.499, "rows>=0.62"),
+    TissueSource("cmu_small_region", "slides/cmu_small_region.svs", 0.499, "rows>=0.62",
+                 group="cmu", role="test"),
     TissueSource("he_skin", "slides/he_skin.tif", 0.65, "cols>=0.5",
-                 "estimated from nucleus size vs the SVS skin"),
+                 "estimated from nucleus size vs the SVS skin", "skin", "tune"),
     TissueSource("he_histo_stardist", "slides/he_histo_stardist.jpg", 0.5, "none",
-                 "estimated from nucleus size"),
+                 "estimated from nucleus size", "stardist"),
 )
+#: DSB 2018 stained-tissue tiles (haematoxylin-heavy, several organs; nucleus masks give
+#: their scale): this fraction held out, alternately tune and test, by a seeded permutation
+DSB_DIR = "nuclei_dsb2018_brightfield"
+DSB_HELD_OUT = 0.3
+DSB_SEED = 4242
+
+
+def dsb_sources(data_dir: str | Path) -> list[TissueSource]:
+    """A :class:`TissueSource` per DSB image under ``data_dir`` (none if absent).
+
+    The pixel size comes from the image's nucleus masks
+    (:func:`napari_hemato.train.data_nuclei.dsb_mpp`); ``DSB_HELD_OUT`` of the
+    sorted images (seeded permutation) are held out whole, alternately ``tune``
+    and ``test``.
+    """
+    import tifffile
+
+    from napari_hemato.train.data_nuclei import dsb_mpp
+
+    folder = Path(data_dir) / DSB_DIR
+    files = sorted(p for p in folder.glob("*.png")) if folder.is_dir() else []
+    order = np.random.default_rng(DSB_SEED).permutation(len(files))
+    held = [int(i) for i in order[: int(round(DSB_HELD_OUT * len(files)))]]
+    role = {i: ("tune" if k % 2 == 0 else "test") for k, i in enumerate(held)}
+    out = []
+    for i, png in enumerate(files):
+        label = png.with_name(png.stem + "_label.tif")
+        mpp = dsb_mpp(tifffile.imread(label)) if label.is_file() else 0.5
+        out.append(TissueSource(f"dsb/{png.stem[:12]}", f"{DSB_DIR}/{png.name}", round(mpp, 4),
+                                "all" if i in role else "none", "from nucleus size", "dsb",
+                                role.get(i, "test")))
+    return out
+
+
+def tissue_sources(data_dir: str | Path) -> list[TissueSource]:
+    """:data:`TISSUE_SOURCES` plus :func:`dsb_sources` (only those whose file exists)."""
+    srcs = [*TISSUE_SOURCES, *dsb_sources(data_dir)]
+    return [s for s in srcs if (Path(data_dir) / s.path).is_file()]
 
 
 # -- crops ---------------------------------------------------------------------------------
@@ -273,14 +321,20 @@ def region_box(shape, holdout: str, part: str) -> tuple[int, int, int, int] | No
 
 
 def tissue_regions(data_dir: str | Path, *, part: str, mpp: float) -> list[TissueRegion]:
-    """Negative tissue regions of ``part`` ("train" or "val") that exist under ``data_dir``."""
+    """Negative tissue regions of ``part`` under ``data_dir``.
+
+    ``part`` is ``"train"``, ``"val"`` (every held-out part), or ``"tune"`` /
+    ``"test"`` (the held-out parts of that :attr:`TissueSource.role`).
+    """
+    if part not in ("train", "val", "tune", "test"):
+        raise ValueError(f"part must be train, val, tune or test, not {part!r}")
     out = []
-    for src in TISSUE_SOURCES:
-        path = Path(data_dir) / src.path
-        if not path.is_file():
+    for src in tissue_sources(data_dir):
+        if part in ("tune", "test") and src.role != part:
             continue
+        path = Path(data_dir) / src.path
         img = read_rgb(path)
-        box = region_box(img.shape, src.holdout, part)
+        box = region_box(img.shape, src.holdout, "train" if part == "train" else "val")
         if box is None:
             continue
         y0, x0, y1, x1 = box
@@ -301,6 +355,7 @@ __all__ = [
     "TISSUE_SOURCES",
     "TissueRegion",
     "TissueSource",
+    "dsb_sources",
     "find_crops_csv",
     "load_crops",
     "load_points_crops",
@@ -311,4 +366,5 @@ __all__ = [
     "split_slides",
     "tissue_mask",
     "tissue_regions",
+    "tissue_sources",
 ]

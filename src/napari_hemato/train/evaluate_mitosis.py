@@ -7,7 +7,8 @@
    non-overlapping places, on 1024×1024 canvases at 0.25 µm/px whose background
    is a patchwork of 256-px windows of *held-out* negative tissue (plus 2
    crop-sized tissue "decoys" per canvas, pasted the same way; see
-   :func:`napari_hemato.train.mosaics.make_mosaics`). Each canvas is written
+   :func:`napari_hemato.train.mosaics.make_mosaics`; test mosaics on test
+   tissue, tune mosaics on tune tissue). Each canvas is written
    as PNG and analysed with :func:`napari_hemato.api.analyze`; detections are
    matched one-to-one to the figure centres within 7.5 µm (MIDOG criterion).
 2. Normal vs atypical: accuracy and balanced accuracy of the ``class`` of the
@@ -20,9 +21,12 @@
    mosaics (a crop is mostly cells next to a figure) but gives the figure no
    pasted border.
 4. False detections per mm² on H&E images with no mitosis labels (not verified
-   mitosis-free): each image analysed whole at its own µm/px, detections
-   counted separately in the part held out from training and the part used
-   for training negatives.
+   mitosis-free; :func:`data_mitosis.tissue_sources`, the DSB 2018 tiles
+   included): each image analysed whole at its own µm/px, detections counted
+   separately in the part held out from training (``tune`` or ``test`` tissue)
+   and the part used for training negatives; pooled per tissue group, and the
+   test tissue's rate at the threshold that holds the tune tissue to
+   :data:`FP_BUDGET_PER_MM2`.
 
 The model is run once with its threshold lowered to 0.05; since peaks and the
 global NMS do not depend on the threshold, keeping the detections with
@@ -52,6 +56,33 @@ log = logging.getLogger(__name__)
 
 HIT_UM = 7.5
 LOW_THRESHOLD = 0.05
+#: false detections per mm² of mitosis-poor tissue the threshold is chosen to stay under
+FP_BUDGET_PER_MM2 = 2.0
+#: the threshold grid (finer at the top, where a tissue budget usually lands)
+THRESHOLDS = tuple(float(t) for t in np.round(np.r_[np.arange(0.1, 0.9, 0.025),
+                                                    np.arange(0.9, 0.991, 0.01)], 3))
+
+
+def budget_threshold(scores, tissue_mm2: float, budget: float = FP_BUDGET_PER_MM2,
+                     thresholds=THRESHOLDS) -> float:
+    """The lowest threshold at which detections on tissue stay within ``budget`` per mm².
+
+    ``scores`` are the detection scores on mitosis-poor tissue of ``tissue_mm2``
+    mm² in all; ``round(budget * tissue_mm2)`` detections are allowed (on 0.46 mm²
+    at 2 per mm², one). Returns the largest grid value if even that is too many.
+
+    Examples
+    --------
+    >>> budget_threshold([0.95, 0.8, 0.7, 0.3], tissue_mm2=1.0, budget=2.0)
+    0.725
+    >>> budget_threshold([], tissue_mm2=1.0)
+    0.1
+    """
+    scores = np.asarray(scores, float)
+    for t in thresholds:
+        if (scores >= t).sum() <= round(budget * tissue_mm2):
+            return float(t)
+    return float(thresholds[-1])
 
 
 def class_scores(pairs) -> dict:
@@ -77,7 +108,7 @@ def sweep(per_image: list[dict], gts: list[np.ndarray], labels: list[np.ndarray]
     ``per_image`` holds ``coords`` (n, 2), ``scores`` (n,) and ``classes`` (n,)
     detected at a low threshold; ``gts`` / ``labels`` the truth per image.
     """
-    thresholds = np.round(np.arange(0.1, 0.951, 0.025), 3) if thresholds is None else thresholds
+    thresholds = THRESHOLDS if thresholds is None else thresholds
     rows = []
     for t in thresholds:
         tp = fp = fn = 0
@@ -141,7 +172,9 @@ def split_mosaics(spec: ModelSpec, data_dir, *, split: str, canvas: int, per_mos
         slides = dm.split_slides(frame["slide"], frame["dataset"])[split]
     frame = frame[frame["slide"].isin(slides)].reset_index(drop=True)
     crops = dm.load_crops(frame, mpp=dm.CROP_MPP)
-    tissue = [t.image for t in dm.tissue_regions(data_dir, part="val", mpp=dm.CROP_MPP)]
+    tissue = [t.image for t in dm.tissue_regions(data_dir, part=split, mpp=dm.CROP_MPP)]
+    if not tissue:  # a folder without the negative tissue: the other held-out part, else white
+        tissue = [t.image for t in dm.tissue_regions(data_dir, part="val", mpp=dm.CROP_MPP)]
     mosaics = make_mosaics(crops, tissue, size=canvas, per_mosaic=per_mosaic, decoys=2,
                            block=256, seed=seed)
     return slides, crops, mosaics
@@ -231,24 +264,38 @@ def evaluate_crops(spec, low_dir, data_dir, *, split, workdir, threads) -> dict:
             "top_detection_is_the_figure": float(np.mean(top_hit)) if top_hit else float("nan"),
             "atypical_class_accuracy": at["class_accuracy"],
             "atypical_class_balanced_accuracy": at["class_balanced_accuracy"],
-            "best_threshold_on_this_set": max(rows, key=lambda r: r["f1"])}
+            "best_threshold_on_this_set": max(rows, key=lambda r: r["f1"]),
+            "sweep": [{k: r[k] for k in ("threshold", "tp", "fp", "fn", "recall")} for r in rows]}
+
+
+def _rate(scores: np.ndarray, mm2: float, t: float) -> float | None:
+    return int((scores >= t).sum()) / mm2 if mm2 else None
 
 
 def evaluate_tissue(spec, low_dir, data_dir, *, workdir, threads,
-                    thresholds=(0.5, 0.7, 0.9)) -> dict:
-    """False detections per mm² of tissue on unlabelled H&E images (see module docstring)."""
+                    thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> dict:
+    """False detections per mm² of tissue on unlabelled H&E images (see module docstring).
+
+    Every source of :func:`data_mitosis.tissue_sources` is analysed whole; the
+    detections are counted in its held-out part (``tune`` or ``test`` tissue, by
+    its role) and in its training part. Pooled per role, per tissue group of the
+    test tissue, and as a sweep over :data:`THRESHOLDS`; ``budget`` is the lowest
+    threshold holding the *tune* tissue to :data:`FP_BUDGET_PER_MM2` and the test
+    tissue's rate there (how a model would do with its threshold set that way).
+    """
     thr = float(spec.postprocess.get("threshold", 0.5))
-    images, pooled = [], {"held_out": [0, 0.0], "trained": [0, 0.0]}
-    for src in dm.TISSUE_SOURCES:
+    images = []
+    pools: dict[str, list] = {}  # name -> [scores arrays, mm2]
+    for src in dm.tissue_sources(data_dir):
         path = Path(data_dir) / src.path
-        if not path.is_file():
-            continue
         img = dm.read_rgb(path)
-        table, dt, result = _analyze(path, low_dir, src.mpp, workdir / f"t_{path.stem}.zarr", threads)
+        table, dt, result = _analyze(path, low_dir, src.mpp, workdir / "t.zarr", threads)
+        shutil.rmtree(workdir / "t.zarr", ignore_errors=True)
         yx, score = table[["y", "x"]].to_numpy(float), table["score"].to_numpy(float)
         mask = dm.tissue_mask(img)
-        row = {"key": src.key, "path": src.path, "mpp": src.mpp, "mpp_source": src.mpp_note,
-               "holdout_rule": src.holdout, "shape": list(img.shape[:2]), "seconds": round(dt, 2),
+        row = {"key": src.key, "group": src.group, "path": src.path, "mpp": src.mpp,
+               "mpp_source": src.mpp_note, "holdout_rule": src.holdout, "shape": list(img.shape[:2]),
+               "seconds": round(dt, 2),
                "work_megapixels": round(float(np.prod(result.grid.shape)) / 1e6, 2)}
         for part in ("val", "train"):
             box = dm.region_box(img.shape, src.holdout, part)
@@ -256,20 +303,40 @@ def evaluate_tissue(spec, low_dir, data_dir, *, workdir, threads,
                 continue
             y0, x0, y1, x1 = box
             inside = (yx[:, 0] >= y0) & (yx[:, 0] < y1) & (yx[:, 1] >= x0) & (yx[:, 1] < x1)
-            tissue_mm2 = float(mask[y0:y1, x0:x1].sum()) * src.mpp**2 / 1e6
-            n = int((inside & (score >= thr)).sum())
-            name = "held_out" if part == "val" else "trained"
-            row[name] = {"box": list(box), "tissue_mm2": round(tissue_mm2, 4), "n": n,
-                         "per_mm2_tissue": n / tissue_mm2 if tissue_mm2 else float("nan"),
-                         "per_mm2_at": {str(t): int((inside & (score >= t)).sum()) / tissue_mm2
-                                        for t in thresholds} if tissue_mm2 else {}}
-            pooled[name][0] += n
-            pooled[name][1] += tissue_mm2
+            mm2 = float(mask[y0:y1, x0:x1].sum()) * src.mpp**2 / 1e6
+            name = src.role if part == "val" else "trained"
+            s_in = score[inside]
+            row[name] = {"box": list(box), "tissue_mm2": round(mm2, 5), "n": int((s_in >= thr).sum()),
+                         "per_mm2_tissue": _rate(s_in, mm2, thr),
+                         "per_mm2_at": {str(t): _rate(s_in, mm2, t) for t in thresholds},
+                         "top_scores": [round(float(v), 3) for v in np.sort(s_in)[::-1][:5]]}
+            for key in (name, f"{name}/{src.group}"):
+                pool = pools.setdefault(key, [[], 0.0])
+                pool[0].append(s_in)
+                pool[1] += mm2
         images.append(row)
-    summary = {k: {"n": n, "tissue_mm2": round(a, 4), "per_mm2_tissue": n / a if a else None}
-               for k, (n, a) in pooled.items()}
-    return {"threshold": thr, "note": "unlabelled H&E, not verified mitosis-free", "pooled": summary,
-            "images": images}
+
+    def summary(scores, mm2):
+        sc = np.concatenate(scores) if scores else np.zeros(0)
+        return {"n": int((sc >= thr).sum()), "tissue_mm2": round(mm2, 4),
+                "per_mm2_tissue": _rate(sc, mm2, thr),
+                "per_mm2_at": {str(t): _rate(sc, mm2, t) for t in thresholds}}
+
+    pooled = {k: summary(*v) for k, v in sorted(pools.items())}
+    out = {"threshold": thr, "note": "unlabelled H&E, not verified mitosis-free", "pooled": pooled,
+           "images": images}
+    if "tune" in pools and "test" in pools:
+        tune_sc, tune_mm2 = np.concatenate(pools["tune"][0]), pools["tune"][1]
+        test_sc, test_mm2 = np.concatenate(pools["test"][0]), pools["test"][1]
+        t_b = budget_threshold(tune_sc, tune_mm2)
+        out["budget"] = {"per_mm2": FP_BUDGET_PER_MM2, "tune_threshold": t_b,
+                         "test_per_mm2_at_it": _rate(test_sc, test_mm2, t_b),
+                         "test_sweep": {str(t): _rate(test_sc, test_mm2, t) for t in THRESHOLDS}}
+    tested = [r for r in images if "test" in r and r["test"]["tissue_mm2"] > 0]
+    if tested:
+        worst = max(tested, key=lambda r: (r["test"]["per_mm2_tissue"], r["test"]["tissue_mm2"]))
+        out["worst_test_image"] = {"key": worst["key"], "group": worst["group"], **worst["test"]}
+    return out
 
 
 def evaluate_mitosis(model_dir, data_dir, *, split: str = "test", canvas: int = 1024,

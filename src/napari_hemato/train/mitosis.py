@@ -11,15 +11,27 @@ Inputs are windows of 16–24 µm (64–96 px at 0.25 µm/px), one size per step
   (only possible for the smallest windows); the 10 µm around the figure are
   ignored, the rest is negative;
 - tissue negatives: windows of H&E images without labels (not verified
-  mitosis-free), after a third of the epochs half of them around the strongest
-  false detections of the current model (hard negatives).
+  mitosis-free; :func:`data_mitosis.tissue_sources`, DSB 2018 tissue included),
+  from the second epoch on, every second epoch, half of them around the
+  strongest false detections of the current model (hard negatives).
 
 Augmentation: scale ±15 %, rot90/flips, resolution loss (down-up sampling by
-1.6–2.2), HED stain jitter, brightness/contrast/saturation, blur, JPEG 50–95.
+1.6–2.2), HED stain jitter (±15 %; in 30 % of them eosin cut to 0.2–1×),
+brightness/contrast/saturation, blur, JPEG 50–95.
 The learning rate decays (cosine) with the step count or, when a time budget
-(``--max-minutes``) binds first, with the clock. The checkpoint of the epoch
-with the best validation F1 (tune slides' mosaics) is exported; the detection
-threshold is the one maximising that F1.
+(``--max-minutes``) binds first, with the clock.
+
+Each epoch is scored on held-out data: the tune slides' crops pasted on tune
+tissue (mosaics) and the tune tissue alone. The *budget threshold* is the
+lowest at which the tune tissue carries at most ``FP_BUDGET_PER_MM2`` false
+detections per mm²; the epoch's score is the mosaics' figure recall at that
+threshold (+ 0.1 × normal/atypical balanced accuracy), so the exported
+checkpoint is the one that finds most figures while staying quiet on tissue.
+The threshold exported with it (the higher of the budget threshold and the
+mosaics' F1-best one) is then replaced through the runtime path by
+:func:`napari_hemato.train.mitosis_threshold.calibrate_threshold`: the highest
+threshold that keeps the tune slides' recall (each crop alone) at 0.95 with 95 %
+confidence.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from napari_hemato.core.spec import ModelSpec
 from napari_hemato.train import data_mitosis as dm
 from napari_hemato.train import loop
 from napari_hemato.train.common import normalize, receptive_field_radius
-from napari_hemato.train.evaluate_mitosis import sweep
+from napari_hemato.train.evaluate_mitosis import FP_BUDGET_PER_MM2, budget_threshold, sweep
 from napari_hemato.train.mitosis_batches import SIGMA_UM, WINDOW_UM, Sampler
 from napari_hemato.train.mosaics import Mosaic, make_mosaics
 from napari_hemato.train.nets import (  # noqa: F401 (MitosisNet: public name)
@@ -53,7 +65,9 @@ from napari_hemato.train.nets import (  # noqa: F401 (MitosisNet: public name)
 
 log = logging.getLogger(__name__)
 
-NAME, VERSION = "hemato-mitosis-he", "0.1.0"
+NAME, VERSION = "hemato-mitosis-he", "0.2.0"
+#: stain jitter of the training windows (see the module docstring)
+COLOR = {"hed_sigma": 0.15, "hed_shift": 0.04, "p_eosin": 0.3, "eosin_range": (0.2, 1.0)}
 MIN_DISTANCE_UM, HIT_UM = 7.5, 7.5
 
 
@@ -97,8 +111,24 @@ def dense_predict(net: nn.Module, img: np.ndarray, *, tile: int = 1024, halo: in
     return heat[:h, :w], probs[:, :h, :w]
 
 
-def validate(net: nn.Module, mosaics: list[Mosaic], mpp: float) -> dict:
-    """Best-threshold F1 (7.5 µm hits) of ``net`` on validation mosaics."""
+def tissue_scores(net: nn.Module, tissue: list[dm.TissueRegion]) -> tuple[np.ndarray, float]:
+    """Detection scores (threshold 0.05) on mitosis-poor tissue and its area in mm²."""
+    scores, mm2 = [], 0.0
+    for region in tissue:
+        heat, _ = dense_predict(net, region.image)
+        _, s = points_from_heatmap(heat, threshold=0.05, min_distance_px=MIN_DISTANCE_UM / region.mpp)
+        scores.append(np.asarray(s, float))
+        mm2 += float(dm.tissue_mask(region.image).sum()) * region.mpp**2 / 1e6
+    return (np.concatenate(scores) if scores else np.zeros(0)), mm2
+
+
+def validate(net: nn.Module, mosaics: list[Mosaic], mpp: float,
+             tissue: list[dm.TissueRegion] | None = None, budget: float = FP_BUDGET_PER_MM2) -> dict:
+    """Best-threshold F1 (7.5 µm hits) of ``net`` on validation mosaics.
+
+    With ``tissue``, also ``budget``: the mosaics' detection at the lowest
+    threshold keeping ``tissue`` within ``budget`` false detections per mm².
+    """
     dets = []
     for m in mosaics:
         heat, probs = dense_predict(net, m.image)
@@ -108,6 +138,12 @@ def validate(net: nn.Module, mosaics: list[Mosaic], mpp: float) -> dict:
         dets.append({"coords": coords, "scores": scores, "classes": probs[:, iy, ix].argmax(0)})
     rows = sweep(dets, [m.points for m in mosaics], [m.labels for m in mosaics], HIT_UM / mpp)
     best = max(rows, key=lambda r: (r["f1"], -abs(r["threshold"] - 0.5)))
+    if tissue:
+        scores, mm2 = tissue_scores(net, tissue)
+        t = budget_threshold(scores, mm2, budget)
+        at = next(r for r in rows if r["threshold"] == t)
+        best = {**best, "budget": {**at, "tissue_per_mm2": float((scores >= t).sum() / mm2),
+                                   "tissue_mm2": round(mm2, 4), "budget_per_mm2": budget}}
     return best
 
 
@@ -117,9 +153,11 @@ class MitosisRecipe(loop.Recipe):
     prefetch = True
 
     def __init__(self, sampler: Sampler, batch_size: int, class_weights: torch.Tensor, mosaics,
-                 mpp: float, tissue: list[dm.TissueRegion], mine: bool) -> None:
+                 mpp: float, tissue: list[dm.TissueRegion], mine: bool,
+                 tune_tissue: list[dm.TissueRegion] | None = None) -> None:
         self.sampler, self.batch_size, self.class_weights = sampler, batch_size, class_weights
         self.mosaics, self.mpp, self.tissue, self.mine = mosaics, mpp, tissue, mine
+        self.tune_tissue = tune_tissue or []
 
     def batch(self, rng):
         return self.sampler.batch(self.batch_size, rng)
@@ -130,14 +168,20 @@ class MitosisRecipe(loop.Recipe):
         return {"loss": lh + 0.5 * lc, "loss_heat": lh, "loss_class": lc}
 
     def evaluate(self, net) -> dict:
-        return {"val": validate(net, self.mosaics, self.mpp)} if self.mosaics else {}
+        if not self.mosaics:
+            return {}
+        return {"val": validate(net, self.mosaics, self.mpp, self.tune_tissue)}
 
     def score(self, row: dict) -> float | None:
         v = row.get("val")
-        return None if v is None else v["f1"] + 0.1 * float(np.nan_to_num(v["class_balanced_accuracy"]))
+        if v is None:
+            return None
+        at = v.get("budget", v)  # recall within the tissue budget, else the best F1
+        key = "recall" if "budget" in v else "f1"
+        return at[key] + 0.1 * float(np.nan_to_num(at["class_balanced_accuracy"]))
 
     def end_epoch(self, net, row: dict, *, stopped: bool) -> None:
-        if self.mine and self.sampler.tissue and not stopped and (row["epoch"] + 1) % 3 == 0:
+        if self.mine and self.sampler.tissue and not stopped and (row["epoch"] + 1) % 2 == 0:
             self.sampler.hard = mine_hard_negatives(net, self.tissue)
             row["hard_negatives"] = len(self.sampler.hard)
 
@@ -149,16 +193,26 @@ class MitosisRecipe(loop.Recipe):
 
 
 def mine_hard_negatives(net: nn.Module, tissue: list[dm.TissueRegion], *, threshold: float = 0.3,
-                        top: int = 1000) -> list[tuple[int, float, float]]:
-    """The ``top`` strongest detections on negative tissue as (region, y, x)."""
-    found = []
+                        top: int = 2000) -> list[tuple[int, float, float]]:
+    """The strongest detections on negative tissue as (region, y, x): ``top`` shared equally
+    among the tissue groups (a group's unused share goes to the others), so the group
+    with the most false detections does not take every hard negative."""
+    by_group: dict[str, list] = {}
     for r, region in enumerate(tissue):
         heat, _ = dense_predict(net, region.image)
         coords, scores = points_from_heatmap(heat, threshold=threshold,
                                              min_distance_px=MIN_DISTANCE_UM / region.mpp)
-        found += [(float(s), r, float(y), float(x)) for (y, x), s in zip(coords, scores, strict=True)]
-    found.sort(reverse=True)
-    return [(r, y, x) for _, r, y, x in found[:top]]
+        group = region.source.group or region.source.key
+        by_group.setdefault(group, []).extend(
+            (float(s), r, float(y), float(x)) for (y, x), s in zip(coords, scores, strict=True))
+    for found in by_group.values():
+        found.sort(reverse=True)
+    picked, left, groups = [], top, sorted(by_group, key=lambda g: len(by_group[g]))
+    for i, g in enumerate(groups):  # smallest first: their unused share passes on
+        take = by_group[g][: left // (len(groups) - i)]
+        picked += take
+        left -= len(take)
+    return [(r, y, x) for _, r, y, x in picked]
 
 
 # -- training --------------------------------------------------------------------------------
@@ -169,7 +223,7 @@ def load_data(data_dir, mpp: float, *, fraction: float = dm.VAL_FRACTION):
     if len(crops) == 0:
         raise FileNotFoundError(f"{data_dir}: no crops.csv (AMi-Br layout) or points.csv found")
     split = dm.split_slides(crops.slides, crops.datasets, fraction=fraction)
-    tissue = {p: dm.tissue_regions(data_dir, part=p, mpp=mpp) for p in ("train", "val")}
+    tissue = {p: dm.tissue_regions(data_dir, part=p, mpp=mpp) for p in ("train", "tune", "test")}
     return crops, split, tissue
 
 
@@ -197,45 +251,56 @@ def train_mitosis(
     crops, split, tissue = load_data(data_dir, mpp)
     train = crops.subset(np.isin(crops.slides, split["train"]))
     tune = crops.subset(np.isin(crops.slides, split["tune"]))
-    log.info("crops: %d train (%d slides), %d tune (%d slides), test slides %d; tissue %d+%d",
-             len(train), len(split["train"]), len(tune), len(split["tune"]), len(split["test"]),
-             len(tissue["train"]), len(tissue["val"]))
+    log.info("crops: %d train (%d slides), %d tune (%d slides), test slides %d; tissue regions "
+             "%d train, %d tune, %d test", len(train), len(split["train"]), len(tune),
+             len(split["tune"]), len(split["test"]), len(tissue["train"]), len(tissue["tune"]),
+             len(tissue["test"]))
     pick = np.random.default_rng(seed + 7).permutation(len(tune))[:val_crops]
     size = int(round(mosaic_um / mpp))
     room = (size // (crops.images.shape[1] + 24)) ** 2  # crop-sized spots that always fit
-    mosaics = make_mosaics(tune.subset(np.sort(pick)), [t.image for t in tissue["val"]],
+    mosaics = make_mosaics(tune.subset(np.sort(pick)), [t.image for t in tissue["tune"]],
                               size=size, per_mosaic=max(1, min(8, room - 2)),
                               decoys=max(0, min(2, room - 1)), block=int(round(64 / mpp)),
                               seed=seed + 1) if len(tune) else []
     net = build_mitosis_net(arch, widths=widths, pretrained=pretrained)
     compose = compose or (2 if arch == "effnet" else 1)
     sampler = Sampler(train, tissue["train"], mpp, net.size_divisor, compose=compose,
-                      normalization=net.normalization)
+                      normalization=net.normalization, color=COLOR)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr,
                             weight_decay=1e-4)
     freq = np.bincount(train.labels, minlength=2).astype(float) + 1
     class_weights = torch.tensor(freq.sum() / (2 * freq), dtype=torch.float32)
     n_pos = batch_size * compose**2 * (1 - sampler.p_tissue - sampler.p_surround)
     steps_per_epoch = steps_per_epoch or max(1, int(math.ceil(len(train) / n_pos)))
-    recipe = MitosisRecipe(sampler, batch_size, class_weights, mosaics, mpp, tissue["train"], mine)
+    recipe = MitosisRecipe(sampler, batch_size, class_weights, mosaics, mpp, tissue["train"], mine,
+                           tune_tissue=tissue["tune"])
     run = loop.train(net, opt, recipe, out, rng=rng, epochs=epochs, steps_per_epoch=steps_per_epoch,
                      lr=lr, warmup=100, max_minutes=max_minutes, resume=resume,
                      config={"arch": arch, "compose": compose, "lr": lr, "batch_size": batch_size,
                              "seed": seed, "mpp": mpp})
     best = run.best
-    threshold = float(best["row"]["val"]["threshold"]) if best else 0.5
+    threshold = 0.5
+    if best:
+        val = best["row"]["val"]
+        threshold = max(float(val["threshold"]), float(val.get("budget", val)["threshold"]))
     result = {"model": run.model.eval(), "history": run.rows, "split": split,
               "best": None if best is None else {"score": best["score"], "epoch": best["epoch"],
                                                  "val": best["row"]["val"]},
               "train_minutes": round(run.minutes, 2), "stopped_early": run.stopped}
     if export:
+        tissue_split = {k: [t.source.key for t in tissue[k]] for k in ("tune", "test")}
         result["spec"] = export_model(run.model, out, mpp=mpp, threshold=threshold, split=split,
+                                      tissue_split=tissue_split,
                                       training={**_training_info(result, epochs, seed, threads,
                                                                  batch_size, steps_per_epoch,
                                                                  len(train), t_start),
                                                 "arch": arch, "compose": compose, "lr": lr,
                                                 **({"widths": list(widths)} if arch == "small" else {}),
                                                 "pretrained": pretrained and arch == "effnet"})
+        if len(tune):
+            from napari_hemato.train.mitosis_threshold import calibrate_threshold
+
+            result["threshold"] = calibrate_threshold(out, data_dir, threads=threads)
     return result
 
 
@@ -249,7 +314,7 @@ def _training_info(result, epochs, seed, threads, batch_size, steps, n_train, t_
 
 
 def export_model(net: nn.Module, out, *, mpp: float, threshold: float, split: dict,
-                 training: dict | None = None) -> ModelSpec:
+                 training: dict | None = None, tissue_split: dict | None = None) -> ModelSpec:
     """Write ``model.onnx`` (checked against torch), ``model.json`` and a card into ``out``."""
     d = net.size_divisor
     gen = torch.Generator().manual_seed(0)
@@ -266,6 +331,9 @@ def export_model(net: nn.Module, out, *, mpp: float, threshold: float, split: di
                      "radius_um": 5.0},
         extra={
             "validation_slides": {"tune": split["tune"], "test": split["test"]},
+            **({"validation_tissue": tissue_split} if tissue_split else {}),
+            "threshold_rule": f"at export: max(tune-mosaic F1-best, lowest keeping tune tissue "
+                              f"<= {FP_BUDGET_PER_MM2:g} detections/mm2); then extra.threshold",
             "split": {"fraction": dm.VAL_FRACTION, "seed": dm.SPLIT_SEED,
                       "rule": "per dataset, seeded permutation of sorted slide ids; held-out "
                               "slides dealt alternately to tune (threshold, checkpoint) and test"},

@@ -26,7 +26,7 @@ class Sampler:
 
     def __init__(self, crops: dm.Crops, tissue: list[dm.TissueRegion], mpp: float, divisor: int,
                  *, p_surround: float = 0.125, p_tissue: float = 0.375, compose: int = 1,
-                 normalization=IMAGENET_NORMALIZATION) -> None:
+                 normalization=IMAGENET_NORMALIZATION, color: dict | None = None) -> None:
         self.crops, self.tissue, self.mpp = crops, [t.image for t in tissue], mpp
         self.compose = int(compose)
         if self.compose > 1:  # canvases of compose x compose windows of the largest size
@@ -39,11 +39,10 @@ class Sampler:
                                  for u in WINDOW_UM})
         self.p_surround = p_surround
         self.p_tissue = p_tissue if self.tissue else 0.0
-        areas = np.array([t.shape[0] * t.shape[1] for t in self.tissue], float)
-        self.tissue_p = areas / areas.sum() if self.tissue else None
+        self.tissue_p = tissue_weights(tissue) if self.tissue else None
         self.hard: list[tuple[int, float, float]] = []
         self.color = ColorAugment(p_jpeg=0.5, jpeg_quality=(50, 95), p_blur=0.3,
-                                  blur_sigma=(0.3, 1.5))
+                                  blur_sigma=(0.3, 1.5), **(color or {}))
         self.sigma = SIGMA_UM / mpp
         self.normalization = normalization
 
@@ -164,6 +163,19 @@ class Sampler:
         t, _ = self._window(img, y0, x0, win, size, rng)
         z = np.zeros((size, size), np.float32)
         return t, z, np.ones_like(z), np.full((size, size), -1, np.int64)
+
+
+def tissue_weights(tissue: list[dm.TissueRegion]) -> np.ndarray:
+    """Sampling probability of each tissue region: every tissue group (``source.group``:
+    MICCAI, CMU, skin, DSB, ...) equally likely, by area within a group, so a group of
+    many small tiles (DSB) does not crowd out the others."""
+    areas = np.array([t.image.shape[0] * t.image.shape[1] for t in tissue], float)
+    groups = np.array([getattr(t.source, "group", "") or t.source.key for t in tissue], object)
+    w = np.zeros(len(tissue))
+    for g in np.unique(groups):
+        m = groups == g
+        w[m] = areas[m] / areas[m].sum()
+    return w / w.sum()
 
 
 def _tile(a: torch.Tensor, n: int, k: int) -> torch.Tensor:
