@@ -46,7 +46,7 @@ def held_out_counts(low_dir, data: Path, work: Path, threads: int, thresholds=TH
         yx, score = table[["y", "x"]].to_numpy(float), table["score"].to_numpy(float)
         inside = (yx[:, 0] >= y0) & (yx[:, 0] < y1) & (yx[:, 1] >= x0) & (yx[:, 1] < x1)
         mm2 = float(dm.tissue_mask(img[y0:y1, x0:x1]).sum()) * src.mpp**2 / 1e6
-        rows.append({"key": src.key, "group": src.group, "path": str(path), "mpp": src.mpp, "box": list(box),
+        rows.append({"key": src.key, "group": src.group, "role": src.role, "path": str(path), "mpp": src.mpp, "box": list(box),
                      "tissue_mm2": round(mm2, 4), "seconds": round(seconds, 1),
                      "n": {str(t): int((inside & (score >= t)).sum()) for t in thresholds},
                      "per_mm2": {str(t): round(int((inside & (score >= t)).sum()) / mm2, 2) for t in thresholds},
@@ -94,6 +94,10 @@ def amibr_args(doc: str, argv, add_options) -> argparse.Namespace | None:
 
 def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path)
+    p.add_argument("--lab", metavar="GROUP", default=None,
+                   help="a lab's review instead of one image: every detection on the tune-role "
+                        "held-out images of tissue GROUP (e.g. dsb) rejected; counted on the "
+                        "test-role images")
     p.add_argument("--skip-recall", action="store_true", help="skip the AMi-Br mosaics (slow part)")
 
 
@@ -116,27 +120,47 @@ def main(argv=None) -> int:
         low = _low_threshold_copy(spec, work / "base_low")
         grid = tuple(sorted({*THRESHOLDS, thr}))  # the model's own threshold among them
         before = held_out_counts(low, data, work / "before", args.threads, grid)
-        user = max(before, key=lambda r: (r["n"][str(thr)], r["tissue_mm2"]))
-        csv, n_rejected = reject_all(user, thr, work / "corrections")
+        if args.lab:  # the lab's reviewed images: tune-role images of the group; others: test role
+            users = [r for r in before if r["group"] == args.lab and r["role"] == "tune" and r["n"][str(thr)]]
+            if not users:
+                print(f"no detections on tune-role {args.lab} images at {thr}", file=sys.stderr)
+                return 2
+        else:
+            users = [max(before, key=lambda r: (r["n"][str(thr)], r["tissue_mm2"]))]
+        csvs, n_rejected = [], 0
+        for i, user in enumerate(users):
+            csv, n = reject_all(user, thr, work / f"corrections{i}")
+            csvs.append(csv)
+            n_rejected += n
+        user_keys = {u["key"] for u in users}
         t0 = time.perf_counter()
-        result = finetune_mitosis([csv], work / "tuned", base=base, threads=args.threads, overwrite=True)
+        result = finetune_mitosis(csvs, work / "tuned", base=base, threads=args.threads, overwrite=True)
         wall = time.perf_counter() - t0
         tuned_spec = load_spec(result.folder)
         tuned_low = _low_threshold_copy(tuned_spec, work / "tuned_low")
         after = held_out_counts(tuned_low, data, work / "after", args.threads, grid)
-        out["user_image"] = {"key": user["key"], "rejected": n_rejected}
+        out["user_images"] = {"keys": sorted(user_keys), "rejected": n_rejected,
+                              "scenario": f"lab: tune-role {args.lab} images" if args.lab else
+                                          "the held-out image with the most detections"}
         out["finetune"] = {"wall_seconds_2_threads": round(wall, 1), "chosen": result.metrics["chosen"],
                            "before": result.metrics["before"], "after": result.metrics["after"],
                            "heldout": result.corrections["heldout"]}
-        out["held_out_tissue"] = [{"key": b["key"], "user_image": b["key"] == user["key"],
+        out["held_out_tissue"] = [{"key": b["key"], "group": b["group"], "role": b["role"],
+                                   "user_image": b["key"] in user_keys,
                                    "tissue_mm2": b["tissue_mm2"], "before": {"n": b["n"], "per_mm2": b["per_mm2"]},
                                    "after": {"n": a["n"], "per_mm2": a["per_mm2"]}}
                                   for b, a in zip(before, after, strict=True)]
-        others = [(b, a) for b, a in zip(before, after, strict=True) if b["key"] != user["key"]]
-        mm2 = sum(b["tissue_mm2"] for b, _ in others)
-        out["other_images_pooled"] = {"tissue_mm2": round(mm2, 4), **{
-            when: {str(t): round(sum(r[k]["n"][str(t)] for r in others) / mm2, 2) for t in grid}
-            for when, k in (("before_per_mm2", 0), ("after_per_mm2", 1))}}
+        others = [(b, a) for b, a in zip(before, after, strict=True) if b["key"] not in user_keys
+                  and (not args.lab or b["role"] == "test")]
+        def pooled(pairs):
+            mm2 = sum(b["tissue_mm2"] for b, _ in pairs)
+            return {"tissue_mm2": round(mm2, 4), "images": len(pairs), **{
+                when: {str(t): round(sum(r[k]["n"][str(t)] for r in pairs) / mm2, 2) for t in grid}
+                for when, k in (("before_per_mm2", 0), ("after_per_mm2", 1))}} if pairs else {}
+
+        out["other_images_pooled"] = pooled(others)
+        out["other_images_by_group"] = {g: pooled([o for o in others if o[0]["group"] == g])
+                                        for g in sorted({b["group"] for b, _ in others})}
         if not args.skip_recall:
             out["amibr_test_recall"] = {"before": recall(spec, low, data, work / "rb", args.threads),
                                         "after": recall(tuned_spec, tuned_low, data, work / "ra", args.threads)}
