@@ -220,3 +220,23 @@ def test_hard_negatives_are_shared_among_tissue_groups(monkeypatch):
     hard = mitosis.mine_hard_negatives(None, regions, threshold=0.3, top=4)
     assert len(hard) == 4 and sum(r == 0 for r, _, _ in hard) == 1  # the weak group keeps its one
     assert sum(r == 1 for r, _, _ in hard) == 3  # ... and passes its unused share on
+
+
+def test_eosin_cut_leaves_haematoxylin_alone():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    from napari_hemato.train.augment import _HED_FROM_RGB, ColorAugment
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(60, 240, (1, 3, 16, 16))).float()
+    aug = ColorAugment(hed_sigma=0.0, hed_shift=0.0, p_hed=1.0, p_bcs=0.0, p_blur=0.0,
+                       p_jpeg=0.0, p_gray=0.0, p_eosin=1.0, eosin_range=(0.3, 0.3))
+
+    def stains(t):
+        od = -np.log(np.clip(t[0].numpy(), 1, 255) / 255.0)
+        return np.einsum("chw,cd->dhw", od, _HED_FROM_RGB)
+
+    before, after = stains(x), stains(aug(x, rng))
+    inside = (after > -5).all(0) & (x[0].numpy() < 254).all(0)  # not clipped
+    np.testing.assert_allclose(after[0][inside], before[0][inside], atol=1e-3)  # H unchanged
+    np.testing.assert_allclose(after[1][inside], 0.3 * before[1][inside], atol=1e-3)  # E x 0.3

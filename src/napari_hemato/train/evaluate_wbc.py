@@ -241,7 +241,7 @@ def evaluate_wbc(model_dir=None, data_dir="../shared/data", *, bccd_dir=None, th
                           "agreement_with_per_image_ruler": round(float((p.argmax(1) == pred1).mean()), 4),
                           "what": "classify-cells' default (--ruler pooled): the median ruler reading "
                                   "of an even sample of the images is every image's pixel size"}
-            log.info("pooled ruler: %s", pooled_row)
+            log.info("pooled ruler: %s", json.dumps(pooled_row))
 
     # speed: known diameters (crop + resize + inference + CAM), then with diameter estimation
     sub = images[: min(len(images), 640)]
