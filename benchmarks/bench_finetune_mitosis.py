@@ -45,7 +45,7 @@ def held_out_counts(low_dir, data: Path, work: Path, threads: int, thresholds=TH
         y0, x0, y1, x1 = box
         yx, score = table[["y", "x"]].to_numpy(float), table["score"].to_numpy(float)
         inside = (yx[:, 0] >= y0) & (yx[:, 0] < y1) & (yx[:, 1] >= x0) & (yx[:, 1] < x1)
-        mm2 = float(dm.tissue_mask(img[y0:y1, x0:x1]).sum()) * src.mpp**2 / 1e6
+        mm2 = dm.tissue_mm2(img[y0:y1, x0:x1], src.mpp)
         rows.append({"key": src.key, "group": src.group, "role": src.role, "path": str(path), "mpp": src.mpp, "box": list(box),
                      "tissue_mm2": round(mm2, 4), "seconds": round(seconds, 1),
                      "n": {str(t): int((inside & (score >= t)).sum()) for t in thresholds},

@@ -165,9 +165,7 @@ def _pooled_pixel_sizes(classifier, images: list[Path]) -> dict[Path, float]:
     Groups smaller than twice the sample, unreadable samples or disagreeing
     readings keep the per-image ruler.
     """
-    import numpy as np
-
-    from napari_hemato.models.window_scale import POOL_SAMPLE
+    from napari_hemato.models.window_scale import POOL_SAMPLE, pool_sample
 
     if classifier.scale.mode != "red-cell":
         return {}
@@ -180,9 +178,8 @@ def _pooled_pixel_sizes(classifier, images: list[Path]) -> dict[Path, float]:
     for (w, h), paths in groups.items():
         if len(paths) < 2 * POOL_SAMPLE:
             continue
-        pick = np.unique(np.linspace(0, len(paths) - 1, POOL_SAMPLE).round().astype(int))
         crops = []
-        for i in pick:
+        for i in pool_sample(len(paths)):
             try:
                 crops.append(_read_cell(paths[i]))
             except HematoError:

@@ -42,8 +42,10 @@ from napari_hemato.models.colour_standardize import COLOUR_MODES, apply_colour_m
 from napari_hemato.models.window_scale import (
     NEIGHBOURHOOD,
     WHOLE_FIELD_PX,
+    PooledReading,
     WindowScale,
     field_mpp_for_cells,
+    known_mpp,
 )
 
 log = logging.getLogger(__name__)
@@ -154,15 +156,11 @@ class CellClassifier:
             raise ValueError(f"{len(crops)} crops but {len(diameters_px)} diameters")
         todo = [i for i, d in enumerate(diameters_px) if d is None or not np.isfinite(d) or d <= 0]
         if self.scale.mode == "red-cell" and mpp is not None:  # a known pixel size needs no diameter
-            known = np.broadcast_to(np.asarray([np.nan if m is None else m for m in np.atleast_1d(mpp)],
-                                               float), (len(crops),))
+            known = known_mpp(mpp, len(crops))
             todo = [i for i in todo if not (np.isfinite(known[i]) and known[i] > 0)]
         diameters = [d if d is None else float(d) for d in diameters_px]
-        # the size estimate is numpy/scipy work that releases the GIL: two threads, same results
-        with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1, len(todo)))) as pool:
-            for i, d in zip(todo, pool.map(estimate_cell_diameter, [crops[i] for i in todo]),
-                            strict=True):
-                diameters[i] = d
+        for i, d in zip(todo, _estimate_diameters([crops[i] for i in todo]), strict=True):
+            diameters[i] = d
         sides = self.scale.sides(list(zip(crops, diameters, strict=True)), mpp=mpp)
         return [(crop, ((crop.shape[0] - 1) / 2, (crop.shape[1] - 1) / 2), s, crop.shape[:2], (0, 0))
                 for crop, s in zip(crops, sides, strict=True)]
@@ -172,14 +170,10 @@ class CellClassifier:
         the red-cell ruler and pooled (:meth:`WindowScale.pooled_reading`); a
         :class:`~napari_hemato.models.window_scale.PooledReading` (``mpp`` None when the
         readings are too few or disagree, and always for self-scale models)."""
-        from napari_hemato.models.window_scale import PooledReading
-
         if self.scale.mode != "red-cell":
             return PooledReading(None, 0, 0, float("nan"))
         crops = [as_rgb8(c) for c in crops]
-        with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1, len(crops)))) as pool:
-            diameters = list(pool.map(estimate_cell_diameter, crops))
-        return self.scale.pooled_reading(list(zip(crops, diameters, strict=True)))
+        return self.scale.pooled_reading(list(zip(crops, _estimate_diameters(crops), strict=True)))
 
     def embed_crops(self, crops: Sequence[np.ndarray], diameters_px: Sequence[float] | None = None, *,
                     mpp=None, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
@@ -277,6 +271,15 @@ class CellClassifier:
             y0, x0, side_i = cell_window(c, side, 1.0)
             items.append((image, c, side, (side_i, side_i), (y0, x0)))
         return items
+
+
+def _estimate_diameters(crops: list[np.ndarray]) -> list[float]:
+    """:func:`estimate_cell_diameter` of each crop, on two threads (numpy/scipy work that
+    releases the GIL; the same results as one thread)."""
+    if not crops:
+        return []
+    with ThreadPoolExecutor(max(1, min(2, os.cpu_count() or 1, len(crops)))) as pool:
+        return list(pool.map(estimate_cell_diameter, crops))
 
 
 def image_sides(scale: WindowScale, image: np.ndarray, centers, diameters, mpp=None) -> np.ndarray:

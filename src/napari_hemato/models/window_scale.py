@@ -127,8 +127,7 @@ class WindowScale:
         (n,) float array
         """
         n = len(cells)
-        known = np.full(n, np.nan) if mpp is None else np.broadcast_to(
-            np.asarray([np.nan if m is None else m for m in np.atleast_1d(mpp)], float), (n,)).copy()
+        known = known_mpp(mpp, n)
         out = np.empty(n, float)
         todo = [] if self.mode == "self" else [
             i for i, (crop, _d) in enumerate(cells) if crop is not None and not (np.isfinite(known[i]) and known[i] > 0)]
@@ -178,6 +177,29 @@ class WindowScale:
             return list(pool.map(one, cells))
 
 
+def known_mpp(mpp, n: int) -> np.ndarray:
+    """``mpp`` (None, one value, or one per cell with None entries) as ``n`` floats, nan where
+    unknown."""
+    if mpp is None:
+        return np.full(n, np.nan)
+    values = [np.nan if m is None else m for m in np.atleast_1d(mpp)]
+    return np.broadcast_to(np.asarray(values, float), (n,)).copy()
+
+
+def pool_sample(n: int) -> np.ndarray:
+    """Indices of the :data:`POOL_SAMPLE` items, evenly spread, that a pooled reading of ``n``
+    items reads (all of them when there are fewer).
+
+    Examples
+    --------
+    >>> pool_sample(5).tolist(), len(pool_sample(1000)), pool_sample(0).tolist()
+    ([0, 1, 2, 3, 4], 24, [])
+    """
+    if n <= 0:
+        return np.zeros(0, int)
+    return np.unique(np.linspace(0, n - 1, POOL_SAMPLE).round().astype(int))
+
+
 def _pooled(readings, n_read: int) -> PooledReading:
     ok = np.asarray([r for r in readings if r], float)
     if len(ok) < POOL_MIN_OK:
@@ -193,4 +215,5 @@ def field_mpp_for_cells(ws: WindowScale, image: np.ndarray, centers, diameters) 
     return ws.ruler_mpp(image, exclude)
 
 
-__all__ = ["POOL_SAMPLE", "SCALE_MODES", "PooledReading", "WindowScale", "field_mpp_for_cells"]
+__all__ = ["POOL_SAMPLE", "SCALE_MODES", "PooledReading", "WindowScale", "field_mpp_for_cells",
+           "known_mpp", "pool_sample"]

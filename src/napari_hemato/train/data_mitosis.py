@@ -348,6 +348,11 @@ def tissue_mask(img: np.ndarray) -> np.ndarray:
     return od.sum(axis=-1) > 0.25
 
 
+def tissue_mm2(img: np.ndarray, mpp: float) -> float:
+    """Stained tissue area (:func:`tissue_mask`) of an image at ``mpp`` µm/px, in mm²."""
+    return float(tissue_mask(img).sum()) * mpp**2 / 1e6
+
+
 __all__ = [
     "CLASS_NAMES",
     "CROP_MPP",
@@ -365,6 +370,7 @@ __all__ = [
     "rescale",
     "split_slides",
     "tissue_mask",
+    "tissue_mm2",
     "tissue_regions",
     "tissue_sources",
 ]

@@ -292,7 +292,6 @@ def evaluate_tissue(spec, low_dir, data_dir, *, workdir, threads,
         table, dt, result = _analyze(path, low_dir, src.mpp, workdir / "t.zarr", threads)
         shutil.rmtree(workdir / "t.zarr", ignore_errors=True)
         yx, score = table[["y", "x"]].to_numpy(float), table["score"].to_numpy(float)
-        mask = dm.tissue_mask(img)
         row = {"key": src.key, "group": src.group, "path": src.path, "mpp": src.mpp,
                "mpp_source": src.mpp_note, "holdout_rule": src.holdout, "shape": list(img.shape[:2]),
                "seconds": round(dt, 2),
@@ -303,7 +302,7 @@ def evaluate_tissue(spec, low_dir, data_dir, *, workdir, threads,
                 continue
             y0, x0, y1, x1 = box
             inside = (yx[:, 0] >= y0) & (yx[:, 0] < y1) & (yx[:, 1] >= x0) & (yx[:, 1] < x1)
-            mm2 = float(mask[y0:y1, x0:x1].sum()) * src.mpp**2 / 1e6
+            mm2 = dm.tissue_mm2(img[y0:y1, x0:x1], src.mpp)
             name = src.role if part == "val" else "trained"
             s_in = score[inside]
             row[name] = {"box": list(box), "tissue_mm2": round(mm2, 5), "n": int((s_in >= thr).sum()),

@@ -228,10 +228,9 @@ def evaluate_wbc(model_dir=None, data_dir="../shared/data", *, bccd_dir=None, th
     # classify-cells' default for a folder: one pooled red-cell reading (a sample of the images)
     pooled_row = None
     if clf.scale.mode == "red-cell":
-        from napari_hemato.models.window_scale import POOL_SAMPLE
+        from napari_hemato.models.window_scale import pool_sample
 
-        pick = np.unique(np.linspace(0, len(images) - 1, POOL_SAMPLE).round().astype(int))
-        reading = clf.pooled_mpp([images[i] for i in pick])
+        reading = clf.pooled_mpp([images[i] for i in pool_sample(len(images))])
         if reading.ok:
             p, _ = clf.classify_crops(images, mpp=reading.mpp, batch_size=batch_size)
             r = classification_report(p, labels, names)

@@ -111,14 +111,19 @@ def dense_predict(net: nn.Module, img: np.ndarray, *, tile: int = 1024, halo: in
     return heat[:h, :w], probs[:, :h, :w]
 
 
+def tissue_detections(net: nn.Module, tissue: list[dm.TissueRegion], threshold: float):
+    """``(index, coords, scores)`` of ``net``'s detections on each tissue region."""
+    for r, region in enumerate(tissue):
+        heat, _ = dense_predict(net, region.image)
+        coords, scores = points_from_heatmap(heat, threshold=threshold,
+                                             min_distance_px=MIN_DISTANCE_UM / region.mpp)
+        yield r, coords, np.asarray(scores, float)
+
+
 def tissue_scores(net: nn.Module, tissue: list[dm.TissueRegion]) -> tuple[np.ndarray, float]:
     """Detection scores (threshold 0.05) on mitosis-poor tissue and its area in mm²."""
-    scores, mm2 = [], 0.0
-    for region in tissue:
-        heat, _ = dense_predict(net, region.image)
-        _, s = points_from_heatmap(heat, threshold=0.05, min_distance_px=MIN_DISTANCE_UM / region.mpp)
-        scores.append(np.asarray(s, float))
-        mm2 += float(dm.tissue_mask(region.image).sum()) * region.mpp**2 / 1e6
+    scores = [s for _, _, s in tissue_detections(net, tissue, 0.05)]
+    mm2 = sum(dm.tissue_mm2(region.image, region.mpp) for region in tissue)
     return (np.concatenate(scores) if scores else np.zeros(0)), mm2
 
 
@@ -198,11 +203,8 @@ def mine_hard_negatives(net: nn.Module, tissue: list[dm.TissueRegion], *, thresh
     among the tissue groups (a group's unused share goes to the others), so the group
     with the most false detections does not take every hard negative."""
     by_group: dict[str, list] = {}
-    for r, region in enumerate(tissue):
-        heat, _ = dense_predict(net, region.image)
-        coords, scores = points_from_heatmap(heat, threshold=threshold,
-                                             min_distance_px=MIN_DISTANCE_UM / region.mpp)
-        group = region.source.group or region.source.key
+    for r, coords, scores in tissue_detections(net, tissue, threshold):
+        group = tissue[r].source.group or tissue[r].source.key
         by_group.setdefault(group, []).extend(
             (float(s), r, float(y), float(x)) for (y, x), s in zip(coords, scores, strict=True))
     for found in by_group.values():
