@@ -114,18 +114,21 @@ def in_subprocess(slide_path: Path, model: Path, out: Path, tile: int | None) ->
 
 
 def overhead(slide_path: Path, model: Path, out: Path, tile: int | None, n_tiles: int) -> dict:
-    """Engine vs bare model on the same tiles (the first n_tiles of the plan)."""
+    """Engine vs bare model on the same tiles: about ``n_tiles`` of the engine's own
+    (auto-sized) tiles from the slide's corner, or of ``tile``."""
     from napari_hemato.core.engine import run
     from napari_hemato.core.geometry import WorkGrid
     from napari_hemato.core.objects import id_stride, tile_objects
     from napari_hemato.core.slide import open_slide
-    from napari_hemato.core.tiling import plan_tiles
+    from napari_hemato.core.tiling import auto_tile, plan_tiles
     from napari_hemato.models.onnx_backend import OnnxPredictor
 
     slide = open_slide(slide_path)
     predictor = OnnxPredictor(model)
     spec = predictor.spec
-    tile = tile or spec.tile
+    # the core the engine itself picks for the whole slide, so the ratio is the run's
+    tile = tile or auto_tile(WorkGrid.for_model(slide, spec.mpp).shape, tile=spec.tile,
+                             halo=spec.halo, size_divisor=spec.size_divisor)
     side = int(np.ceil(np.sqrt(n_tiles)))
     roi = (0, 0, min(side * tile, slide.shape[0]), min(side * tile, slide.shape[1]))
     grid = WorkGrid.for_model(slide, spec.mpp, roi=roi)

@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 from skimage.morphology import local_maxima, reconstruction
+from skimage.segmentation import watershed
 
-from napari_hemato.core.postprocess import _h_maxima_markers, instances_from_maps
+from napari_hemato.core.postprocess import (
+    _h_maxima_markers,
+    _h_maxima_regions,
+    instances_from_maps,
+)
 
 
 def reference_h_maxima(values, h, inside, seed_mask):
@@ -45,6 +50,28 @@ def test_fast_h_maxima_equals_the_reconstruction(seed, h):
     pairs = np.unique(np.stack([fast[both], ref[both]]), axis=1)
     assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] == ref.max()
     assert ((fast > 0) <= (ref > 0)).all()  # fast keeps each maximum's plateau, a subset
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("h", [0.05, 0.15, 0.3])
+def test_merged_basins_are_the_watershed_from_the_h_maxima(seed, h):
+    """One watershed whose basins merge by dynamics gives the objects (and almost every
+    pixel) of the two-watershed way: h-maxima markers, then a watershed from them."""
+    v = blobs(seed)
+    inside = v > 0.05
+    regions = _h_maxima_regions(v, h, inside, floor=0.1)
+    markers = _h_maxima_markers(v, h, inside, inside & (v > 0.1))
+    ref = watershed(-v, markers, mask=inside, connectivity=2)
+    assert markers.max() > 5
+    ids = np.unique(regions[regions > 0])
+    assert len(ids) == markers.max()
+    # each marker lies in one region, each region holds one marker
+    pairs = np.unique(np.stack([markers[markers > 0], regions[markers > 0]]), axis=1)
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] == len(ids)
+    assert ((regions > 0) == (ref > 0)).all()  # the same pixels are objects
+    lut = dict(zip(pairs[1].tolist(), pairs[0].tolist(), strict=True))
+    same = np.vectorize(lambda r: lut.get(r, 0))(regions[inside]) == ref[inside]
+    assert same.mean() > 0.97  # only the borders between touching objects may move
 
 
 def test_h_maxima_seeds_split_deep_saddles_only():

@@ -75,8 +75,22 @@ def test_tiny_training_exports_a_valid_model(shared_data, tmp_path):
 
     metrics = evaluate_nuclei(out, data, threads=1)
     assert metrics["per_image"][0]["key"] == "nuclei_he_miccai/image04"
+    assert metrics["weights"] == "float"
     for key in ("f1", "aji_mean", "map_mean"):
         assert 0.0 <= metrics["pooled"][key] <= 1.0
+
+    # the int8 network the CPU runs, calibrated on the training image only, scored beside it
+    from napari_hemato.models.onnx_backend import OnnxPredictor
+    from napari_hemato.train.evaluate_nuclei import evaluate_both
+    from napari_hemato.train.quantize import quantize_folder
+
+    quantize_folder(out, data, n_crops=4)
+    spec = load_spec(out)
+    assert spec.extra["quantization"]["calibration"]["images"] == 1  # image01; image04 held out
+    assert OnnxPredictor(out).precision == "int8"
+    both = evaluate_both(out, data, threads=1)
+    assert both["weights"] == "int8" and both["per_image"][0]["key"] == "nuclei_he_miccai/image04"
+    assert set(both["float_weights"]["pooled"]) == set(both["pooled"])
 
 
 def test_training_takes_the_plugins_exports_alongside_the_reference_data(tmp_path):

@@ -39,13 +39,14 @@ PathLike = str | os.PathLike
 
 
 def load_predictor(task: str | Task, model: PathLike | None = None, *, providers=None,
-                   threads: int | None = None):
+                   threads: int | None = None, precision: str | None = None):
     """The ONNX predictor of ``task``: its bundled model, or the model folder ``model``.
 
     Raises :class:`~napari_hemato.core.errors.ModelError` for an unknown task or a
     model made for another task.
     """
-    return get_task(task).load_predictor(model, providers=providers, threads=threads)
+    return get_task(task).load_predictor(model, providers=providers, threads=threads,
+                                         precision=precision)
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ def iter_analyze(
     threads: int | None = None,
     tissue=None,
     phases: bool = False,
+    precision: str | None = None,
 ) -> Generator[Progress, None, RunResult]:
     """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result.
 
@@ -88,7 +90,8 @@ def iter_analyze(
     task = get_task(task)
     if phases:
         yield Phase("loading the model")
-    predictor = task.load_predictor(model, providers=providers, threads=threads)
+    predictor = task.load_predictor(model, providers=providers, threads=threads,
+                                    precision=precision)
     stages = task.load_stages(classifier=classifier, providers=providers, threads=threads)
     owned = not isinstance(image, Slide)
     opened = open_slide(image, mpp=mpp) if owned else image
@@ -145,6 +148,7 @@ def analyze(
     providers=None,
     threads: int | None = None,
     tissue=None,
+    precision: str | None = None,
 ) -> RunResult:
     """Run a task's model over an image or slide, tiled, and return the result.
 
@@ -180,6 +184,9 @@ def analyze(
         onnxruntime execution providers.
     threads : int, optional
         onnxruntime intra-op threads.
+    precision : {"auto", "float", "int8"}, optional
+        The network to run when the model has an int8 version: ``auto`` (default, or
+        ``NAPARI_HEMATO_PRECISION``) takes it on the CPU and the float one on a GPU.
     tissue : "auto", "none", path, TissueMask or array, optional
         Which tiles to read (default: the task's ``tissue_default``: ``"auto"`` for H&E
         tasks, ``"none"`` for smears). ``"auto"`` detects the tissue on a low-resolution
@@ -197,7 +204,8 @@ def analyze(
     return drain(iter_analyze(
         image, task=task, model=model, classifier=classifier, mpp=mpp, estimate_mpp=estimate_mpp,
         out=out, roi=roi, tile=tile, batch_size=batch_size, resume=resume, overwrite=overwrite,
-        scheduler=scheduler, cancel=cancel, providers=providers, threads=threads, tissue=tissue))
+        scheduler=scheduler, cancel=cancel, providers=providers, threads=threads, tissue=tissue,
+        precision=precision))
 
 
 def pixel_size_origin(result: RunResult) -> str:

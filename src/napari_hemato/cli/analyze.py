@@ -67,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
     p.add_argument("--providers", default="cpu", help="onnxruntime providers: cpu (default), cuda, auto")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--precision", choices=("auto", "float", "int8"),
+                   help="network to run when the model has an int8 version: auto (default: "
+                        "int8 on the CPU, float on a GPU), float or int8")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_analyze)
 
@@ -99,14 +102,15 @@ def cmd_info(args) -> int:
 
 def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, classifier=None,
                  mpp=None, estimate_mpp=True, roi=None, tile=None, batch=None, scheduler=None,
-                 resume=False, overwrite=False, providers="cpu", threads=None, tissue=None):
+                 resume=False, overwrite=False, providers="cpu", threads=None, tissue=None,
+                 precision=None):
     """One analysis with a progress bar on stderr; returns the RunResult."""
     from napari_hemato.api import iter_analyze
 
     gen = iter_analyze(slide_path, task=task, model=model, classifier=classifier, mpp=mpp,
                        estimate_mpp=estimate_mpp, providers=providers, threads=threads,
                        out=out_store, roi=roi, tile=tile, batch_size=batch, scheduler=scheduler,
-                       resume=resume, overwrite=overwrite, tissue=tissue)
+                       resume=resume, overwrite=overwrite, tissue=tissue, precision=precision)
     bar = None
     try:
         while True:
@@ -235,7 +239,7 @@ def cmd_analyze(args) -> int:
                    estimate_mpp=not args.no_estimate_mpp, roi=args.roi, tile=args.tile,
                    batch=args.batch, scheduler=args.scheduler,
                    resume=args.resume, overwrite=args.overwrite, providers=args.providers,
-                   threads=args.threads, tissue=args.tissue)
+                   threads=args.threads, tissue=args.tissue, precision=args.precision)
     if batch:
         stems = {}
         for path in inputs:

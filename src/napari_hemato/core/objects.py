@@ -113,14 +113,17 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid, outer, image=None) 
     n = int(labels.max())
     if n == 0:
         return _empty(tile, box, spec)
-    flat = labels.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    # per-object sums over the labelled pixels only (a tenth of dense H&E): each label's
+    # pixels are added in the same order as over the whole tile, so the same bits
+    at = np.flatnonzero(labels)
+    lab = labels.ravel()[at]
+    row, col = np.divmod(at, labels.shape[1])
+    area = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
     present = area > 0  # an object lying wholly in the padding has no pixel left
     per = np.maximum(area, 1.0)
     ty, tx = tile.outer[:2]  # sums of outer-box coordinates, as before the crop: same bits
-    yy, xx = np.indices(labels.shape, dtype=np.float64)
-    cy = np.bincount(flat, (yy + (oy - ty)).ravel(), minlength=n + 1)[1:] / per + ty
-    cx = np.bincount(flat, (xx + (ox - tx)).ravel(), minlength=n + 1)[1:] / per + tx
+    cy = np.bincount(lab, (row + (oy - ty)).astype(np.float64), minlength=n + 1)[1:] / per + ty
+    cx = np.bincount(lab, (col + (ox - tx)).astype(np.float64), minlength=n + 1)[1:] / per + tx
     bbox = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] if s else [0, 0, 0, 0]
                      for s in ndi.find_objects(labels, max_label=n)], np.int64).reshape(n, 4)
     # larger than the model's largest object: not an object of this kind (e.g. a dark
@@ -128,9 +131,9 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid, outer, image=None) 
     max_px = float(spec.postprocess.get("max_size_um", spec.max_object_um)) / mpp
     fits = np.maximum(bbox[:, 2] - bbox[:, 0], bbox[:, 3] - bbox[:, 1]) <= max_px
     owned = present & (plan.owners(cy, cx) == tile.index) & fits
-    score = np.bincount(flat, fg.ravel().astype(np.float64), minlength=n + 1)[1:] / per
+    score = np.bincount(lab, fg.ravel()[at].astype(np.float64), minlength=n + 1)[1:] / per
     if probs is not None:
-        prob = np.stack([np.bincount(flat, p.ravel(), minlength=n + 1)[1:] for p in probs], 1)
+        prob = np.stack([np.bincount(lab, p.ravel()[at], minlength=n + 1)[1:] for p in probs], 1)
         prob = prob / per[:, None]
     else:
         prob = np.ones((n, 1))
@@ -163,10 +166,12 @@ def _instances(outputs, tile, plan, spec, mpp, stride, grid, outer, image=None) 
     if rule_class is not None:  # the class a stain rule chose (-1: the network's argmax)
         columns["rule_class"] = rule_class[keep]
     if grid is not None:  # level-0 pixels per work pixel: row count × column count
-        weight = np.outer(grid.level0_counts(box[0], box[2], 0),
-                          grid.level0_counts(box[1], box[3], 1)).astype(np.float64)
-        columns["area_level0"] = np.bincount(flat, weight.ravel(), minlength=n + 1)[1:][keep]
-    return TileOutput(tile.index, box, np.ascontiguousarray(gid[labels]), columns)
+        weight = (np.asarray(grid.level0_counts(box[0], box[2], 0), np.float64)[row]
+                  * np.asarray(grid.level0_counts(box[1], box[3], 1), np.float64)[col])
+        columns["area_level0"] = np.bincount(lab, weight, minlength=n + 1)[1:][keep]
+    ids = np.zeros(labels.shape, np.uint32)
+    ids.ravel()[at] = gid[lab]
+    return TileOutput(tile.index, box, ids, columns)
 
 
 def _points(outputs, tile, plan, spec, mpp, stride) -> TileOutput:

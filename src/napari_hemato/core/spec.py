@@ -20,6 +20,11 @@ Example ``model.json``::
       "sha256": "<hex digest of model.onnx>"
     }
 
+An optional ``"int8": {"onnx": "model_int8.onnx", "sha256": ...}`` names an int8
+version of the same network (:mod:`napari_hemato.train.quantize`), which the CPU
+runs by default (:func:`napari_hemato.models.onnx_backend.resolve_precision`);
+``model.onnx`` stays the float reference (GPU, export, fine-tuning).
+
 ``sha256`` ties the spec to its weights: loading a model refuses an ONNX file
 that does not match it (replaced, truncated or damaged), and :func:`write_spec`
 (which trainers and :meth:`ModelSpec.save` use) fills it in. A spec without it
@@ -90,6 +95,8 @@ class ModelSpec:
         the model sees downsampled to ``mpp`` 0.16). Default: ``mpp``.
     sha256 : str, optional
         Hex SHA-256 of the ONNX file; loading checks it (see :func:`check_weights`).
+    int8 : dict, optional
+        ``{"onnx": file, "sha256": hex}``: an int8 version of the network for CPUs.
     """
 
     name: str
@@ -113,6 +120,7 @@ class ModelSpec:
     preprocess: dict[str, Any] = field(default_factory=dict)
     onnx: str = "model.onnx"
     sha256: str | None = None
+    int8: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     folder: Path | None = field(default=None, compare=False)
 
@@ -139,10 +147,16 @@ class ModelSpec:
             raise ModelError(f"{where}: 'tile' and 'size_divisor' must be positive")
         if not self.class_names:
             raise ModelError(f"{where}: 'class_names' is empty")
-        if self.sha256 is not None and not (
-                isinstance(self.sha256, str) and len(self.sha256) == 64
-                and all(c in "0123456789abcdefABCDEF" for c in self.sha256)):
+        if self.sha256 is not None and not _is_hex64(self.sha256):
             raise ModelError(f"{where}: 'sha256' must be 64 hex digits (of {self.onnx})")
+        if self.int8 is not None:
+            if not isinstance(self.int8, dict) or not isinstance(self.int8.get("onnx"), str):
+                raise ModelError(f"{where}: 'int8' must be {{\"onnx\": file, \"sha256\": hex}}")
+            if set(self.int8) - {"onnx", "sha256"}:
+                raise ModelError(f"{where}: 'int8' has unknown key(s) "
+                                 f"{sorted(set(self.int8) - {'onnx', 'sha256'})}")
+            if not _is_hex64(self.int8.get("sha256", "0" * 64)):
+                raise ModelError(f"{where}: 'int8.sha256' must be 64 hex digits")
         norm = self.normalization
         for key in ("mean", "std"):
             if key in norm and len(norm[key]) != 3:
@@ -168,6 +182,13 @@ class ModelSpec:
         return self.folder / self.onnx
 
     @property
+    def int8_path(self) -> Path | None:
+        """The int8 network's file (None: the spec names none)."""
+        if self.int8 is None:
+            return None
+        return self.onnx_path.parent / self.int8["onnx"]
+
+    @property
     def fingerprint(self) -> str:
         """Short hash of the spec (and weights file size) identifying a run's model."""
         payload = {k: v for k, v in self.to_dict().items()}
@@ -190,6 +211,8 @@ class ModelSpec:
         d.pop("folder")
         if d["sha256"] is None:  # a spec without one reads (and fingerprints) as before
             d.pop("sha256")
+        if d["int8"] is None:
+            d.pop("int8")
         d["class_names"] = list(self.class_names)
         return d
 
@@ -238,29 +261,45 @@ def write_spec(folder: str | Path, spec: dict[str, Any]) -> Path:
         spec["sha256"] = file_sha256(onnx)
     else:
         spec.pop("sha256", None)
+    if spec.get("int8"):
+        int8 = {"onnx": spec["int8"]["onnx"]}
+        if (folder / int8["onnx"]).is_file():
+            int8["sha256"] = file_sha256(folder / int8["onnx"])
+        spec["int8"] = int8
     path = folder / "model.json"
     path.write_text(json.dumps(spec, indent=2) + "\n")
     return path
 
 
-def check_weights(spec: ModelSpec) -> None:
-    """Raise ModelError unless the spec's ONNX file has the ``sha256`` the spec records.
+def _is_hex64(value) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdefABCDEF" for c in value))
+
+
+def check_weights(spec: ModelSpec, precision: str = "float") -> None:
+    """Raise ModelError unless the spec's ONNX file (``precision="int8"``: its int8
+    file) has the ``sha256`` the spec records.
 
     A spec without ``sha256`` passes with a logged warning (once per file).
     """
-    path = spec.onnx_path
+    if precision == "int8":
+        if spec.int8 is None:
+            raise ModelError(f"model {spec.name!r}: model.json names no int8 network")
+        path, name, expected = spec.int8_path, spec.int8["onnx"], spec.int8.get("sha256")
+    else:
+        path, name, expected = spec.onnx_path, spec.onnx, spec.sha256
     if not path.is_file():
         raise ModelError(f"{path}: ONNX model file not found")
     if path.stat().st_size == 0:
         raise ModelError(f"{path}: ONNX model file is empty")
-    if spec.sha256 is None:
+    if expected is None:
         _warn_unchecked(str(path.resolve()))
         return
     actual = file_sha256(path)
-    if actual != spec.sha256.lower():
+    if actual != expected.lower():
         raise ModelError(
-            f"{spec.folder}: {spec.onnx} does not match model.json: sha256 {actual} expected "
-            f"{spec.sha256} (the weights were replaced or damaged: restore the {spec.onnx} this "
+            f"{spec.folder}: {name} does not match model.json: sha256 {actual} expected "
+            f"{expected} (the weights were replaced or damaged: restore the {name} this "
             "spec was written for, or re-export the model)"
         )
 

@@ -158,6 +158,8 @@ class ResultStore:
         """Raise StoreError unless ``config`` describes the same run."""
         mine = _jsonable(self.config)
         theirs = _jsonable({"format": FORMAT, **config})
+        if isinstance(mine.get("model"), dict):  # runs from before int8 networks ran float
+            mine["model"].setdefault("weights", "float")
         diff = [k for k in RESUME_KEYS if mine.get(k) != theirs.get(k)]
         if diff:
             raise StoreError(

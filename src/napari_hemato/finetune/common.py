@@ -136,6 +136,8 @@ def write_model_folder(out: str | Path, base_folder: Path, model, spec_changes: 
     spec = {**base, **spec_changes}
     spec["extra"] = {**(base.get("extra") or {}), **(spec_changes.get("extra") or {})}
     spec["onnx"] = "model.onnx"
+    spec.pop("int8", None)  # the base's int8 network has the base's weights, not these
+    spec.get("extra", {}).pop("quantization", None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

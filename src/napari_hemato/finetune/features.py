@@ -66,7 +66,8 @@ class HeatmapFeatures:
     def load(cls, folder: str | Path, *, threads: int | None = None) -> HeatmapFeatures:
         from napari_hemato.models.onnx_backend import OnnxPredictor
 
-        predictor = OnnxPredictor(folder, threads=threads)
+        # the head refit edits the float network
+        predictor = OnnxPredictor(folder, threads=threads, precision="float")
         spec = predictor.spec
         if "features" not in spec.outputs:
             raise HematoError(f"{spec.folder}: model {spec.name!r} has no 'features' output "

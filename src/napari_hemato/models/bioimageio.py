@@ -318,7 +318,8 @@ def export_bioimageio(model, out: str | os.PathLike, *, overwrite: bool = False,
         dest = check_destination(out, overwrite=overwrite)
     except ExportError as exc:
         raise ModelError(str(exc)) from None
-    predictor = OnnxPredictor(spec, providers=providers)
+    # the packaged network is the float one
+    predictor = OnnxPredictor(spec, providers=providers, precision="float")
     session = predictor.session
     fixed_input = all(isinstance(v, int) for v in session.get_inputs()[0].shape[2:])
     image = _test_image(spec, _test_shape(spec, session))

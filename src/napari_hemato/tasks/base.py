@@ -57,11 +57,13 @@ class Task:
 
         return resolve_model(self.bundled or self.name, model)
 
-    def load_predictor(self, model=None, *, providers=None, threads: int | None = None):
+    def load_predictor(self, model=None, *, providers=None, threads: int | None = None,
+                       precision: str | None = None):
         """The ONNX predictor of ``model`` (default: bundled), checked to be for this task."""
         from napari_hemato.models.onnx_backend import OnnxPredictor
 
-        predictor = OnnxPredictor(self.model_folder(model), providers=providers, threads=threads)
+        predictor = OnnxPredictor(self.model_folder(model), providers=providers, threads=threads,
+                                  precision=precision)
         want = self.model_task or self.name
         if predictor.spec.task != want:
             raise ModelError(

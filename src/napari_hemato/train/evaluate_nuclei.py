@@ -53,14 +53,18 @@ TUNING_GRID_H = {
 }
 
 
-def _session(spec: ModelSpec, threads: int):
+def _session(spec: ModelSpec, threads: int, precision: str = "float"):
     import onnxruntime as ort
 
+    from napari_hemato.core.spec import check_weights
+
+    check_weights(spec, precision)
+    path = spec.int8_path if precision == "int8" else spec.onnx_path
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(spec.onnx_path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def run_maps(spec: ModelSpec, session, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,9 +87,10 @@ def validation_entries(spec: ModelSpec, which: str = "validation") -> list[dict]
     return list(entries)
 
 
-def _predict_all(spec: ModelSpec, data_dir: Path, threads: int, which: str = "validation"):
+def _predict_all(spec: ModelSpec, data_dir: Path, threads: int, which: str = "validation",
+                 precision: str = "float"):
     """Per listed image: key, mpp, original image shape, gt labels, maps on model grid."""
-    session = _session(spec, threads)
+    session = _session(spec, threads, precision)
     out = []
     for entry in validation_entries(spec, which):
         key, mpp = entry["key"], float(entry["mpp"])
@@ -95,6 +100,16 @@ def _predict_all(spec: ModelSpec, data_dir: Path, threads: int, which: str = "va
         fg, dist = run_maps(spec, session, small)
         out.append({"key": key, "mpp": mpp, "gt": gt, "gt_model": small_gt, "fg": fg, "dist": dist})
     return out
+
+
+def evaluate_both(model_dir: str | Path, data_dir: str | Path, *, threads: int = 2) -> dict:
+    """:func:`evaluate_nuclei` of the network the CPU runs; with an int8 network, the float
+    one's ``pooled`` and ``by_source`` scores beside it (``float_weights``)."""
+    metrics = evaluate_nuclei(model_dir, data_dir, threads=threads)
+    if metrics["weights"] == "int8":
+        ref = evaluate_nuclei(model_dir, data_dir, threads=threads, precision="float")
+        metrics["float_weights"] = {"pooled": ref["pooled"], "by_source": ref["by_source"]}
+    return metrics
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -113,8 +128,10 @@ def _summary(rows: list[dict]) -> dict:
     }
 
 
-def evaluate_nuclei(model_dir: str | Path, data_dir: str | Path, *, threads: int = 2) -> dict:
-    """Score the model on its held-out images (see module docstring).
+def evaluate_nuclei(model_dir: str | Path, data_dir: str | Path, *, threads: int = 2,
+                    precision: str = "auto") -> dict:
+    """Score the model on its held-out images (see module docstring), with the network the
+    CPU runs (``precision`` ``auto``: the int8 one when the model has it) or the one named.
 
     Returns
     -------
@@ -128,9 +145,12 @@ def evaluate_nuclei(model_dir: str | Path, data_dir: str | Path, *, threads: int
     >>> m = evaluate_nuclei("models/bundled/nuclei", "../shared/data")  # doctest: +SKIP
     >>> m["pooled"]["f1"]  # doctest: +SKIP
     """
+    from napari_hemato.models.onnx_backend import resolve_precision
+
     spec = load_spec(model_dir)
+    precision = resolve_precision(spec, precision, "cpu")
     rows = []
-    for item in _predict_all(spec, Path(data_dir), threads):
+    for item in _predict_all(spec, Path(data_dir), threads, precision=precision):
         pred = postprocess_instances(spec.postprocess, spec.mpp, item["fg"], item["dist"])
         pred = dn.labels_to_original(pred, item["gt"].shape)
         gt = item["gt"]
@@ -159,6 +179,7 @@ def evaluate_nuclei(model_dir: str | Path, data_dir: str | Path, *, threads: int
     return {
         "model": spec.name,
         "version": spec.version,
+        "weights": precision,
         "split": "held-out validation images listed in model.json extra.validation_images",
         "grid": "predicted at spec.mpp, labels mapped back (nearest) to each image's own grid",
         "postprocess": dict(spec.postprocess),
@@ -234,12 +255,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="data folder (../shared/data layout)")
     p.add_argument("--tune", action="store_true", help="tune postprocess first and save it")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=("auto", "float", "int8"), default="auto",
+                   help="network to score (default auto: the int8 one when the model has it)")
     p.add_argument("--out", default=None, help="metrics JSON (default MODEL/metrics.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.tune:
         tune_postprocess(args.model, args.data, threads=args.threads)
-    metrics = evaluate_nuclei(args.model, args.data, threads=args.threads)
+    if args.precision == "auto":
+        metrics = evaluate_both(args.model, args.data, threads=args.threads)
+    else:
+        metrics = evaluate_nuclei(args.model, args.data, threads=args.threads,
+                                  precision=args.precision)
     out = Path(args.out) if args.out else Path(args.model) / "metrics.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("pooled %s", metrics["pooled"])

@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-eval", action="store_true", help="skip post-processing tuning and evaluation"
     )
+    p.add_argument("--no-int8", action="store_true",
+                   help="do not add the int8 network the CPU runs (train.quantize)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     train_nuclei(args.data, args.out, **schedule_options(args))
@@ -315,10 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_eval and reference is None:
         log.warning("no reference data folder: post-processing not tuned, no validation metrics")
     elif not args.no_eval:
-        from napari_hemato.train.evaluate_nuclei import evaluate_nuclei, tune_postprocess
+        from napari_hemato.train.evaluate_nuclei import evaluate_both, tune_postprocess
 
         tune_postprocess(args.out, reference, threads=args.threads)
-        metrics = evaluate_nuclei(args.out, reference)
+        if not args.no_int8:  # calibrated on the training images only
+            from napari_hemato.train.quantize import quantize_folder
+
+            quantize_folder(args.out, reference)
+        metrics = evaluate_both(args.out, reference)
         (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
 
