@@ -117,10 +117,11 @@ class WorkGrid:
         out = np.full((y1 - y0, x1 - x0, 3), fill, np.uint8)
         if sy.stop <= sy.start or sx.stop <= sx.start:
             return out
-        yy, xx = np.meshgrid(ly[sy] - ry0, lx[sx] - rx0, indexing="ij")
-        for c in range(3):
-            sampled = ndi.map_coordinates(region[..., c], [yy, xx], order=1, mode="nearest")
-            out[sy, sx, c] = np.clip(np.rint(sampled), 0, 255)
+        # bilinear, one axis after the other (4x faster than map_coordinates on a meshgrid)
+        sampled = _linear_axis(_linear_axis(region, ly[sy] - ry0, 0), lx[sx] - rx0, 1)
+        # rounded to float32 first: the weights' last bits depend on where the read box
+        # starts, and a value that is exactly x.5 must round the same way from every tile
+        out[sy, sx] = np.clip(np.rint(sampled.astype(np.float32)), 0, 255)
         return out
 
     def napari_placement(self) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -204,6 +205,26 @@ def _touching(coords: np.ndarray, n: int, reach: int) -> slice:
     live = (lo + 1 + reach >= 0) & (lo - reach <= n - 1)
     idx = np.flatnonzero(live)
     return slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+
+
+def _linear_axis(a: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` interpolated linearly at ``coords`` along ``axis``, edges repeated: one axis of
+    ``scipy.ndimage.map_coordinates(order=1, mode="nearest")``, in ``a``'s precision.
+
+    Examples
+    --------
+    >>> _linear_axis(np.array([[0.0], [10.0], [20.0]]), np.array([-1.0, 0.25, 1.5, 2.0, 9.0]), 0).ravel().tolist()
+    [0.0, 2.5, 15.0, 20.0, 20.0]
+    """
+    n = a.shape[axis]
+    c = np.clip(np.asarray(coords, np.float64), 0, n - 1)
+    i0 = np.minimum(np.floor(c).astype(np.intp), max(n - 2, 0))
+    i1 = np.minimum(i0 + 1, n - 1)
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    w = (c - i0).astype(np.float32).reshape(shape)
+    a0 = np.take(a, i0, axis=axis)
+    return a0 + (np.take(a, i1, axis=axis) - a0) * w
 
 
 def _clip_span(a: int, b: int, n: int, margin: int) -> tuple[int, int]:
