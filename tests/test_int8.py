@@ -91,3 +91,53 @@ def test_a_fine_tuned_copy_does_not_inherit_the_base_int8_network(int8_model, tm
     spec = load_spec(out)
     assert spec.int8 is None and "quantization" not in spec.extra
     assert OnnxPredictor(out).precision == "float"
+
+
+def test_the_int8_network_runs_with_its_own_post_processing(int8_model, tmp_path):
+    """A threshold calibrated on the int8 network's scores replaces the float one's when (and
+    only when) the int8 network runs."""
+    from napari_hemato.core.spec import write_spec
+
+    folder = Path(shutil.copytree(int8_model, tmp_path / "m"))
+    raw = json.loads((folder / "model.json").read_text())
+    raw["int8"]["postprocess"] = {"threshold": 0.4}
+    write_spec(folder, raw)
+    assert load_spec(folder).int8["postprocess"] == {"threshold": 0.4}  # kept by write_spec
+    fast, ref = OnnxPredictor(folder), OnnxPredictor(folder, precision="float")
+    assert fast.spec.postprocess["threshold"] == 0.4
+    assert ref.spec.postprocess["threshold"] == 0.5
+    assert fast.spec.postprocess["min_area_um2"] == ref.spec.postprocess["min_area_um2"]
+    assert fast.spec.fingerprint != ref.spec.fingerprint  # a run knows which values it used
+
+
+@pytest.mark.parametrize("precision", ["int8", "float"])
+def test_a_threshold_sweep_copy_runs_the_network_it_sweeps(int8_model, tmp_path, precision):
+    from napari_hemato.train.evaluate_mitosis import LOW_THRESHOLD, _low_threshold_copy
+
+    low = _low_threshold_copy(load_spec(int8_model), tmp_path / "low", precision)
+    predictor = OnnxPredictor(low)
+    assert predictor.precision == precision
+    assert predictor.spec.postprocess["threshold"] == LOW_THRESHOLD
+
+
+@pytest.mark.shared_data
+def test_mitosis_calibration_uses_training_material_only(shared_data, tmp_path, monkeypatch):
+    from napari_hemato.train import data_mitosis as dm
+    from napari_hemato.train.quantize import quantize_folder
+    from tests.onnx_models import tiny_mitosis_model_dir
+
+    folder = tiny_mitosis_model_dir(tmp_path / "m")
+    frame = dm.read_crops_table(shared_data)
+    split = dm.split_slides(frame["slide"].to_numpy(object), frame["dataset"].to_numpy(object))
+    loaded, parts = [], []
+    load_crops, regions = dm.load_crops, dm.tissue_regions
+    monkeypatch.setattr(dm, "load_crops", lambda f, **kw: loaded.append(f) or load_crops(f, **kw))
+    monkeypatch.setattr(dm, "tissue_regions", lambda d, *, part, mpp: parts.append(part) or regions(
+        d, part=part, mpp=mpp))
+    quantize_folder(folder, shared_data, n_crops=8)
+    assert parts == ["train"]
+    (figures,) = loaded
+    assert len(figures) == 4 and set(figures["slide"]) <= set(split["train"])
+    calibration = load_spec(folder).extra["quantization"]["calibration"]
+    assert calibration["crops"] == 8 and calibration["figure_crops"] == 4
+    assert OnnxPredictor(folder).precision == "int8"

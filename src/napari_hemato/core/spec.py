@@ -20,10 +20,12 @@ Example ``model.json``::
       "sha256": "<hex digest of model.onnx>"
     }
 
-An optional ``"int8": {"onnx": "model_int8.onnx", "sha256": ...}`` names an int8
-version of the same network (:mod:`napari_hemato.train.quantize`), which the CPU
-runs by default (:func:`napari_hemato.models.onnx_backend.resolve_precision`);
-``model.onnx`` stays the float reference (GPU, export, fine-tuning).
+An optional ``"int8": {"onnx": "model_int8.onnx", "sha256": ..., "postprocess": {...}}``
+names an int8 version of the same network (:mod:`napari_hemato.train.quantize`), which the
+CPU runs by default (:func:`napari_hemato.models.onnx_backend.resolve_precision`), with
+its own post-processing values where they differ (a detection threshold calibrated on its
+scores; :meth:`ModelSpec.for_precision`); ``model.onnx`` stays the float reference (GPU,
+export, fine-tuning).
 
 ``sha256`` ties the spec to its weights: loading a model refuses an ONNX file
 that does not match it (replaced, truncated or damaged), and :func:`write_spec`
@@ -50,7 +52,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,8 @@ class ModelSpec:
     sha256 : str, optional
         Hex SHA-256 of the ONNX file; loading checks it (see :func:`check_weights`).
     int8 : dict, optional
-        ``{"onnx": file, "sha256": hex}``: an int8 version of the network for CPUs.
+        ``{"onnx": file, "sha256": hex, "postprocess": {...}}``: an int8 version of the
+        network for CPUs, and the post-processing values it needs instead of the float's.
     """
 
     name: str
@@ -152,9 +155,11 @@ class ModelSpec:
         if self.int8 is not None:
             if not isinstance(self.int8, dict) or not isinstance(self.int8.get("onnx"), str):
                 raise ModelError(f"{where}: 'int8' must be {{\"onnx\": file, \"sha256\": hex}}")
-            if set(self.int8) - {"onnx", "sha256"}:
+            if set(self.int8) - {"onnx", "sha256", "postprocess"}:
                 raise ModelError(f"{where}: 'int8' has unknown key(s) "
-                                 f"{sorted(set(self.int8) - {'onnx', 'sha256'})}")
+                                 f"{sorted(set(self.int8) - {'onnx', 'sha256', 'postprocess'})}")
+            if not isinstance(self.int8.get("postprocess", {}), dict):
+                raise ModelError(f"{where}: 'int8.postprocess' must be an object")
             if not _is_hex64(self.int8.get("sha256", "0" * 64)):
                 raise ModelError(f"{where}: 'int8.sha256' must be 64 hex digits")
         norm = self.normalization
@@ -187,6 +192,26 @@ class ModelSpec:
         if self.int8 is None:
             return None
         return self.onnx_path.parent / self.int8["onnx"]
+
+    def for_precision(self, precision: str) -> ModelSpec:
+        """The spec as the ``precision`` (``"float"`` or ``"int8"``) network runs: the int8
+        network's ``postprocess`` values replace the float's.
+
+        Examples
+        --------
+        >>> spec = ModelSpec(name="m", version="1", task="mitosis", kind="points", mpp=0.25,
+        ...                  class_names=("mitosis",), outputs={"heatmap": "h"},
+        ...                  postprocess={"threshold": 0.7, "radius_um": 5.0},
+        ...                  int8={"onnx": "q.onnx", "postprocess": {"threshold": 0.65}})
+        >>> spec.for_precision("int8").postprocess
+        {'threshold': 0.65, 'radius_um': 5.0}
+        >>> spec.for_precision("float").postprocess["threshold"]
+        0.7
+        """
+        own = (self.int8 or {}).get("postprocess") if precision == "int8" else None
+        if not own:
+            return self
+        return replace(self, postprocess={**self.postprocess, **own})
 
     @property
     def fingerprint(self) -> str:
@@ -262,7 +287,7 @@ def write_spec(folder: str | Path, spec: dict[str, Any]) -> Path:
     else:
         spec.pop("sha256", None)
     if spec.get("int8"):
-        int8 = {"onnx": spec["int8"]["onnx"]}
+        int8 = {k: v for k, v in spec["int8"].items() if k != "sha256"}
         if (folder / int8["onnx"]).is_file():
             int8["sha256"] = file_sha256(folder / int8["onnx"])
         spec["int8"] = int8

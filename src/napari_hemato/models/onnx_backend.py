@@ -121,7 +121,8 @@ class OnnxPredictor:
         Intra-op threads (default: onnxruntime's choice, or ``NAPARI_HEMATO_THREADS``).
     precision : str, optional
         ``auto`` (default), ``float`` or ``int8``: see :func:`resolve_precision`. The
-        network run is ``self.precision``.
+        network run is ``self.precision``; ``self.spec`` is the model's spec as that
+        network runs (:meth:`~napari_hemato.core.spec.ModelSpec.for_precision`).
 
     Examples
     --------
@@ -131,9 +132,10 @@ class OnnxPredictor:
 
     def __init__(self, model, *, providers=None, threads: int | None = None,
                  precision: str | None = None) -> None:
-        self.spec = model if isinstance(model, ModelSpec) else load_spec(model)
-        self.precision = resolve_precision(self.spec, precision, providers)
-        check_weights(self.spec, self.precision)
+        spec = model if isinstance(model, ModelSpec) else load_spec(model)
+        self.precision = resolve_precision(spec, precision, providers)
+        check_weights(spec, self.precision)
+        self.spec = spec.for_precision(self.precision)  # e.g. the int8 network's threshold
         self.providers = providers
         self.threads = threads
         self.weights_path = self.spec.int8_path if self.precision == "int8" else self.spec.onnx_path

@@ -128,11 +128,18 @@ def sweep(per_image: list[dict], gts: list[np.ndarray], labels: list[np.ndarray]
     return rows
 
 
-def _low_threshold_copy(spec: ModelSpec, folder: Path) -> Path:
+def _low_threshold_copy(spec: ModelSpec, folder: Path, precision: str = "float") -> Path:
+    """A copy of the model whose ``precision`` network (the one the CPU runs in the copy)
+    detects down to :data:`LOW_THRESHOLD`, for threshold sweeps."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy2(spec.onnx_path, folder / spec.onnx)
-    d = spec.to_dict()
+    d = spec.for_precision(precision).to_dict()
     d["postprocess"] = {**d["postprocess"], "threshold": LOW_THRESHOLD}
+    if precision == "int8":
+        shutil.copy2(spec.int8_path, folder / spec.int8["onnx"])
+        d["int8"] = {"onnx": spec.int8["onnx"]}  # its own threshold is the low one above
+    else:
+        d.pop("int8", None)
     ModelSpec(**{**d, "class_names": tuple(d["class_names"])}).save(folder)
     return folder
 
@@ -340,8 +347,11 @@ def evaluate_tissue(spec, low_dir, data_dir, *, workdir, threads,
 
 def evaluate_mitosis(model_dir, data_dir, *, split: str = "test", canvas: int = 1024,
                      per_mosaic: int = 8, seed: int = 0, threads: int | None = 2,
-                     tissue: bool = True, crops: bool = True, workdir=None) -> dict:
-    """Held-out detection, atypical classification and tissue false detections.
+                     tissue: bool = True, crops: bool = True, workdir=None,
+                     precision: str = "auto") -> dict:
+    """Held-out detection, atypical classification and tissue false detections, of the
+    network the CPU runs (``precision`` ``auto``: the int8 one when the model has it, at its
+    own threshold) or the one named.
 
     Parameters
     ----------
@@ -363,13 +373,18 @@ def evaluate_mitosis(model_dir, data_dir, *, split: str = "test", canvas: int = 
     >>> m = evaluate_mitosis("models/bundled/mitosis", "../shared/data")  # doctest: +SKIP
     >>> m["detection"]["detection"]["f1"]  # doctest: +SKIP
     """
-    spec = load_spec(model_dir)
+    from napari_hemato.models.onnx_backend import resolve_precision
+
+    full = load_spec(model_dir)
+    precision = resolve_precision(full, precision, "cpu")
+    spec = full.for_precision(precision)
     own_tmp = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="hemato-mitosis-eval-") if own_tmp else workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        low = _low_threshold_copy(spec, workdir / "model_low")
+        low = _low_threshold_copy(full, workdir / "model_low", precision)
         out = {"model": {"name": spec.name, "version": spec.version, "mpp": spec.mpp,
+                         "weights": precision,
                          "threshold": spec.postprocess.get("threshold"), "tile": spec.tile,
                          "halo": spec.halo, "onnx_mb": round(spec.onnx_path.stat().st_size / 1e6, 2)},
                "detection": evaluate_detection(spec, low, data_dir, split=split, workdir=workdir,
@@ -400,6 +415,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-tissue", action="store_true")
     p.add_argument("--no-crops", action="store_true", help="skip the crop-by-crop evaluation")
     p.add_argument("--save", help="also write the JSON to this file")
+    p.add_argument("--precision", choices=("auto", "float", "int8"), default="auto",
+                   help="network to evaluate (default auto: the int8 one when the model has it)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     from napari_hemato.models.registry import resolve_model
@@ -407,7 +424,8 @@ def main(argv=None) -> int:
     model = resolve_model("mitosis", a.model or a.model_pos)
     metrics = evaluate_mitosis(model, a.data, split=a.split, canvas=a.canvas,
                                per_mosaic=a.per_mosaic, seed=a.seed, threads=a.threads,
-                               tissue=not a.no_tissue, crops=not a.no_crops)
+                               tissue=not a.no_tissue, crops=not a.no_crops,
+                               precision=a.precision)
     text = json.dumps(metrics, indent=2, default=float) + "\n"
     if a.save:
         Path(a.save).write_text(text)

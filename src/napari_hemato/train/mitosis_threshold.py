@@ -76,19 +76,22 @@ def pick_threshold(sweep: list[dict], target: float = RECALL_TARGET, z: float = 
 
 
 def calibrate_threshold(model_dir, data_dir, *, threads: int | None = 2, target: float = RECALL_TARGET,
-                        workdir=None) -> dict:
-    """Analyse the tune slides' crops and write the threshold (see the module docstring).
+                        workdir=None, precision: str = "float") -> dict:
+    """Analyse the tune slides' crops and write the threshold (see the module docstring) of
+    the ``precision`` network: ``postprocess.threshold`` for the float one,
+    ``int8.postprocess.threshold`` for the int8 one.
 
-    Returns the record written to ``extra.threshold``.
+    Returns the record written to ``extra.threshold`` (``extra.threshold_int8``).
     """
     from napari_hemato.train.evaluate_mitosis import _low_threshold_copy, evaluate_crops
 
     model_dir = Path(model_dir)
-    spec = load_spec(model_dir)
+    full = load_spec(model_dir)
+    spec = full.for_precision(precision)
     own = workdir is None
     work = Path(tempfile.mkdtemp(prefix="hemato-mitosis-thr-") if own else workdir)
     try:
-        low = _low_threshold_copy(spec, work / "model_low")
+        low = _low_threshold_copy(full, work / "model_low", precision)
         crops = evaluate_crops(spec, low, data_dir, split="tune", workdir=work, threads=threads)
     finally:
         if own:
@@ -107,8 +110,12 @@ def calibrate_threshold(model_dir, data_dir, *, threads: int | None = 2, target:
         "previous": spec.postprocess.get("threshold"),
     }
     d = json.loads((model_dir / "model.json").read_text())
-    d["postprocess"]["threshold"] = record["value"]
-    d.setdefault("extra", {})["threshold"] = record
+    if precision == "int8":
+        d["int8"]["postprocess"] = {**d["int8"].get("postprocess", {}), "threshold": record["value"]}
+        d.setdefault("extra", {})["threshold_int8"] = record
+    else:
+        d["postprocess"]["threshold"] = record["value"]
+        d.setdefault("extra", {})["threshold"] = record
     write_spec(model_dir, d)
     log.info("threshold %s -> %s (%s)", record["previous"], record["value"], record["rule"])
     return record
@@ -121,9 +128,12 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="../shared/data (AMi-Br crops)")
     p.add_argument("--target", type=float, default=RECALL_TARGET)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=("float", "int8"), default="float",
+                   help="whose threshold: the float network's (default) or the int8 one's")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    record = calibrate_threshold(a.model, a.data, threads=a.threads, target=a.target)
+    record = calibrate_threshold(a.model, a.data, threads=a.threads, target=a.target,
+                                 precision=a.precision)
     sys.stdout.write(json.dumps(record, indent=2) + "\n")
     return 0
 

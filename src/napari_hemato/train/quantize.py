@@ -121,14 +121,17 @@ def quantize_model(model_path: str | Path, out_path: str | Path, spec: ModelSpec
                         nodes_to_exclude=list(keep_float))
 
 
-def nuclei_calibration_images(spec: ModelSpec, data_dir: str | Path) -> tuple[list[str], list]:
-    """The nucleus model's training images at its pixel size (held-out and tune images left out)."""
+def nuclei_calibration(spec: ModelSpec, data_dir: str | Path, n: int) -> tuple[list, dict]:
+    """``n`` crops of the nucleus model's training images at its pixel size (validation and
+    tune images left out), and what they are."""
     from napari_hemato.train import data_nuclei as dn
 
     held = {e["key"] for which in ("validation_images", "tune_images")
             for e in spec.extra.get(which, [])}
     keys = [k for k in dn.list_keys(data_dir) if k not in held]
-    return keys, [dn.load_image(data_dir, k, targets=False).image for k in keys]
+    images = [dn.load_image(data_dir, k, targets=False).image for k in keys]
+    return calibration_crops(images, n=n), {
+        "images": len(keys), "split": "training images only (validation and tune images left out)"}
 
 
 INT8_FILE = "model_int8.onnx"
@@ -159,24 +162,49 @@ def add_int8(model_dir: str | Path, crops: list[np.ndarray], *, keep_float_depth
     return model_dir
 
 
+def mitosis_calibration(spec: ModelSpec, data_dir: str | Path, n: int) -> tuple[list, dict]:
+    """``n`` crops of the mitosis detector's training material at its pixel size, half
+    negative tissue (its training parts) and half figures (AMi-Br and points crops of the
+    training slides, by training's own split; crops smaller than 256 px are used whole)."""
+    from napari_hemato.train import data_mitosis as dm
+
+    regions = dm.tissue_regions(data_dir, part="train", mpp=spec.mpp)
+    frame = dm.read_crops_table(data_dir)
+    points = dm.load_points_crops(data_dir, mpp=spec.mpp)
+    slides = np.concatenate([frame["slide"].to_numpy(object), points.slides])
+    datasets = np.concatenate([frame["dataset"].astype(str).to_numpy(object), points.datasets])
+    split = dm.split_slides(slides, datasets)  # what train_mitosis splits (load_data)
+    train = np.flatnonzero(np.isin(slides, split["train"]))
+    pick = np.random.default_rng(0).permutation(train)[: n // 2]
+    rows = np.sort(pick[pick < len(frame)])
+    figures = list(dm.load_crops(frame.iloc[rows], mpp=spec.mpp).images)
+    figures += list(points.images[np.sort(pick[pick >= len(frame)]) - len(frame)])
+    side = min(min(f.shape[:2]) for f in figures) // spec.size_divisor * spec.size_divisor
+    crops = (calibration_crops([r.image for r in regions], n=n - len(figures))
+             + calibration_crops(figures, n=len(figures), size=side))
+    return crops, {"tissue_regions": len(regions), "figure_crops": len(figures),
+                   "figure_crop_px": int(side), "training_slides": len(split["train"]),
+                   "split": "training slides and training tissue parts only"}
+
+
+CALIBRATION = {"nuclei": nuclei_calibration, "mitosis": mitosis_calibration}
+
+
 def quantize_folder(model_dir: str | Path, data_dir: str | Path, out_dir: str | Path | None = None,
                     *, n_crops: int = 48, keep_float_depth: int = 1,
                     version: str | None = None) -> Path:
-    """Add an int8 network to the nucleus model folder ``model_dir`` (or to a copy of it in
-    ``out_dir``), calibrated on its training images (see module docstring)."""
+    """Add an int8 network to the nucleus or mitosis model folder ``model_dir`` (or to a copy
+    of it in ``out_dir``), calibrated on its training images (see module docstring)."""
     spec = load_spec(model_dir)
-    if spec.task != "nuclei":
-        raise ValueError(f"{model_dir}: calibration images are known for nuclei models only, "
-                         f"not {spec.task!r}")
-    keys, images = nuclei_calibration_images(spec, data_dir)
-    crops = calibration_crops(images, n=n_crops)
+    if spec.task not in CALIBRATION:
+        raise ValueError(f"{model_dir}: calibration images are known for {sorted(CALIBRATION)} "
+                         f"models, not {spec.task!r}")
+    crops, calibration = CALIBRATION[spec.task](spec, data_dir, n_crops)
     if out_dir is not None and Path(out_dir).resolve() != Path(model_dir).resolve():
         shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
         model_dir = out_dir
     return add_int8(model_dir, crops, keep_float_depth=keep_float_depth, version=version,
-                    calibration={"images": len(keys),
-                                 "split": "training images only (validation and tune images "
-                                          "left out)"})
+                    calibration=calibration)
 
 
 def main(argv: list[str] | None = None) -> None:
