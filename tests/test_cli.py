@@ -254,6 +254,17 @@ def test_export_from_result_store_roundtrips(tmp_path, field, model_dir, capsys)
     assert main(["export", str(store), "--format", "points_csv", "--out-dir", str(tmp_path / "ex")]) == 2
 
 
+def test_models_lists_which_network_the_cpu_runs(capsys):
+    from napari_hemato.core.spec import load_spec
+    from napari_hemato.models.registry import bundled_models
+
+    assert main(["models"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()
+             if line and not line.startswith(" ")}
+    for task, folder in bundled_models().items():
+        assert ("int8 networks" in lines[task]) == (load_spec(folder).int8 is not None)
+
+
 def test_classify_cells_writes_the_documented_csv(tmp_path, shared_data, capsys):
     from napari_hemato.models.registry import bundled_models
 

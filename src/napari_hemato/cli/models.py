@@ -71,8 +71,9 @@ def cmd_models(args) -> int:
         mpp = (f"{spec.mpp} µm/px" if spec.mpp
                else f"{pre['window_um']:g} µm windows" if pre.get("scale") == "red-cell"
                else "size-normalised crops")
+        nets = f"; float + int8 networks (the CPU runs {spec.int8['onnx']})" if spec.int8 else ""
         out(f"{task:<8} {spec.name} {spec.version}  {spec.kind}, {mpp}; "
-            f"classes: {', '.join(spec.class_names)}")
+            f"classes: {', '.join(spec.class_names)}{nets}")
         out(f"         {folder}")
     return 0
 
