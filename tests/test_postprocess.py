@@ -11,6 +11,7 @@ from skimage.segmentation import watershed
 from napari_hemato.core.postprocess import (
     _h_maxima_markers,
     _h_maxima_regions,
+    _local_peaks,
     instances_from_maps,
 )
 
@@ -89,3 +90,16 @@ def test_background_only_gives_no_markers():
     assert _h_maxima_markers(v, 0.1, v > 0, v > 0).max() == 0
     v[10, 10] = 0.05  # a speck lower than h is not a nucleus
     assert _h_maxima_markers(v, 0.1, v > 0, v > 0).max() == 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("threshold", [0.3, 0.8, 0.97])
+def test_peaks_on_the_box_around_the_mask_are_the_whole_image_peaks(seed, threshold):
+    """The maximum filter runs only around the pixels above threshold (edges included)."""
+    v = blobs(seed, shape=(120, 150), n=25)
+    v[0, :6] = v[-3:, -1] = 0.99  # candidates touching the image edges
+    mask = v > threshold
+    radius = 7
+    full = (v == ndi.maximum_filter(v, size=2 * radius + 1, mode="nearest")) & mask
+    ref = ndi.label(full, structure=np.ones((3, 3), bool))[0]
+    np.testing.assert_array_equal(_local_peaks(v, mask, radius), ref)
