@@ -332,9 +332,11 @@ def tissue_regions(data_dir: str | Path, *, part: str, mpp: float) -> list[Tissu
     for src in tissue_sources(data_dir):
         if part in ("tune", "test") and src.role != part:
             continue
-        path = Path(data_dir) / src.path
-        img = read_rgb(path)
-        box = region_box(img.shape, src.holdout, "train" if part == "train" else "val")
+        which = "train" if part == "train" else "val"
+        if region_box((1, 1), src.holdout, which) is None:
+            continue  # wholly in the other part: not read at all
+        img = read_rgb(Path(data_dir) / src.path)
+        box = region_box(img.shape, src.holdout, which)
         if box is None:
             continue
         y0, x0, y1, x1 = box
