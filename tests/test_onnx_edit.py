@@ -73,3 +73,24 @@ def test_edits_that_would_break_the_graph_are_refused():
     onnx_edit.add_initializer(model, "extra", np.ones(2, np.float32))
     onnx_edit.add_initializer(model, "extra", np.zeros(2, np.float32))  # replaces
     np.testing.assert_array_equal(onnx_edit.initializer(model, "extra"), np.zeros(2))
+
+
+def test_channel_softmax_becomes_elementwise_with_the_same_values(tmp_path):
+    """A Softmax over the class axis of (N, C, H, W) maps is rewritten (onnxruntime runs
+    it on a transposed copy); a classifier's Softmax over its last axis is left alone."""
+    from tests.onnx_models import tiny_mitosis_model_dir, tiny_wbc_model_dir
+
+    folder = tiny_mitosis_model_dir(tmp_path / "mitosis")
+    model = onnx_edit.load(folder / "model.onnx")
+    assert onnx_edit.elementwise_softmax(model) == 1
+    assert onnx_edit.elementwise_softmax(model) == 0  # nothing left to rewrite
+    assert not any(n.op_type == "Softmax" for n in model.graph.node)
+    onnx_edit.save(model, tmp_path / "rewritten.onnx")
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 48)).astype(np.float32)
+    before = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(str(tmp_path / "rewritten.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in before.get_outputs()]
+    for a, b in zip(before.run(names, {"image": x}), after.run(names, {"image": x}), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    classifier = onnx_edit.load(tiny_wbc_model_dir(tmp_path / "wbc") / "model.onnx")
+    assert onnx_edit.elementwise_softmax(classifier) == 0
