@@ -141,3 +141,16 @@ def test_mitosis_calibration_uses_training_material_only(shared_data, tmp_path, 
     calibration = load_spec(folder).extra["quantization"]["calibration"]
     assert calibration["crops"] == 8 and calibration["figure_crops"] == 4
     assert OnnxPredictor(folder).precision == "int8"
+
+
+@pytest.mark.parametrize("precision", [None, "float"])
+def test_analyze_runs_the_network_asked_for(int8_model, tmp_path, precision):
+    from napari_hemato.cli import main
+    from napari_hemato.core.store import ResultStore
+
+    field = write_tiff(tmp_path / "f.tif", disk_image((200, 260), n=20), mpp=0.5)
+    out = tmp_path / "r.zarr"
+    argv = ["analyze", str(field), "--task", "nuclei", "--tissue", "none", "--model",
+            str(int8_model), "--out", str(out)]
+    assert main(argv + (["--precision", precision] if precision else [])) == 0
+    assert ResultStore.open(out).config["model"]["weights"] == (precision or "int8")
