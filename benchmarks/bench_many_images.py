@@ -50,7 +50,8 @@ def _timed(cmd: list[str]) -> float:
 def analyze_folder(n: int, tmp: Path) -> dict:
     fields = _fields(n, tmp / "fields")
     out = {}
-    for name, extra in (("mpp_given", ["--mpp", "0.08"]), ("mpp_measured", [])):
+    for name, extra in (("mpp_given", ["--mpp", "0.08"]), ("mpp_measured", []),
+                        ("mpp_measured_per_image", ["--ruler", "per-image"])):
         dt = _timed([*CLI, "analyze", str(tmp / "fields"), "--task", "smear", "--out-dir",
                      str(tmp / f"out_{name}"), "--overwrite", *extra])
         out[name] = {"fields": len(fields), "seconds": round(dt, 2),

@@ -78,13 +78,16 @@ def iter_analyze(
     tissue=None,
     phases: bool = False,
     precision: str | None = None,
+    pooled_mpp: dict[tuple[int, int], float] | None = None,
 ) -> Generator[Progress, None, RunResult]:
     """Generator twin of :func:`analyze`: yields :class:`Progress`, returns the result.
 
     With ``phases``, :class:`Phase` events also tell what happens before the first tile
     (loading the models, opening the image, measuring its pixel size), which can take
     seconds. Closing the generator (or cancelling ``cancel``) stops the run; finished
-    tiles stay in ``out`` and ``resume=True`` continues them.
+    tiles stay in ``out`` and ``resume=True`` continues them. ``pooled_mpp``: pixel sizes
+    measured once for a folder by image size (:meth:`Task.pool_pixel_sizes`), used for an
+    image of that size that states none instead of measuring it again.
     """
     choice = get_task(task).tissue_default if tissue is None else tissue
     task = get_task(task)
@@ -98,7 +101,10 @@ def iter_analyze(
     try:
         if phases and opened.mpp is None and estimate_mpp:
             yield Phase("measuring the pixel size")
-        slide = task.prepare_slide(opened, predictor, roi=roi, estimate_mpp=estimate_mpp)
+        pooled = (pooled_mpp or {}).get(tuple(opened.shape[:2]))
+        # only when there is one: a task written before the keyword keeps working
+        slide = task.prepare_slide(opened, predictor, roi=roi, estimate_mpp=estimate_mpp,
+                                   **({"pooled_mpp": pooled} if pooled else {}))
         stored = _stored_tissue(out) if resume else False
         if phases and isinstance(choice, str) and choice == "auto" and stored is False:
             yield Phase("finding the tissue")

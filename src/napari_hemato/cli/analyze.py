@@ -50,6 +50,10 @@ def register(sub) -> None:
     p.add_argument("--classifier", type=Path, help="smear: WBC classifier folder (default: bundled)")
     p.add_argument("--no-classifier", action="store_true", help="smear: skip WBC subtypes")
     p.add_argument("--mpp", type=positive_float, help="pixel size in µm/px (overrides metadata)")
+    p.add_argument("--ruler", choices=("pooled", "per-image"), default="pooled",
+                   help="smear fields that state no pixel size, several inputs: measure it once "
+                        "per image size on 8 sampled fields when they agree (pooled, default) or on "
+                        "every field (per-image)")
     p.add_argument("--no-estimate-mpp", action="store_true",
                    help="smear fields without a pixel size: assume the training images' (0.08 µm/px) "
                    "instead of measuring it on the red cells")
@@ -103,14 +107,15 @@ def cmd_info(args) -> int:
 def run_analysis(slide_path: Path, *, task: str, out_store: Path, model=None, classifier=None,
                  mpp=None, estimate_mpp=True, roi=None, tile=None, batch=None, scheduler=None,
                  resume=False, overwrite=False, providers="cpu", threads=None, tissue=None,
-                 precision=None):
+                 precision=None, pooled_mpp=None):
     """One analysis with a progress bar on stderr; returns the RunResult."""
     from napari_hemato.api import iter_analyze
 
     gen = iter_analyze(slide_path, task=task, model=model, classifier=classifier, mpp=mpp,
                        estimate_mpp=estimate_mpp, providers=providers, threads=threads,
                        out=out_store, roi=roi, tile=tile, batch_size=batch, scheduler=scheduler,
-                       resume=resume, overwrite=overwrite, tissue=tissue, precision=precision)
+                       resume=resume, overwrite=overwrite, tissue=tissue, precision=precision,
+                       pooled_mpp=pooled_mpp)
     bar = None
     try:
         while True:
@@ -248,6 +253,12 @@ def cmd_analyze(args) -> int:
         if same:
             raise HematoError(f"inputs {', '.join(same[0])} would write the same results in "
                               f"{args.out_dir}; analyse them into different --out-dir folders")
+    if batch and args.mpp is None and not args.no_estimate_mpp and args.ruler == "pooled":
+        from napari_hemato.api import load_predictor
+
+        predictor = load_predictor(args.task, args.model, providers=args.providers,
+                                   threads=args.threads, precision=args.precision)
+        options["pooled_mpp"] = get_task(args.task).pool_pixel_sizes(inputs, predictor)
     summaries, failed = [], 0
     for path in inputs:
         store, table, labels = default_outputs(path, args.task, args.out_dir,

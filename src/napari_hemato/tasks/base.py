@@ -82,12 +82,19 @@ class Task:
         return False
 
     # -- running ----------------------------------------------------------------
-    def prepare_slide(self, slide, predictor, *, roi=None, estimate_mpp: bool = True):
+    def prepare_slide(self, slide, predictor, *, roi=None, estimate_mpp: bool = True,
+                      pooled_mpp: float | None = None):
         """The slide as the run should see it (the pixel-size policy). Default: unchanged.
 
         A slide without a pixel size is then analysed at the model's
-        ``assumed_input_mpp`` (flagged in the result)."""
+        ``assumed_input_mpp`` (flagged in the result). ``pooled_mpp``: the pixel size
+        :meth:`pool_pixel_sizes` measured for images like this one."""
         return slide
+
+    def pool_pixel_sizes(self, paths, predictor) -> dict[tuple[int, int], float]:
+        """Pixel sizes measured once for many images that state none, by image size
+        (``analyze FOLDER``). Default: none (each image follows :meth:`prepare_slide`)."""
+        return {}
 
     def finish(self, result, slide, stages: dict) -> None:
         """Second stages on a complete result (rewrite its table in place). Default: none."""

@@ -87,18 +87,70 @@ def with_red_cell_mpp(slide, predictor, *, roi=None):
         log.warning("%s: too few red cells to measure the pixel size (%d found)", slide.path,
                     est.n_cells)
         return slide
+    return with_measured_mpp(slide, est.mpp, predictor, f"{est.n_cells} red cells")
+
+
+def with_measured_mpp(slide, measured: float, predictor, what: str):
+    """``slide`` with a pixel size measured on red cells (``what`` says on which, for the log):
+    the model's training value when the two agree (:data:`AGREEMENT`; it is known more
+    precisely), else the measurement."""
     assumed = predictor.spec.assumed_input_mpp
-    if assumed and AGREEMENT[0] <= est.mpp / assumed <= AGREEMENT[1]:
-        # the red cells agree with the training images' pixel size, known more precisely
-        log.warning("%s: pixel size unknown; its red cells (%.4f µm/px on %d cells) agree with the "
-                    "model's training images: %.4f µm/px used", slide.path, est.mpp, est.n_cells,
-                    assumed)
+    if assumed and AGREEMENT[0] <= measured / assumed <= AGREEMENT[1]:
+        log.warning("%s: pixel size unknown; its red cells (%.4f µm/px on %s) agree with the "
+                    "model's training images: %.4f µm/px used", slide.path, measured, what, assumed)
         mpp = assumed
     else:
-        log.warning("%s: pixel size unknown; %.4f µm/px measured on %d red cells (pass the real one "
-                    "to be sure)", slide.path, est.mpp, est.n_cells)
-        mpp = est.mpp
+        log.warning("%s: pixel size unknown; %.4f µm/px measured on %s (pass the real one to be "
+                    "sure)", slide.path, measured, what)
+        mpp = measured
     return dataclasses.replace(slide, mpp=mpp, mpp_source="red-cells")
+
+
+#: fields read for a folder's pooled pixel size, readings needed, largest quartile spread
+POOL_FIELDS, POOL_MIN_OK, POOL_SPREAD = 8, 5, 0.2  # the spread classify-cells allows
+
+
+def pooled_field_mpp(paths, predictor) -> dict[tuple[int, int], float]:
+    """One measured µm/px per image size of a folder of smear fields that state none.
+
+    For each size with at least :data:`POOL_FIELDS` fields, that many evenly spread fields
+    are measured on their red cells (:func:`~napari_hemato.core.smear_scale.estimate_smear_mpp`);
+    the median is the size's pixel size when :data:`POOL_MIN_OK` readings succeed and their
+    quartile spread is at most :data:`POOL_SPREAD`. Fields of one camera share a pixel size,
+    and reading it once instead of per field is most of the per-field cost
+    (``analyze FOLDER``). Sizes not pooled are measured field by field as before.
+    """
+    from napari_hemato.core.slide import open_slide
+    from napari_hemato.core.smear_scale import estimate_smear_mpp
+
+    by_size: dict[tuple[int, int], list] = {}
+    for path in paths:
+        try:
+            with open_slide(path) as slide:
+                if slide.mpp is None:
+                    by_size.setdefault(tuple(slide.shape[:2]), []).append(path)
+        except SlideError:
+            continue  # the run reports it
+    pooled = {}
+    for size, group in by_size.items():
+        if len(group) < POOL_FIELDS:
+            continue
+        pick = np.unique(np.linspace(0, len(group) - 1, POOL_FIELDS).round().astype(int))
+        readings = []
+        for k in pick:
+            with open_slide(group[k]) as slide:
+                readings.append(estimate_smear_mpp(predictor, slide).mpp)
+        ok = np.asarray([r for r in readings if r], float)
+        if len(ok) < POOL_MIN_OK:
+            continue
+        q25, med, q75 = np.percentile(ok, [25, 50, 75])
+        spread = (q75 - q25) / med
+        if spread <= POOL_SPREAD:
+            pooled[size] = float(med)
+        log.info("fields of %d x %d px: red cells read %.4f µm/px on %d of %d sampled fields "
+                 "(quartile spread %.3f): %s", size[1], size[0], med, len(ok), len(pick), spread,
+                 f"used for all {len(group)}" if spread <= POOL_SPREAD else "measured per field")
+    return pooled
 
 
 def add_wbc_subtypes(result, slide, classifier) -> None:
@@ -156,10 +208,16 @@ class SmearTask(Task):
 
         return {"wbc": CellClassifier(classifier, providers=providers, threads=threads)}
 
-    def prepare_slide(self, slide, predictor, *, roi=None, estimate_mpp=True):
+    def prepare_slide(self, slide, predictor, *, roi=None, estimate_mpp=True, pooled_mpp=None):
         if estimate_mpp and slide.mpp is None:
+            if pooled_mpp:
+                return with_measured_mpp(slide, pooled_mpp, predictor,
+                                         f"{POOL_FIELDS} sampled fields of its size")
             return with_red_cell_mpp(slide, predictor, roi=roi)
         return slide
+
+    def pool_pixel_sizes(self, paths, predictor) -> dict[tuple[int, int], float]:
+        return pooled_field_mpp(paths, predictor)
 
     def finish(self, result, slide, stages) -> None:
         if "wbc" in stages:

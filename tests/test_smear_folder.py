@@ -1,0 +1,48 @@
+"""analyze FOLDER on smear fields that state no pixel size: one pooled reading per image size."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from napari_hemato.cli import main
+from napari_hemato.core.store import ResultStore
+
+pytestmark = pytest.mark.shared_data
+
+
+@pytest.fixture(scope="module")
+def fields(shared_data, tmp_path_factory):
+    from napari_hemato.train.data_smear import read_split
+
+    bccd = shared_data / "bccd"
+    folder = tmp_path_factory.mktemp("fields")
+    for stem in read_split(bccd, "val")[:9]:
+        shutil.copyfile(bccd / "JPEGImages" / f"{stem}.jpg", folder / f"{stem}.jpg")
+    return sorted(folder.iterdir())
+
+
+def test_a_folder_of_one_camera_is_measured_once(fields):
+    from napari_hemato.api import load_predictor
+    from napari_hemato.tasks.smear import POOL_FIELDS, pooled_field_mpp
+
+    predictor = load_predictor("smear")
+    pooled = pooled_field_mpp(fields, predictor)
+    assert list(pooled) == [(480, 640)]
+    assert 0.07 < pooled[(480, 640)] < 0.1  # BCCD's camera: 0.08 µm/px
+    assert pooled_field_mpp(fields[: POOL_FIELDS - 1], predictor) == {}  # too few to pool
+
+
+@pytest.mark.parametrize("ruler", ["pooled", "per-image"])
+def test_analyze_folder_uses_the_pooled_pixel_size(fields, tmp_path, ruler):
+    out = tmp_path / "out"
+    assert main(["analyze", *map(str, fields[:8]), "--task", "smear", "--no-classifier",
+                 "--out-dir", str(out), "--ruler", ruler]) == 0
+    configs = [ResultStore.open(p).config["slide"] for p in sorted(out.glob("*.zarr"))]
+    assert len(configs) == 8 and {c["mpp_source"] for c in configs} == {"red-cells"}
+    mpps = {c["mpp"] for c in configs}
+    if ruler == "pooled":  # one reading for the folder (here the training images' 0.08,
+        assert mpps == {0.08}  # which it agrees with)
+    else:
+        assert len(mpps) > 1  # field by field the red cells scatter
