@@ -259,16 +259,16 @@ def test_the_ruler_reads_alike_at_the_cells_working_resolution():
 def test_pooled_reading_agrees_or_refuses():
     """One pixel size for a sample: the median when readings agree, None when they disagree
     (two magnifications) or too few succeed."""
-    from napari_hemato.models.window_scale import POOL_MIN_OK, _pooled
+    from napari_hemato.models.window_scale import POOL_MIN_OK, pool_readings
 
     rng = np.random.default_rng(0)
     one = 0.22 * (1 + rng.normal(0, 0.04, 24))
-    r = _pooled(list(one), 24)
+    r = pool_readings(list(one), 24)
     assert r.ok and r.mpp == pytest.approx(np.median(one)) and r.spread < 0.1
     mixed = list(one[:12]) + list(1.5 * one[12:])
-    assert not _pooled(mixed, 24).ok and _pooled(mixed, 24).spread > 0.2
+    assert not pool_readings(mixed, 24).ok and pool_readings(mixed, 24).spread > 0.2
     few = [None] * (24 - POOL_MIN_OK + 1) + list(one[: POOL_MIN_OK - 1])
-    assert not _pooled(few, 24).ok and _pooled(few, 24).n_ok == POOL_MIN_OK - 1
+    assert not pool_readings(few, 24).ok and pool_readings(few, 24).n_ok == POOL_MIN_OK - 1
 
 
 def test_classify_cells_pools_the_ruler_per_image_size(tmp_path, capsys):

@@ -159,7 +159,7 @@ class WindowScale:
         red-cell``), so a pooled reading is both faster and closer to training than one per
         crop, which varies by about ±5 % with the red cells each crop happens to hold.
         """
-        return _pooled(self.crop_readings(cells), len(cells))
+        return pool_readings(self.crop_readings(cells), len(cells))
 
     def crop_readings(self, cells) -> list[float | None]:
         """The ruler's µm/px of each ``(crop, diameter_px)`` (a crop centred on its cell; None
@@ -186,9 +186,9 @@ def known_mpp(mpp, n: int) -> np.ndarray:
     return np.broadcast_to(np.asarray(values, float), (n,)).copy()
 
 
-def pool_sample(n: int) -> np.ndarray:
-    """Indices of the :data:`POOL_SAMPLE` items, evenly spread, that a pooled reading of ``n``
-    items reads (all of them when there are fewer).
+def pool_sample(n: int, k: int = POOL_SAMPLE) -> np.ndarray:
+    """Indices of the ``k`` items, evenly spread, that a pooled reading of ``n`` items reads
+    (all of them when there are fewer).
 
     Examples
     --------
@@ -197,16 +197,19 @@ def pool_sample(n: int) -> np.ndarray:
     """
     if n <= 0:
         return np.zeros(0, int)
-    return np.unique(np.linspace(0, n - 1, POOL_SAMPLE).round().astype(int))
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
-def _pooled(readings, n_read: int) -> PooledReading:
+def pool_readings(readings, n_read: int, *, min_ok: int = POOL_MIN_OK,
+                  max_spread: float = POOL_SPREAD) -> PooledReading:
+    """The median of ``readings`` (None entries failed) when at least ``min_ok`` succeeded and
+    their quartile spread (IQR / median) is at most ``max_spread``; else ``mpp`` None."""
     ok = np.asarray([r for r in readings if r], float)
-    if len(ok) < POOL_MIN_OK:
+    if len(ok) < min_ok:
         return PooledReading(None, n_read, len(ok), float("nan"))
     q25, med, q75 = np.percentile(ok, [25, 50, 75])
     spread = float((q75 - q25) / med)
-    return PooledReading(float(med) if spread <= POOL_SPREAD else None, n_read, len(ok), spread)
+    return PooledReading(float(med) if spread <= max_spread else None, n_read, len(ok), spread)
 
 
 def field_mpp_for_cells(ws: WindowScale, image: np.ndarray, centers, diameters) -> float | None:
@@ -216,4 +219,4 @@ def field_mpp_for_cells(ws: WindowScale, image: np.ndarray, centers, diameters) 
 
 
 __all__ = ["POOL_SAMPLE", "SCALE_MODES", "PooledReading", "WindowScale", "field_mpp_for_cells",
-           "known_mpp", "pool_sample"]
+           "known_mpp", "pool_readings", "pool_sample"]

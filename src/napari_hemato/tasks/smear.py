@@ -106,8 +106,9 @@ def with_measured_mpp(slide, measured: float, predictor, what: str):
     return dataclasses.replace(slide, mpp=mpp, mpp_source="red-cells")
 
 
-#: fields read for a folder's pooled pixel size, readings needed, largest quartile spread
-POOL_FIELDS, POOL_MIN_OK, POOL_SPREAD = 8, 5, 0.2  # the spread classify-cells allows
+#: fields read for a folder's pooled pixel size, and readings needed (the quartile spread
+#: allowed is classify-cells': :data:`napari_hemato.models.window_scale.POOL_SPREAD`)
+POOL_FIELDS, POOL_MIN_OK = 8, 5
 
 
 def pooled_field_mpp(paths, predictor) -> dict[tuple[int, int], float]:
@@ -116,12 +117,14 @@ def pooled_field_mpp(paths, predictor) -> dict[tuple[int, int], float]:
     For each size with at least :data:`POOL_FIELDS` fields, that many evenly spread fields
     are measured on their red cells (:func:`~napari_hemato.core.smear_scale.estimate_smear_mpp`);
     the median is the size's pixel size when :data:`POOL_MIN_OK` readings succeed and their
-    quartile spread is at most :data:`POOL_SPREAD`. Fields of one camera share a pixel size,
+    quartile spread is at most classify-cells' (:func:`~napari_hemato.models.window_scale.
+    pool_readings`). Fields of one camera share a pixel size,
     and reading it once instead of per field is most of the per-field cost
     (``analyze FOLDER``). Sizes not pooled are measured field by field as before.
     """
     from napari_hemato.core.slide import open_slide
     from napari_hemato.core.smear_scale import estimate_smear_mpp
+    from napari_hemato.models.window_scale import pool_readings, pool_sample
 
     by_size: dict[tuple[int, int], list] = {}
     for path in paths:
@@ -135,21 +138,17 @@ def pooled_field_mpp(paths, predictor) -> dict[tuple[int, int], float]:
     for size, group in by_size.items():
         if len(group) < POOL_FIELDS:
             continue
-        pick = np.unique(np.linspace(0, len(group) - 1, POOL_FIELDS).round().astype(int))
         readings = []
-        for k in pick:
+        for k in pool_sample(len(group), POOL_FIELDS):
             with open_slide(group[k]) as slide:
                 readings.append(estimate_smear_mpp(predictor, slide).mpp)
-        ok = np.asarray([r for r in readings if r], float)
-        if len(ok) < POOL_MIN_OK:
-            continue
-        q25, med, q75 = np.percentile(ok, [25, 50, 75])
-        spread = (q75 - q25) / med
-        if spread <= POOL_SPREAD:
-            pooled[size] = float(med)
-        log.info("fields of %d x %d px: red cells read %.4f µm/px on %d of %d sampled fields "
-                 "(quartile spread %.3f): %s", size[1], size[0], med, len(ok), len(pick), spread,
-                 f"used for all {len(group)}" if spread <= POOL_SPREAD else "measured per field")
+        reading = pool_readings(readings, len(readings), min_ok=POOL_MIN_OK)
+        if reading.mpp is not None:
+            pooled[size] = reading.mpp
+        log.info("fields of %d x %d px: red cells read on %d of %d sampled fields (quartile spread "
+                 "%.3f): %s", size[1], size[0], reading.n_ok, reading.n_read, reading.spread,
+                 f"{reading.mpp:.4f} µm/px used for all {len(group)}" if reading.mpp is not None
+                 else "measured per field")
     return pooled
 
 
