@@ -301,9 +301,9 @@ def _is_hex64(value) -> bool:
             and all(c in "0123456789abcdefABCDEF" for c in value))
 
 
-def check_weights(spec: ModelSpec, precision: str = "float") -> None:
-    """Raise ModelError unless the spec's ONNX file (``precision="int8"``: its int8
-    file) has the ``sha256`` the spec records.
+def check_weights(spec: ModelSpec, precision: str = "float") -> Path:
+    """The spec's ONNX file (``precision="int8"``: its int8 file), checked: raise
+    ModelError unless it has the ``sha256`` the spec records.
 
     A spec without ``sha256`` passes with a logged warning (once per file).
     """
@@ -319,7 +319,7 @@ def check_weights(spec: ModelSpec, precision: str = "float") -> None:
         raise ModelError(f"{path}: ONNX model file is empty")
     if expected is None:
         _warn_unchecked(str(path.resolve()))
-        return
+        return path
     actual = file_sha256(path)
     if actual != expected.lower():
         raise ModelError(
@@ -327,6 +327,7 @@ def check_weights(spec: ModelSpec, precision: str = "float") -> None:
             f"{expected} (the weights were replaced or damaged: restore the {name} this "
             "spec was written for, or re-export the model)"
         )
+    return path
 
 
 @functools.lru_cache(maxsize=256)

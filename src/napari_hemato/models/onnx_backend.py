@@ -134,11 +134,10 @@ class OnnxPredictor:
                  precision: str | None = None) -> None:
         spec = model if isinstance(model, ModelSpec) else load_spec(model)
         self.precision = resolve_precision(spec, precision, providers)
-        check_weights(spec, self.precision)
+        self.weights_path = check_weights(spec, self.precision)
         self.spec = spec.for_precision(self.precision)  # e.g. the int8 network's threshold
         self.providers = providers
         self.threads = threads
-        self.weights_path = self.spec.int8_path if self.precision == "int8" else self.spec.onnx_path
         self.session = load_session(self.weights_path, providers=providers, threads=threads)
         self._check_signature()
 

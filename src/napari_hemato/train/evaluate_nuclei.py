@@ -58,8 +58,7 @@ def _session(spec: ModelSpec, threads: int, precision: str = "float"):
 
     from napari_hemato.core.spec import check_weights
 
-    check_weights(spec, precision)
-    path = spec.int8_path if precision == "int8" else spec.onnx_path
+    path = check_weights(spec, precision)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads)
     opts.inter_op_num_threads = 1
