@@ -85,7 +85,7 @@ def output_convs(model_path: str | Path, depth: int = 1) -> list[str]:
         if left <= 0:
             continue
         for inp in node.input:
-            if inp in producer and not inp.startswith("onnx::") and producer[inp].op_type != "Constant":
+            if inp in producer and producer[inp].op_type != "Constant":  # not weights
                 convs_left[inp] = max(convs_left.get(inp, 0), left)
                 frontier.append(inp)
     return names
