@@ -9,9 +9,9 @@ from skimage.io import imsave
 
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.core.export.formats import export_annotations
+from napari_hemato.core.export.regions import list_instance_exports, load_instance_export
 from napari_hemato.train import data_nuclei as dn
 from napari_hemato.train import data_smear as ds
-from napari_hemato.train.data_export import list_instance_exports, load_instance_export
 
 ORIGIN = (30, 50)
 FORMATS = ["tiff", "omezarr", "coco", "geojson"]

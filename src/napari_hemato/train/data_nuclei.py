@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 from skimage.io import imread
-from skimage.transform import resize
 
+from napari_hemato.core.resample import labels_to_original, to_model_grid  # noqa: F401 - re-exported
 from napari_hemato.train.targets import distance_target
 
 log = logging.getLogger(__name__)
@@ -108,30 +108,6 @@ def image_mpp(key: str, labels: np.ndarray) -> float:
     return dsb_mpp(labels)
 
 
-def to_model_grid(
-    img: np.ndarray, lab: np.ndarray | None, mpp: float, target_mpp: float = MODEL_MPP
-):
-    """Resample an image (linear, anti-aliased) and labels (nearest) to ``target_mpp``."""
-    f = mpp / target_mpp
-    if abs(f - 1) < 1e-3:
-        return img, lab
-    shape = (max(1, round(img.shape[0] * f)), max(1, round(img.shape[1] * f)))
-    im = resize(img, shape, order=1, anti_aliasing=f < 1, preserve_range=True)
-    im = np.clip(np.round(im), 0, 255).astype(np.uint8)
-    lb = None
-    if lab is not None:
-        lb = resize(lab, shape, order=0, anti_aliasing=False, preserve_range=True)
-        lb = lb.astype(np.int32)
-    return im, lb
-
-
-def labels_to_original(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of model-grid labels back to an image's own grid."""
-    if labels.shape == tuple(shape):
-        return labels
-    return resize(labels, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
-
-
 def make_targets(labels: np.ndarray) -> dict[str, np.ndarray]:
     return {"fg": (labels > 0).astype(np.float32), "dist": distance_target(labels)}
 
@@ -191,7 +167,7 @@ def load_image(data_dir: str | Path, key: str, *, targets: bool = True) -> Nucle
     source, stem = key.split("/", 1)
     img, lab = read_pair(Path(data_dir) / source / f"{stem}.png")
     mpp = image_mpp(key, lab)
-    im, lb = to_model_grid(img, lab, mpp)
+    im, lb = to_model_grid(img, lab, mpp, MODEL_MPP)
     item = NucleusImage(key, im, lb, mpp, img.shape[:2])
     if targets:
         item.targets = make_targets(lb)
@@ -212,9 +188,9 @@ def load_export_images(folder: str | Path, *, images: str | Path | None = None,
     """The plugin's exported (corrected) nucleus masks in ``folder`` as training images.
 
     Every labelled object is a nucleus; the region is resampled to :data:`MODEL_MPP`
-    from the pixel size the export recorded (see :mod:`napari_hemato.train.data_export`).
+    from the pixel size the export recorded (see :mod:`napari_hemato.core.export.regions`).
     """
-    from napari_hemato.train.data_export import list_instance_exports, load_instance_export
+    from napari_hemato.core.export.regions import list_instance_exports, load_instance_export
 
     paths = list_instance_exports(folder)
     if not paths:
@@ -226,7 +202,7 @@ def load_export_images(folder: str | Path, *, images: str | Path | None = None,
         if not region.mpp:
             raise ValueError(f"{path}: the export has no pixel size; re-export it from an image "
                              "whose µm/px is known (or typed in the Analyse widget)")
-        im, lb = to_model_grid(region.image, region.labels.astype(np.int32), region.mpp)
+        im, lb = to_model_grid(region.image, region.labels.astype(np.int32), region.mpp, MODEL_MPP)
         item = NucleusImage(region.key, im, lb, region.mpp, region.image.shape[:2])
         if targets:
             item.targets = make_targets(lb)

@@ -24,7 +24,7 @@ A second source is the plugin's own export layout: a folder of images
 ``<stem>.png|jpg|tif`` with ``<stem>_label.tif`` (instance labels) and
 ``<stem>.csv`` (``id,class``), or any instance file the plugin's Export writes
 (``*_labels.tif``, ``*.ome.zarr``, ``*_coco.json``, ``*.geojson``, see
-:mod:`napari_hemato.train.data_export`); those masks are complete, so nothing
+:mod:`napari_hemato.core.export.regions`); those masks are complete, so nothing
 is ignored.
 
 No torch here: numpy, scipy, scikit-image, pandas, tifffile.
@@ -268,7 +268,7 @@ def load_instance_export_sample(path: Path, *, default_mpp: float = BCCD_MPP,
     table has one (the smear pipeline puts the WBC subtype in ``class``), else its
     ``class``; objects of any other class are ignored in the losses.
     """
-    from napari_hemato.train.data_export import load_instance_export
+    from napari_hemato.core.export.regions import load_instance_export
 
     region = load_instance_export(path, images=images)
     names = dict(region.classes)
@@ -332,7 +332,7 @@ def load_training_data(data_dirs, *, limit: int | None = None):
             tune += load_bccd(d, tu)
             val_stems += va
         else:
-            from napari_hemato.train.data_export import list_instance_exports
+            from napari_hemato.core.export.regions import list_instance_exports
 
             paths = list_export_stems(d)
             exported = list_instance_exports(d)

@@ -1,6 +1,7 @@
 """Dense training targets from annotations (numpy, scipy, scikit-image; no torch).
 
-- :func:`distance_target`: per-object distance to the border, scaled to 1 at
+- :func:`distance_target` (from :mod:`napari_hemato.core.postprocess`, where the
+  runtime fine-tune reads it too): per-object distance to the border, scaled to 1 at
   the centre (the nucleus and smear models' ``distance`` output);
 - :func:`pseudo_masks`: instance pseudo-masks from blood-smear boxes
   (:class:`Box`), see :mod:`napari_hemato.train.data_smear` for the rules, with
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from napari_hemato.core.postprocess import distance_target  # noqa: F401 - the training target
 
 CLASS_NAMES = ("RBC", "WBC", "Platelets")
 #: the model works at 2× downsampled BCCD fields
@@ -39,27 +42,6 @@ class Box:
     @property
     def yxyx(self) -> tuple[float, float, float, float]:
         return (self.y0, self.x0, self.y1, self.x1)
-
-
-def distance_target(labels: np.ndarray) -> np.ndarray:
-    """Per-object Euclidean distance to the object's border, scaled to max 1.
-
-    Touching objects are separated (each object's distance is computed on its
-    own mask), so the map dips to ~0 between them: its local maxima give one
-    watershed seed per object.
-    """
-    out = np.zeros(labels.shape, np.float32)
-    for i, sl in enumerate(ndi.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
-        m = labels[sl] == i
-        d = ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1]
-        top = d.max()
-        if top > 0:
-            out[sl][m] = (d[m] / top).astype(np.float32)
-    return out
-
 
 
 # -- colour foreground ---------------------------------------------------------

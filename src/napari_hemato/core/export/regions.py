@@ -7,13 +7,14 @@ records the image it was drawn on, the level-0 origin of its label image and
 the pixel size. :func:`list_instance_exports` finds them in a folder and
 :func:`load_instance_export` reads one back as an image region with its labels
 and a class per label, which the smear and nuclei trainers turn into training
-images (``napari-hemato train smear|nuclei --data EXPORT_DIR``).
+images (``napari-hemato train smear|nuclei --data EXPORT_DIR``) and the nucleus
+fine-tune reads as corrections (``napari-hemato finetune nuclei --data EXPORT_DIR``).
 
 The image is looked up at its recorded path, then beside the export under the
 same file name, then in ``images`` (a folder), so an export folder can move to
 another machine together with its images.
 
-No torch here.
+No torch here: the base install's fine-tune reads these too.
 
 Examples
 --------
