@@ -36,7 +36,9 @@ Kinds and output roles (all outputs are NCHW float32, same H, W as the input):
 
 - ``instances``: ``foreground`` (N,1,H,W) probability; optional ``distance``
   (N,1,H,W) distance-to-boundary map used for watershed seeds; optional
-  ``class_probs`` (N,C,H,W) per-pixel class probabilities averaged per object.
+  ``class_probs`` (N,C,H,W) per-pixel class probabilities averaged per object;
+  optional ``features`` (N,D,H,W), the tensor the last 1×1 convolution of
+  ``foreground`` and ``distance`` reads (only fine-tuning asks for it).
 - ``points``: ``heatmap`` (N,1,H,W) probability of an object centre; optional
   ``class_probs`` (N,C,H,W) read at each peak; optional ``features`` (N,D,h,w), the
   tensor the heatmap's last 1×1 convolution reads (coarser than the input; only
@@ -64,7 +66,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("instances", "points", "classifier")
 _ROLES = {
-    "instances": ({"foreground"}, {"distance", "class_probs"}),
+    "instances": ({"foreground"}, {"distance", "class_probs", "features"}),  # features: for fine-tuning
     "points": ({"heatmap"}, {"class_probs", "features"}),  # features: for fine-tuning
     "classifier": ({"probs"}, {"cam", "logits", "embedding"}),  # embedding: for fine-tuning
 }

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_hemato.core.errors import ModelError
-from napari_hemato.core.spec import ModelSpec, load_spec
+from napari_hemato.core.spec import ON_REQUEST, ModelSpec, load_spec
 from napari_hemato.models.onnx_opset import onnx_opset
 
 __all__ = ["export_bioimageio"]
@@ -179,6 +179,27 @@ def _resolve(model) -> ModelSpec:
     return load_spec(path)
 
 
+def _packaged_onnx(spec: ModelSpec) -> bytes:
+    """The float network as packaged: without the outputs only fine-tuning asks for
+    (:data:`~napari_hemato.core.spec.ON_REQUEST`, Identity nodes), which other tools would
+    run and describe as the model's outputs."""
+    data = spec.onnx_path.read_bytes()
+    drop = {spec.outputs[r] for r in ON_REQUEST if r in spec.outputs}
+    if not drop:
+        return data
+    import onnx
+
+    model = onnx.load_from_string(data)
+    keep = [o for o in model.graph.output if o.name not in drop]
+    nodes = [n for n in model.graph.node if not (n.op_type == "Identity" and set(n.output) <= drop)]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def build_rdf(spec: ModelSpec, *, test_input: np.ndarray, outputs: list[tuple[str, np.ndarray]],
               hashes: dict[str, str], opset: int, fixed_input: bool,
               license: str = LICENSE) -> dict:
@@ -318,9 +339,12 @@ def export_bioimageio(model, out: str | os.PathLike, *, overwrite: bool = False,
         dest = check_destination(out, overwrite=overwrite)
     except ExportError as exc:
         raise ModelError(str(exc)) from None
-    # the packaged network is the float one
-    predictor = OnnxPredictor(spec, providers=providers, precision="float")
-    session = predictor.session
+    # the packaged network is the float one, without the outputs only fine-tuning asks for
+    import onnxruntime as ort
+
+    predictor = OnnxPredictor(spec, providers=providers, precision="float")  # checks the weights
+    network = _packaged_onnx(spec)
+    session = ort.InferenceSession(network, providers=predictor.session.get_providers())
     fixed_input = all(isinstance(v, int) for v in session.get_inputs()[0].shape[2:])
     image = _test_image(spec, _test_shape(spec, session))
     feed = {spec.input_name: spec.normalize(image)}
@@ -330,7 +354,7 @@ def export_bioimageio(model, out: str | os.PathLike, *, overwrite: bool = False,
     if len({_tensor_id(n) for n in names}) != len(names):
         raise ModelError(f"{spec.name}: output names {names} do not give distinct tensor ids")
     test_input = np.ascontiguousarray(image.transpose(0, 3, 1, 2).astype(np.float32))
-    files = {"model.onnx": spec.onnx_path.read_bytes(), "test_input.npy": _npy(test_input),
+    files = {"model.onnx": network, "test_input.npy": _npy(test_input),
              "cover.png": _cover(image, outputs), "MODEL_CARD.md": _card(spec).encode("utf-8")}
     for name, value in outputs:
         files[f"test_output_{_tensor_id(name)}.npy"] = _npy(value)

@@ -163,8 +163,11 @@ class OnnxPredictor:
         if isinstance(shape[1], int) and shape[1] != 3:
             raise ModelError(f"{where}: model expects {shape[1]} channels, the spec says RGB (3)")
         self._fixed_hw = tuple(s if isinstance(s, int) else None for s in shape[2:])
-        names = {o.name for o in self.session.get_outputs()}
-        missing = {role: n for role, n in self.spec.outputs.items() if n not in names}
+        names = self._have = {o.name for o in self.session.get_outputs()}
+        # an output computed only on request (a fine-tune's ``features``) may be missing from
+        # the int8 network: the fine-tune runs the float one; asking the int8 one fails below
+        missing = {role: n for role, n in self.spec.outputs.items()
+                   if n not in names and not (role in ON_REQUEST and self.precision == "int8")}
         if missing:
             raise ModelError(f"{where}: spec outputs {missing} not in the model's outputs {sorted(names)}")
 
@@ -190,9 +193,10 @@ class OnnxPredictor:
         if roles is None:
             roles = [r for r in self.spec.outputs if r not in ON_REQUEST]
         roles = list(roles)
-        unknown = [r for r in roles if r not in self.spec.outputs]
+        unknown = [r for r in roles if r not in self.spec.outputs or self.spec.outputs[r] not in self._have]
         if unknown:
-            raise ModelError(f"{self.spec.name}: the model has no output role(s) {unknown}")
+            raise ModelError(f"{self.spec.name}: the model ({self.precision} network) has no output "
+                             f"role(s) {unknown}")
         names = [self.spec.outputs[r] for r in roles]
         options = ort.RunOptions()
         unregister = cancel.register(lambda: setattr(options, "terminate", True)) if cancel else None
