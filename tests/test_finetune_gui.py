@@ -1,5 +1,6 @@
 """'Fine-tune on my corrections' in the Review dock: corrections of a smear field refit the
-WBC classifier in a worker (progress, cancel), and the Analyse dock runs the new model."""
+WBC classifier in a worker (progress, cancel), and the Analyse dock runs the new model;
+corrected nuclei refit the nucleus segmenter."""
 
 from __future__ import annotations
 
@@ -127,9 +128,48 @@ def test_finetune_from_the_review_dock_then_run_the_new_model(make_napari_viewer
     assert len(list(folder.parent.iterdir())) == n_models
 
 
-def test_a_task_without_a_finetune_says_so(make_napari_viewer, qtbot, tmp_path):
-    from napari_hemato._widgets.review import ReviewWidget
+def test_corrected_nuclei_refit_the_segmenter_from_the_review_dock(make_napari_viewer, qtbot, tmp_path):
+    """A nuclei layer of the bundled sample, each nucleus painted 1 µm wider: the panel exports
+    the layer, refits the bundled segmenter and sets the new model in the Analyse dock."""
+    from skimage.segmentation import expand_labels
 
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato._widgets.review import ReviewWidget
+    from napari_hemato.api import analyze as run
+    from napari_hemato.core.annotations import from_result
+    from napari_hemato.core.slide import open_slide, to_rgb8
+    from napari_hemato.samples import sample_path
+
+    with open_slide(sample_path("he_slide")) as slide:
+        image = to_rgb8(slide.read_region(0, 1100, 900, 1484, 1284))
+    path = tmp_path / "crop.png"
+    Image.fromarray(image).save(path)
+    ann = from_result(run(path, task="nuclei", mpp=0.5, out=tmp_path / "run.zarr", threads=1, tissue="none"))
+    ann.labels = expand_labels(np.asarray(ann.labels), 2).astype(np.uint32)
+    viewer = make_napari_viewer()
+    data, kwargs, _ = annotation_layer_data(ann, name="crop nuclei")
+    viewer.layers.selection.active = viewer.add_labels(data, **kwargs)
+    analyze = AnalyzeWidget(viewer)
+    viewer.window.add_dock_widget(analyze, name="Analyse")
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review")
+    panel = review.finetune
+    panel.start()
+    with qtbot.waitSignal(panel.worker.finished, timeout=300_000):
+        pass
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert panel.result is not None, panel.status.text()
+    folder = panel.result.folder
+    assert folder.name.startswith("nuclei-") and panel.result.corrections["regions"] == 1
+    assert analyze.task.value == "nuclei" and analyze.model.value == str(folder)
+    assert "reference F1" in panel.status.text() and "model folder" in panel.status.text()
+
+
+def test_a_task_without_a_finetune_says_so(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    from napari_hemato._widgets.review import ReviewWidget
+    from napari_hemato.tasks.nuclei import NucleiTask
+
+    monkeypatch.setattr(NucleiTask, "finetune_kind", None)  # every bundled task has one now
     _, ann = smear_field(tmp_path)
     ann.metadata = {"model": {"task": "nuclei"}}
     viewer = make_napari_viewer()

@@ -136,8 +136,8 @@ def test_the_cli_writes_a_model_classify_cells_takes(model, tmp_path, capsys):
                  "--out", str(tmp_path / "calls.csv")]) == 0
     calls = pd.read_csv(tmp_path / "calls.csv")
     assert (calls["class"] == "MO").mean() >= 0.9
-    # no fast path for the segmenters: one clear line, exit 2
-    assert main(["finetune", "nuclei", "--data", str(data), "--out", str(tmp_path / "n")]) == 2
+    # no fast path for the smear detector: one clear line, exit 2
+    assert main(["finetune", "smear", "--data", str(data), "--out", str(tmp_path / "n")]) == 2
     assert "no fast (head-only) fine-tune" in capsys.readouterr().err
 
 

@@ -244,11 +244,13 @@ def finetune(kind: str, data: PathLike | list[PathLike], out: PathLike, *,
 
     Parameters
     ----------
-    kind : {"wbc", "mitosis"}
+    kind : {"wbc", "mitosis", "nuclei"}
         ``wbc``: the white-cell classifier, from a crops export (reviewed / corrected rows)
         or class folders of single-cell images (the 11 classes, or coarse groups NEU, LY,
         MO, EO, BA, IG); ``mitosis``: the mitosis detector, from points CSV exports
-        (accepted, rejected and added points) beside their images.
+        (accepted, rejected and added points) beside their images; ``nuclei``: the nucleus
+        segmenter, from corrected masks (label TIFF, OME-Zarr, COCO or GeoJSON exports with
+        their images; each exported region is taken as reviewed).
     data : path or list of paths
         Exported corrections.
     out : path

@@ -160,13 +160,9 @@ class FinetunePanel(QWidget):
 
     def _on_done(self, result) -> None:
         self.result = result
-        after = result.metrics.get("after", {})
-        before = result.metrics.get("before", {})
         where = offer_model(self.viewer, result.folder, self._task, self._get_annotations())
         self.rerun_button.setEnabled(where is not None)
-        line = (f"new model: {result.folder.name} (reference accuracy "
-                f"{before.get('reference_accuracy', float('nan')):.3f} → "
-                f"{after.get('reference_accuracy', float('nan')):.3f}); ")
+        line = f"new model: {result.folder.name} ({_headline(result.metrics)}); "
         self.status.setText(line + (f"set in the Analyse dock's {where}: 'Run the new model' uses it"
                                     if where else f"use it as the model folder: {result.folder}"))
 
@@ -189,6 +185,17 @@ class FinetunePanel(QWidget):
         self._token = None
         self.button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+
+
+def _headline(metrics: dict) -> str:
+    """The fine-tune's one-line result: its ``headline``, else the reference before → after."""
+    if metrics.get("headline"):
+        return metrics["headline"]
+    before, after = metrics.get("before", {}), metrics.get("after", {})
+    key = next((k for k in ("reference_accuracy", "reference_recall") if k in before), None)
+    if key is None:
+        return "see its model card"
+    return f"{key.replace('_', ' ')} {before[key]:.3f} → {after.get(key, float('nan')):.3f}"
 
 
 def analyze_widget(viewer):

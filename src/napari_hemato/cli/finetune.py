@@ -11,11 +11,13 @@ def register(sub) -> None:
     p = sub.add_parser(
         "finetune", help="fine-tune a model on your corrections (base install, no torch, minutes)",
         description="Refit the model's last layer on your corrected objects plus the reference "
-                    "embeddings shipped with it; writes an ordinary model folder for --model.")
+                    "features shipped with it; writes an ordinary model folder for --model.")
     p.add_argument("kind", choices=["wbc", "mitosis", "nuclei", "smear"],
                    help="wbc: white-cell classes (crops export, or class folders of single-cell "
                         "images: the 11 classes or NEU/LY/MO/EO/BA/IG); mitosis: points CSV "
-                        "exports beside their images (accepted/rejected/added)")
+                        "exports beside their images (accepted/rejected/added); nuclei: "
+                        "corrected masks (label TIFF, OME-Zarr, COCO or GeoJSON exports with "
+                        "their images, each exported region taken as reviewed)")
     p.add_argument("--data", action="append", required=True, metavar="DATA",
                    help="an exported folder or file (repeat for several)")
     p.add_argument("--out", required=True, metavar="MODEL", help="the model folder to write")
@@ -43,12 +45,18 @@ def cmd_finetune(args) -> int:
     base = None if args.base == "bundled" else args.base
     result = finetune(args.kind, args.data, args.out, base=base, max_minutes=args.max_minutes,
                       overwrite=args.overwrite, threads=args.threads, progress=Progress(show))
-    out(f"wrote {result.folder} in {result.minutes:.1f} min from {result.corrections.get('cells', result.corrections.get('points', '?'))} corrections")
+    c = result.corrections
+    what = (f"{c['cells']} corrected cells" if "cells" in c else f"{c['points']} corrected points" if "points" in c
+            else f"{c['nuclei']} nuclei in {c['regions']} corrected region(s)")
+    out(f"wrote {result.folder} in {result.minutes:.1f} min from {what}")
     for when in ("before", "after"):
         numbers = {k: v for k, v in result.metrics.get(when, {}).items() if isinstance(v, float)}
         out(f"  {when}: " + ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in numbers.items()))
     usage = {"wbc": f"napari-hemato analyze FIELD --task smear --classifier {result.folder}, or "
                     f"napari-hemato classify-cells IMAGES --model {result.folder}",
-             "mitosis": f"napari-hemato analyze SLIDE --task mitosis --model {result.folder}"}
+             "mitosis": f"napari-hemato analyze SLIDE --task mitosis --model {result.folder}",
+             "nuclei": f"napari-hemato analyze SLIDE --task nuclei --model {result.folder}"}
+    if result.metrics.get("after", {}).get("note"):
+        out(f"  note: {result.metrics['after']['note']}")
     out(f"use it: {usage[args.kind]}")
     return 0

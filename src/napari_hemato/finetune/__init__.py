@@ -18,11 +18,10 @@ from napari_hemato.core.errors import HematoError
 FINETUNERS = {
     "wbc": "napari_hemato.finetune.wbc:finetune_wbc",
     "mitosis": "napari_hemato.finetune.mitosis:finetune_mitosis",
+    "nuclei": "napari_hemato.finetune.nuclei:finetune_nuclei",
 }
-#: asked for but without a fast path yet (the segmentation models: their trainers need torch)
+#: asked for but without a fast path yet (the smear detector: its trainer needs torch)
 NOT_YET = {
-    "nuclei": "the nucleus segmenter has no fast (head-only) fine-tune yet; with the train extra, "
-              "retrain on your exported label TIFF / COCO with `napari-hemato train nuclei --data ...`",
     "smear": "the smear detector has no fast (head-only) fine-tune yet; with the train extra, "
              "retrain on your exported COCO with `napari-hemato train smear --data ...`; its white-cell "
              "classes are fine-tuned with `napari-hemato finetune wbc` on exported crops",
@@ -30,7 +29,7 @@ NOT_YET = {
 
 
 def finetune(kind: str, data, out, **options):
-    """Fine-tune the ``kind`` model (``wbc``, ``mitosis``) on the corrections in ``data``."""
+    """Fine-tune the ``kind`` model (``wbc``, ``mitosis``, ``nuclei``) on the corrections in ``data``."""
     if kind in NOT_YET:
         raise HematoError(NOT_YET[kind])
     if kind not in FINETUNERS:

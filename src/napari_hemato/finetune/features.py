@@ -19,15 +19,16 @@ from napari_hemato.finetune import onnx_edit
 from napari_hemato.finetune.embedding import add_output
 
 
-def add_features_output(folder: str | Path) -> bool:
-    """Expose the input of a points model's last 1×1 conv as output ``features`` (in place).
+def add_features_output(folder: str | Path, heatmap_role: str = "heatmap") -> bool:
+    """Expose the input of the last 1×1 conv under a model's ``heatmap_role`` output (a
+    points model's ``heatmap``, a segmenter's ``foreground``) as output ``features`` (in place).
 
     The computation is unchanged (an Identity node); ``model.json`` gains the role
     ``features`` (computed only on request) and the new ``sha256``. Returns False when
     it was there already.
     """
     return add_output(folder, "features", lambda model, spec: onnx_edit.find_heatmap_head(
-        model, spec["outputs"].get("heatmap", "heatmap")).features)
+        model, spec["outputs"].get(heatmap_role, heatmap_role)).features)
 
 
 def sample_features(fmap: np.ndarray, yx: np.ndarray, upsample: int) -> np.ndarray:

@@ -190,23 +190,40 @@ class HeatmapHead:
     upsample: int  # integer linear (half-pixel) upsampling from the features to the heatmap
 
 
-def find_heatmap_head(model: onnx.ModelProto, heatmap_output: str = "heatmap") -> HeatmapHead:
-    """The 1×1 Conv feeding ``heatmap_output`` through [Resize] [Slice on channels] Sigmoid."""
-    node = producer(model, heatmap_output)
+def _channel_slice(model: onnx.ModelProto, node) -> int:
+    """The channel a Slice node takes: one channel (axis 1, step 1), else an error."""
+    starts, ends = (int(np.ravel(_constant(model, node.input[k]))[0]) for k in (1, 2))
+    axes = int(np.ravel(_constant(model, node.input[3]))[0]) if len(node.input) > 3 else 0
+    steps = int(np.ravel(_constant(model, node.input[4]))[0]) if len(node.input) > 4 else 1
+    if axes != 1 or steps != 1 or ends != starts + 1:
+        raise ModelError("the heatmap is not one channel sliced from the last layer")
+    return starts
+
+
+def _skip_identity(model: onnx.ModelProto, node):
     while node is not None and node.op_type == "Identity":
         node = producer(model, node.input[0])
+    return node
+
+
+def find_heatmap_head(model: onnx.ModelProto, heatmap_output: str = "heatmap") -> HeatmapHead:
+    """The 1×1 Conv feeding ``heatmap_output`` through [Resize] [Slice on channels] Sigmoid
+    [Slice on channels] (the sigmoid is elementwise: slicing before or after it is the same;
+    the nucleus segmenter slices its ``foreground`` and ``distance`` maps after it)."""
+    node = _skip_identity(model, producer(model, heatmap_output))
+    channel, upsample = None, 1
+    if node is not None and node.op_type == "Slice":
+        channel = _channel_slice(model, node)
+        node = _skip_identity(model, producer(model, node.input[0]))
     if node is None or node.op_type != "Sigmoid":
         raise ModelError(f"output {heatmap_output!r} is not a Sigmoid: no heatmap head to refit")
-    channel, upsample = 0, 1
     node = producer(model, node.input[0])
     if node is not None and node.op_type == "Slice":
-        starts, ends = (int(np.ravel(_constant(model, node.input[k]))[0]) for k in (1, 2))
-        axes = int(np.ravel(_constant(model, node.input[3]))[0]) if len(node.input) > 3 else 0
-        steps = int(np.ravel(_constant(model, node.input[4]))[0]) if len(node.input) > 4 else 1
-        if axes != 1 or steps != 1 or ends != starts + 1:
-            raise ModelError("the heatmap is not one channel sliced from the last layer")
-        channel = starts
+        if channel is not None:
+            raise ModelError("the heatmap is sliced twice: not a head this refit knows")
+        channel = _channel_slice(model, node)
         node = producer(model, node.input[0])
+    channel = 0 if channel is None else channel
     if node is not None and node.op_type == "Resize":
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         scales = np.ravel(_constant(model, node.input[2])) if len(node.input) > 2 and node.input[2] else []
