@@ -184,3 +184,24 @@ def test_the_int8_network_runs_without_the_features_output(base):
     assert set(predictor.predict(image)) == {"foreground", "distance"}
     with pytest.raises(ModelError, match="int8 network"):
         predictor.predict(image, roles=["features"])
+
+
+def test_the_replay_is_rebuilt_from_the_reference_data(base, shared_data, tmp_path):
+    """``train.nuclei_replay`` (no torch) on a copy of the bundled folder: the features output is
+    there already, the replay's probe matches the trunk and its crops are the validation images'."""
+    import shutil
+
+    from napari_hemato.train.nuclei_replay import VAL_CROP, build_replay
+
+    folder = tmp_path / "nuclei"
+    shutil.copytree(base, folder)
+    (folder / "replay.npz").unlink()
+    build_replay(folder, shared_data, per_image=20, threads=1)
+    feats = SegmenterFeatures.load(folder, threads=1)
+    replay = load_pixels_replay(folder, feats.run)
+    crops = fn.reference_regions(replay)
+    assert len(crops) == len(feats.spec.extra["validation_images"])
+    assert all(c.labels.shape[0] <= VAL_CROP and c.features.shape[0] == 8 for c in crops)
+    assert replay["train_x"].shape == (20 * feats.spec.extra["train_images"], 8)
+    with np.load(base / "replay.npz") as shipped:  # the same crops as the shipped replay's
+        np.testing.assert_array_equal(replay["val_labels"], shipped["val_labels"])

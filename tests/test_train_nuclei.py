@@ -138,7 +138,7 @@ def test_bundled_model_spec(bundled_spec):
     spec = bundled_spec
     assert spec.task == "nuclei" and spec.kind == "instances"
     assert spec.mpp == 0.5 and spec.class_names == ("nucleus",)
-    assert set(spec.outputs) == {"foreground", "distance"}
+    assert set(spec.outputs) == {"foreground", "distance", "features"}  # features: fine-tuning only
     assert spec.extra["validation_images"]
     assert spec.onnx_path.stat().st_size < 20e6
     metrics = json.loads((BUNDLED_NUCLEI / "metrics.json").read_text())
