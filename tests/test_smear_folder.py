@@ -46,3 +46,26 @@ def test_analyze_folder_uses_the_pooled_pixel_size(fields, tmp_path, ruler):
         assert mpps == {0.08}  # which it agrees with)
     else:
         assert len(mpps) > 1  # field by field the red cells scatter
+
+
+
+def test_white_cells_are_classified_at_their_fields_own_ruler_reading(fields, tmp_path, monkeypatch):
+    """The classifier keeps its own ruler (it reads ~0.84× the detector's on BCCD), read once
+    on each whole field at the white cells' working resolution, not around each cell."""
+    from napari_hemato.core import cells
+
+    seen = []
+    classify = cells.classify_wbcs
+
+    def spy(table, slide, classifier, **kw):
+        seen.append(kw.get("mpp"))
+        return classify(table, slide, classifier, **kw)
+
+    monkeypatch.setattr(cells, "classify_wbcs", spy)
+    out = tmp_path / "out"
+    assert main(["analyze", *map(str, fields[:3]), "--task", "smear", "--out-dir", str(out)]) == 0
+    assert len(seen) == 3 and all(m is not None and 0.05 < m < 0.13 for m in seen)
+    seen.clear()  # a stated pixel size wins
+    assert main(["analyze", str(fields[0]), "--task", "smear", "--mpp", "0.08", "--out",
+                 str(tmp_path / "one.zarr")]) == 0
+    assert seen == [None]

@@ -85,7 +85,8 @@ def _crops(slide, rows: pd.DataFrame, preprocess: dict, mpp: float | None) -> It
         yield cell_crop(slide, y, x, area, window_context(preprocess, area, mpp))
 
 
-def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 64) -> pd.DataFrame:
+def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 64,
+                  mpp: float | None = None) -> pd.DataFrame:
     """Add WBC subtypes to a smear table (a new table is returned).
 
     Parameters
@@ -100,6 +101,9 @@ def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 6
         :class:`napari_hemato.models.cell_classifier.CellClassifier`); a red-cell-scale
         classifier also gets the slide's stated pixel size (:func:`stated_mpp`; None: its
         red-cell ruler reads each cell's neighbourhood).
+    mpp : float, optional
+        The pixel size a red-cell-scale classifier is to use when the slide states none (its
+        own ruler's reading of the whole field, :func:`napari_hemato.tasks.smear.classifier_field_mpp`).
     """
     out = table.copy()
     names = list(classifier.spec.class_names)
@@ -111,7 +115,7 @@ def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 6
     if len(wbc) == 0:
         return out
     preprocess = dict(classifier.spec.preprocess)
-    mpp = stated_mpp(slide)
+    mpp = stated_mpp(slide) or (None if mpp is None else float(mpp))
     # self-scale classifiers take no pixel size (nor need one: the crop is diameter x context)
     kwargs = {} if preprocess.get("scale", "self") == "self" else {"mpp": mpp}
     probs = []

@@ -212,10 +212,14 @@ def pool_readings(readings, n_read: int, *, min_ok: int = POOL_MIN_OK,
     return PooledReading(float(med) if spread <= max_spread else None, n_read, len(ok), spread)
 
 
-def field_mpp_for_cells(ws: WindowScale, image: np.ndarray, centers, diameters) -> float | None:
-    """One ruler reading for a field (its white cells excluded), or None."""
+def field_mpp_for_cells(ws: WindowScale, image: np.ndarray, centers, diameters, *,
+                        at_cell_scale: bool = False) -> float | None:
+    """One ruler reading for a field (its white cells excluded), or None. ``at_cell_scale``:
+    read at the working resolution a crop of its median white cell is read at (faster on
+    fields of large cells; the smear pipeline's reading)."""
     exclude = [(float(c[0]), float(c[1]), float(d)) for c, d in zip(centers, diameters, strict=True)]
-    return ws.ruler_mpp(image, exclude)
+    cell_px = float(np.median(diameters)) if at_cell_scale and len(diameters) else None
+    return ws.ruler_mpp(image, exclude, cell_px=cell_px)
 
 
 __all__ = ["POOL_SAMPLE", "SCALE_MODES", "PooledReading", "WindowScale", "field_mpp_for_cells",
