@@ -274,26 +274,24 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
                                   score="heldout_score", what="foreground and distance",
                                   progress=progress, max_minutes=max_minutes)
     note = None
-    chosen_is_better = best is not None and best["heldout_score"] > before["heldout_score"] + 1e-9
     progress("refitting on every correction", 0.92)
-    if not chosen_is_better:
-        note = ("no setting kept the reference within a point and beat the shipped model on the "
-                "held-out corrections: the layer is written unchanged")
+    if best is None or best["heldout_score"] <= before["heldout_score"] + 1e-9:
+        note = ("no setting kept the reference within a point: " if best is None else
+                "no setting beat the shipped layer on the held-out corrections: ")
+        note += "the layer is written unchanged"
         best = {"l2": None, "share": 0.0, **{k: v for k, v in before.items() if k != "heldout_map"}}
-        final = init
+        split_heads = final = init
     else:
+        split_heads = fit(fit_set, replay, init, best["l2"], best["share"], offset)
         final = fit(everything, replay, init, best["l2"], best["share"], offset)
     after = {**reference_scores(final, reference, spec),
-             **{f"heldout_{k}_of_the_split_fit": best[f"heldout_{k}"] for k in ("f1", "aji", "score")}}
+             **{f"heldout_{k}_of_the_split_fit": best[f"heldout_{k}"] for k in ("f1", "aji", "score")},
+             "heldout_map_of_the_split_fit": (before["heldout_map"] if split_heads is init else
+                                              object_scores(split_heads, check, spec, with_map=True)["map"])}
     if final is not init and not keeps_reference(after, before):
-        final = fit(fit_set, replay, init, best["l2"], best["share"], offset)
+        final = split_heads
         after.update(reference_scores(final, reference, spec))
         note = "the refit on every correction lost reference F1 or AJI: the split fit is written"
-    if held and final is not init:
-        split_heads = fit(fit_set, replay, init, best["l2"], best["share"], offset)
-        after["heldout_map_of_the_split_fit"] = object_scores(split_heads, check, spec, with_map=True)["map"]
-    elif final is init:
-        after["heldout_map_of_the_split_fit"] = before["heldout_map"]
     if note:
         after["note"] = note
 
