@@ -135,7 +135,9 @@ def test_the_refit_learns_the_labs_wider_masks_and_keeps_the_reference(base, cro
     folder = result.folder
     spec = (folder / "model.json").read_text()
     assert '"hemato-nuclei-he-finetuned"' in spec and '"int8"' not in spec  # the int8 copy is the base's
-    assert (folder / "replay.npz").is_file() and "nuclei in 1 exported region" in (folder / "MODEL_CARD.md").read_text()
+    card = (folder / "MODEL_CARD.md").read_text()
+    assert (folder / "replay.npz").is_file() and "nuclei in 1 exported region" in card
+    assert "weakest reference crop" in card and 0 <= after["reference_worst_crop_f1"] <= after["reference_f1"]
     # the new model draws wider nuclei where the base drew them
     labels = from_result(analysed(crop, folder, tmp_path / "run.zarr")).labels
     assert mean_area(labels) > 1.1 * area_before

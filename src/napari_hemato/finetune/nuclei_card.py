@@ -36,6 +36,7 @@ Held out to choose the settings: {corrections['heldout']}.
 | held-out mAP 0.5:0.95 | {_f(b['heldout_map'])} | {_f(a.get('heldout_map_of_the_split_fit'))} (fit without them) |
 | reference F1@0.5 ({metrics['reference']}) | {_f(b['reference_f1'])} | {_f(a['reference_f1'])} |
 | reference AJI | {_f(b['reference_aji'])} | {_f(a['reference_aji'])} |
+| weakest reference crop, F1@0.5 | {_f(b.get('reference_worst_crop_f1'))} | {_f(a.get('reference_worst_crop_f1'))} |
 {note}
 The written layer is refit on every correction with the chosen setting (anchor l2
 {'none: unchanged' if c['l2'] is None else format(c['l2'], 'g')}, corrections' share {c['share']:.1f}); settings tried (a setting may drop the
