@@ -161,6 +161,9 @@ def test_bad_input_is_a_clear_error(base, crop, corrected, tmp_path):
     get_task("nuclei").export_corrections(ann, tmp_path / "no_mpp")
     with pytest.raises(HematoError, match="no pixel size"):
         finetune("nuclei", [tmp_path / "no_mpp"], tmp_path / "m", base=base, threads=1)
+    ann.labels = None  # a whole-slide layer: its masks stay in the store
+    with pytest.raises(HematoError, match="Edit here"):
+        get_task("nuclei").export_corrections(ann, tmp_path / "lazy")
     with pytest.raises(HematoError, match="already exists"):
         finetune("nuclei", [corrected[0]], empty, base=base, threads=1)
     assert not (tmp_path / "m").exists()
@@ -207,3 +210,23 @@ def test_the_replay_is_rebuilt_from_the_reference_data(base, shared_data, tmp_pa
     assert replay["train_x"].shape == (20 * feats.spec.extra["train_images"], 8)
     with np.load(base / "replay.npz") as shipped:  # the same crops as the shipped replay's
         np.testing.assert_array_equal(replay["val_labels"], shipped["val_labels"])
+
+
+def test_an_edit_here_window_is_a_region_to_fine_tune_on(base, crop, tmp_path):
+    """On a whole slide the reviewed region is an "Edit here" window: level-0 masks with their
+    origin, exported and read back over the same pixels of the slide."""
+    from napari_hemato.core.region_edit import open_window
+
+    result = analysed(crop, base, tmp_path / "run.zarr")
+    window = open_window(result, result.table(), (64, 64, 320, 320))
+    y0, x0 = window.origin
+    window.labels = expand_labels(np.asarray(window.labels), WIDER_UM / MPP).astype(np.uint32)
+    tif = get_task("nuclei").export_corrections(window, tmp_path / "exports")
+    from napari_hemato.core.export.regions import load_instance_export
+
+    region = load_instance_export(tif)
+    h, w = window.labels.shape
+    np.testing.assert_array_equal(region.image, np.asarray(Image.open(crop))[y0:y0 + h, x0:x0 + w])
+    assert (region.labels > 0).sum() == (window.labels > 0).sum()
+    out = finetune("nuclei", [tmp_path / "exports"], tmp_path / "m", base=base, threads=1)
+    assert out.corrections["regions"] == 1 and out.corrections["nuclei"] >= 10
