@@ -105,19 +105,23 @@ def test_the_shipped_head_reproduces_the_models_maps(base):
     np.testing.assert_allclose(dist, out["distance"][0, 0], atol=1e-5)
 
 
-def test_the_split_holds_out_a_region_or_the_last_fifth():
+def test_every_region_is_held_out_once_or_the_last_fifth():
     def region(n, shape=(50, 100)):
         lab = np.zeros(shape, np.int32)
         for i in range(n):
             lab[2 + 4 * (i // 20) : 4 + 4 * (i // 20), 2 + 4 * (i % 20) : 4 + 4 * (i % 20)] = i + 1
         return fn.Region("r", lab, np.zeros((2, *shape), np.float32), None)
 
-    fit, held, how = fn.split([region(12) for _ in range(5)])
-    assert (len(fit), len(held)) == (4, 1) and how == "1 of 5 regions"
-    fit, held, how = fn.split([region(12)])
+    many = [region(12) for _ in range(7)]
+    plan, how = fn.folds(many)
+    assert len(plan) == fn.MAX_FOLDS and how.startswith("5 folds")
+    held = [id(r) for _, h in plan for r in h]
+    assert sorted(held) == sorted(id(r) for r in many)  # each region held out exactly once
+    assert all(not {id(r) for r in f} & {id(r) for r in h} for f, h in plan)
+    [(fit, held)], how = fn.folds([region(12)])
     assert fit[0].labels.shape == (50, 80) and held[0].labels.shape == (50, 20) and "columns" in how
-    fit, held, how = fn.split([region(3)])
-    assert held == [] and how.startswith("none")
+    [(fit, held)], how = fn.folds([region(3)])
+    assert fit == held and how.startswith("none")
 
 
 def test_the_refit_learns_the_labs_wider_masks_and_keeps_the_reference(base, crop, corrected, tmp_path):

@@ -13,9 +13,9 @@
    around nuclei, the rest; weighted back to their true shares) plus the model's replay
    (reference training pixels' features with the shipped head's own values as labels, so
    that without corrections the optimum is the shipped head). The anchor and the
-   corrections' share are chosen on held-out corrections (a held-out region when there are
-   several, else the last fifth of the region) by (F1@0.5 + AJI) / 2 after the model's own
-   post-processing, among the settings that keep the reference F1 and AJI within a point (measured on
+   corrections' share are chosen on held-out corrections (with several regions, up to 5 folds,
+   each region held out once; with one, its last fifth) by (F1@0.5 + AJI) / 2 after the
+   model's own post-processing, among the settings that keep the reference F1 and AJI within a point (measured on
    crops of the base model's validation images, shipped as features and labels in the replay).
 4. Write both channels into a copy of the ONNX graph: an ordinary model folder for
    ``analyze --task nuclei --model``.
@@ -53,6 +53,7 @@ MAX_REFERENCE_DROP = 0.01
 PER_STRATUM = 6000
 BAND_PX = 3  # the background band: this many model-grid px around a nucleus
 MIN_HELD_OUT_NUCLEI = 10  # fewer nuclei than this in all: nothing held out
+MAX_FOLDS = 5  # several regions: each is held out once, in up to this many folds
 #: held-out regions larger than this (model-grid px) are scored on their centre
 MAX_HELD_OUT_PX = 2048 * 2048
 #: the corrections' model-grid pixels read at most (their features are held in memory)
@@ -146,23 +147,27 @@ def sample(region: Region, rng: np.random.Generator) -> Samples:
     return Samples.merge(parts, region.features.shape[0])
 
 
-def split(regions: list[Region], seed: int = 0) -> tuple[list[Region], list[Region], str]:
-    """(fit, held-out, how): a fifth of the regions when there are several, else the last
-    fifth of the region along its longer side; nothing held out with few nuclei."""
+def folds(regions: list[Region], seed: int = 0) -> tuple[list[tuple[list[Region], list[Region]]], str]:
+    """``([(fit regions, held-out regions), ...], how)``: with several regions, up to
+    :data:`MAX_FOLDS` folds, each region held out once; with one, its last fifth along the
+    longer side; with few nuclei, nothing held out (the fit is checked on itself)."""
     n = sum(r.nuclei for r in regions)
     if n < MIN_HELD_OUT_NUCLEI:
-        return regions, [], f"none ({n} nuclei: checked on the fit itself)"
+        return [(regions, regions)], f"none ({n} nuclei: checked on the fit itself)"
     if len(regions) >= 2:
-        k = max(1, int(round(0.2 * len(regions))))
-        held = set(np.random.default_rng(seed).permutation(len(regions))[:k].tolist())
-        return ([r for i, r in enumerate(regions) if i not in held],
-                [r for i, r in enumerate(regions) if i in held], f"{k} of {len(regions)} regions")
+        k = min(MAX_FOLDS, len(regions))
+        order = np.random.default_rng(seed).permutation(len(regions))
+        out = []
+        for g in range(k):
+            held = set(order[g::k].tolist())
+            out.append(([r for i, r in enumerate(regions) if i not in held], [regions[i] for i in sorted(held)]))
+        return out, f"{k} folds over {len(regions)} regions (each held out once)"
     r = regions[0]
     axis = int(r.labels.shape[1] > r.labels.shape[0])
     cut = int(round(0.8 * r.labels.shape[axis]))
     first, last = slice(0, cut), slice(cut, None)
     sls = ((first, slice(None)), (last, slice(None))) if axis == 0 else ((slice(None), first), (slice(None), last))
-    return ([r.crop(sls[0], f"{r.key}[fit]")], [r.crop(sls[1], f"{r.key}[held out]")],
+    return ([([r.crop(sls[0], f"{r.key}[fit]")], [r.crop(sls[1], f"{r.key}[held out]")])],
             f"the last fifth of the one region ({'rows' if axis == 0 else 'columns'})")
 
 
@@ -175,22 +180,25 @@ def _centre(region: Region) -> Region:
     return region.crop((slice(y0, y0 + side), slice(x0, x0 + side)), f"{region.key}[centre]")
 
 
-def object_scores(heads: dict[str, BinaryHead], regions: list[Region], spec, *, with_map: bool = False) -> dict:
-    """Pooled F1@0.5, mean AJI (and mean mAP 0.5:0.95) of ``heads`` after post-processing, and
-    the F1 of the weakest region (``worst_f1``)."""
-    if not regions:
-        return {"f1": float("nan"), "aji": float("nan"), "score": float("nan"), "worst_f1": float("nan")}
+def object_scores(pairs: list[tuple[dict[str, BinaryHead], list[Region]]], spec, *,
+                  with_map: bool = False) -> dict:
+    """Pooled F1@0.5, mean AJI (and mean mAP 0.5:0.95) after post-processing of each
+    ``(heads, regions)`` pair's regions by its heads, and the F1 of the weakest region
+    (``worst_f1``)."""
     tp = fp = fn = 0
     ajis, maps, f1s = [], [], []
-    for r in regions:
-        fgm, dist = SegmenterFeatures.maps(r.features, heads)
-        pred = postprocess_instances(spec.postprocess, spec.mpp, fgm, dist)
-        m = match_instances(r.labels, pred)
-        tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
-        f1s.append(2 * m.tp / max(2 * m.tp + m.fp + m.fn, 1))
-        ajis.append(aggregated_jaccard_index(r.labels, pred))
-        if with_map:
-            maps.append(mean_average_precision(r.labels, pred))
+    for heads, regions in pairs:
+        for r in regions:
+            fgm, dist = SegmenterFeatures.maps(r.features, heads)
+            pred = postprocess_instances(spec.postprocess, spec.mpp, fgm, dist)
+            m = match_instances(r.labels, pred)
+            tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
+            f1s.append(2 * m.tp / max(2 * m.tp + m.fp + m.fn, 1))
+            ajis.append(aggregated_jaccard_index(r.labels, pred))
+            if with_map:
+                maps.append(mean_average_precision(r.labels, pred))
+    if not f1s:
+        return {"f1": float("nan"), "aji": float("nan"), "score": float("nan"), "worst_f1": float("nan")}
     f1 = 2 * tp / max(2 * tp + fp + fn, 1)
     out = {"f1": f1, "aji": float(np.mean(ajis)), "score": 0.5 * (f1 + float(np.mean(ajis))),
            "worst_f1": float(min(f1s))}
@@ -207,7 +215,7 @@ def reference_regions(replay: dict) -> list[Region]:
 def reference_scores(heads: dict[str, BinaryHead], reference: list[Region], spec) -> dict:
     """F1@0.5 and AJI on the reference validation crops, post-processed as shipped, and the F1
     of the weakest crop (reported, not a condition: one crop holds a few dozen nuclei)."""
-    s = object_scores(heads, reference, spec)
+    s = object_scores([(heads, reference)], spec)
     return {"reference_f1": s["f1"], "reference_aji": s["aji"], "reference_worst_crop_f1": s["worst_f1"]}
 
 
@@ -258,21 +266,30 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
     threshold = float(spec.postprocess.get("threshold", 0.5))
     offset = float(np.log(threshold / (1 - threshold)))
     init = feats.init
-    rng = np.random.default_rng(0)
-    fit_regions, held, how = split(regions)
-    held = [_centre(r) for r in held]
-    check = held or [_centre(r) for r in fit_regions]
-    fit_set = Samples.merge([sample(r, rng) for r in fit_regions], feats.dim)
-    everything = Samples.merge([sample(r, np.random.default_rng(1)) for r in regions], feats.dim)
+    plan, how = folds(regions)
+    plan = [(fit_regions, [_centre(r) for r in held]) for fit_regions, held in plan]
+    cache: dict[int, Samples] = {}
+
+    def samples(rs: list[Region]) -> Samples:
+        for r in rs:
+            if id(r) not in cache:
+                cache[id(r)] = sample(r, np.random.default_rng(len(cache)))
+        return Samples.merge([cache[id(r)] for r in rs], feats.dim)
+
+    everything = samples(regions)
+    fold_sets = [samples(fit_regions) for fit_regions, _ in plan]
 
     progress("scoring the shipped model", 0.47)
     before = {**reference_scores(init, reference, spec),
-              **{f"heldout_{k}": v for k, v in object_scores(init, check, spec, with_map=True).items()}}
+              **{f"heldout_{k}": v for k, v in object_scores(
+                  [(init, held) for _, held in plan], spec, with_map=True).items()}}
+
+    def fold_heads(l2: float, share: float) -> list:
+        return [(fit(fs, replay, init, l2, share, offset), held) for fs, (_, held) in zip(fold_sets, plan, strict=True)]
 
     def scores(l2: float, share: float) -> dict:
-        heads = fit(fit_set, replay, init, l2, share, offset)
-        return {**{f"heldout_{k}": v for k, v in object_scores(heads, check, spec).items()},
-                **reference_scores(heads, reference, spec)}
+        return {**{f"heldout_{k}": v for k, v in object_scores(fold_heads(l2, share), spec).items()},
+                **reference_scores(fit(everything, replay, init, l2, share, offset), reference, spec)}
 
     tried, best = search_settings(SETTINGS, scores, keeps=lambda row: keeps_reference(row, before),
                                   score="heldout_score", what="foreground and distance",
@@ -284,18 +301,14 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
                 "no setting beat the shipped layer on the held-out corrections: ")
         note += "the layer is written unchanged"
         best = {"l2": None, "share": 0.0, **{k: v for k, v in before.items() if k != "heldout_map"}}
-        split_heads = final = init
+        final = init
+        heldout_map = before["heldout_map"]
     else:
-        split_heads = fit(fit_set, replay, init, best["l2"], best["share"], offset)
         final = fit(everything, replay, init, best["l2"], best["share"], offset)
+        heldout_map = object_scores(fold_heads(best["l2"], best["share"]), spec, with_map=True)["map"]
     after = {**reference_scores(final, reference, spec),
              **{f"heldout_{k}_of_the_split_fit": best[f"heldout_{k}"] for k in ("f1", "aji", "score")},
-             "heldout_map_of_the_split_fit": (before["heldout_map"] if split_heads is init else
-                                              object_scores(split_heads, check, spec, with_map=True)["map"])}
-    if final is not init and not keeps_reference(after, before):
-        final = split_heads
-        after.update(reference_scores(final, reference, spec))
-        note = "the refit on every correction lost reference F1 or AJI: the split fit is written"
+             "heldout_map_of_the_split_fit": heldout_map}
     if note:
         after["note"] = note
 
