@@ -72,8 +72,10 @@ def cmd_models(args) -> int:
                else f"{pre['window_um']:g} µm windows" if pre.get("scale") == "red-cell"
                else "size-normalised crops")
         nets = f"; float + int8 networks (the CPU runs {spec.int8['onnx']})" if spec.int8 else ""
+        # a model that ships its replay can be fine-tuned on a user's corrections without torch
+        tune = f"; fine-tune: napari-hemato finetune {task}" if (folder / "replay.npz").is_file() else ""
         out(f"{task:<8} {spec.name} {spec.version}  {spec.kind}, {mpp}; "
-            f"classes: {', '.join(spec.class_names)}{nets}")
+            f"classes: {', '.join(spec.class_names)}{nets}{tune}")
         out(f"         {folder}")
     return 0
 
