@@ -14,7 +14,8 @@ for gradient steps, they chose the epoch and the post-processing), exported as l
 with their images as the Review dock exports them, and fine-tunes (``finetune nuclei``,
 ``--threads`` threads, timed). The lab's test images are the base model's 23 held-out
 validation images in the lab's version; the reference is the same 23 as they are
-(``evaluate nuclei``). Both models run their float network (a fine-tuned model has no int8 copy).
+(``evaluate nuclei``). Both models are scored with their float network and with the int8 one
+the CPU runs by default (the refit is written into both).
 
     python benchmarks/bench_finetune_nuclei.py --data ../shared/data [--lab wider] [--images 11] [--json OUT]
 """
@@ -88,10 +89,10 @@ def write_lab(lab: str, data: Path, spec, out: Path, n_images: int) -> tuple[Pat
     return out / "exports", nuclei
 
 
-def scores(model: Path, data: Path, threads: int) -> dict:
+def scores(model: Path, data: Path, threads: int, precision: str = "float") -> dict:
     from napari_hemato.train.evaluate_nuclei import evaluate_nuclei
 
-    m = evaluate_nuclei(model, data, threads=threads, precision="float")
+    m = evaluate_nuclei(model, data, threads=threads, precision=precision)
     worst = min(m["per_image"], key=lambda r: r["f1"])
     return {**{k: m["pooled"][k] for k in ("f1", "aji_mean", "map_mean", "precision", "recall")},
             "worst_image": {"key": worst["key"], "f1": worst["f1"]}}
@@ -112,6 +113,9 @@ def run_lab(lab: str, data: Path, base: Path, spec, work: Path, n_images: int, t
     for name, model in (("before", base), ("after", result.folder)):
         out[f"lab_test_{name}"] = scores(model, work / lab / "test", threads)
         out[f"reference_{name}"] = scores(model, data, threads)
+        # the int8 network the CPU runs by default carries the same refit
+        out[f"lab_test_{name}_int8"] = scores(model, work / lab / "test", threads, "int8")
+        out[f"reference_{name}_int8"] = scores(model, data, threads, "int8")
     shutil.rmtree(work / lab, ignore_errors=True)
     return out
 

@@ -138,7 +138,16 @@ def test_the_refit_learns_the_labs_wider_masks_and_keeps_the_reference(base, cro
     assert steps[0] == ("reading the corrections", 0.0) and steps[-1] == ("done", 1.0)
     folder = result.folder
     spec = (folder / "model.json").read_text()
-    assert '"hemato-nuclei-he-finetuned"' in spec and '"int8"' not in spec  # the int8 copy is the base's
+    assert '"hemato-nuclei-he-finetuned"' in spec
+    # the int8 network keeps its last convolution float: the refit is written there too
+    from napari_hemato.models.onnx_backend import OnnxPredictor
+
+    image = np.asarray(Image.open(crop))[None, :128, :128]
+    int8 = OnnxPredictor(folder, threads=1, precision="int8").predict(image)["foreground"]
+    base_int8 = OnnxPredictor(base, threads=1, precision="int8").predict(image)["foreground"]
+    flt = OnnxPredictor(folder, threads=1, precision="float").predict(image)["foreground"]
+    assert (folder / "model_int8.onnx").is_file() and not np.allclose(int8, base_int8, atol=1e-3)
+    assert np.abs(int8 - flt).mean() < 0.02  # the same refit, on dequantized features
     card = (folder / "MODEL_CARD.md").read_text()
     assert (folder / "replay.npz").is_file() and "nuclei in 1 exported region" in card
     assert "weakest reference crop" in card and 0 <= after["reference_worst_crop_f1"] <= after["reference_f1"]

@@ -96,12 +96,14 @@ def search_settings(settings: list[tuple[float, float]], fit: Callable[[float, f
 
 def finish(out: str | Path, base_folder: Path, spec, model, *, method: str, corrections: dict,
            metrics: dict, card: Callable[[str, float], str], progress: Progress,
-           overwrite: bool = False) -> FinetuneResult:
+           overwrite: bool = False, int8_model=None) -> FinetuneResult:
     """Write the fine-tuned ``model`` of the base model ``spec`` to ``out``; its result.
 
     The spec is renamed ``<name>-finetuned`` and records under ``extra.finetune`` the base
     (name, version, ONNX SHA-256), ``method``, ``corrections``, the setting chosen
     (``metrics["chosen"]``), the date and the minutes; ``card(date, minutes)`` is the card.
+    ``int8_model``: the base's int8 network with the same refit (when the refit layer is a float
+    layer of it), kept beside the float one; without it the copy has the float network only.
     """
     minutes = progress.minutes
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -115,13 +117,13 @@ def finish(out: str | Path, base_folder: Path, spec, model, *, method: str, corr
     }
     progress("writing the model", 0.97)
     folder = write_model_folder(out, base_folder, model, changes, card(stamp, minutes), metrics,
-                                overwrite=overwrite)
+                                overwrite=overwrite, int8_model=int8_model)
     progress("done", 1.0)
     return FinetuneResult(folder, metrics, corrections, minutes)
 
 
 def write_model_folder(out: str | Path, base_folder: Path, model, spec_changes: dict, card: str,
-                       metrics: dict, *, overwrite: bool = False) -> Path:
+                       metrics: dict, *, overwrite: bool = False, int8_model=None) -> Path:
     """Write ``model`` (an ``onnx.ModelProto``) + spec + card + metrics to ``out`` atomically.
 
     The spec is the base model's with ``spec_changes`` applied (name, version, extra).
@@ -136,12 +138,18 @@ def write_model_folder(out: str | Path, base_folder: Path, model, spec_changes: 
     spec = {**base, **spec_changes}
     spec["extra"] = {**(base.get("extra") or {}), **(spec_changes.get("extra") or {})}
     spec["onnx"] = "model.onnx"
-    spec.pop("int8", None)  # the base's int8 network has the base's weights, not these
-    spec.get("extra", {}).pop("quantization", None)
+    if int8_model is None or not base.get("int8"):
+        spec.pop("int8", None)  # the base's int8 network has the base's weights, not these
+        spec.get("extra", {}).pop("quantization", None)
+        int8_model = None
+    else:
+        spec["int8"] = {**base["int8"], "onnx": "model_int8.onnx"}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         onnx_edit.save(model, tmp / "model.onnx")
+        if int8_model is not None:
+            onnx_edit.save(int8_model, tmp / "model_int8.onnx")
         write_spec(tmp, spec)
         (tmp / "MODEL_CARD.md").write_text(card)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")

@@ -322,6 +322,7 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
         b[c] = final[role].bias
     onnx_edit.set_initializer(model, head.weight, w)
     onnx_edit.set_initializer(model, head.bias, b)
+    int8_model = _int8_with(spec, head, w, b)
     corrections = {"sources": [r.key for r in regions], "regions": len(regions),
                    "nuclei": int(sum(r.nuclei for r in regions)),
                    "pixels": int(sum(r.labels.size for r in regions)),
@@ -337,4 +338,19 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
         method="foreground and distance channels refit on the model's own features "
                "(napari_hemato.finetune.nuclei)",
         card=lambda stamp, minutes: card(spec, corrections, metrics, stamp, minutes, MAX_REFERENCE_DROP),
-        progress=progress, overwrite=overwrite)
+        progress=progress, overwrite=overwrite, int8_model=int8_model)
+
+
+def _int8_with(spec, head, weight: np.ndarray, bias: np.ndarray):
+    """The base's int8 network with the refit written into its last convolution, which
+    quantization keeps float (same initializers, reading the dequantized features); None when
+    the base has no int8 network or quantized that layer."""
+    if not spec.int8:
+        return None
+    model = onnx_edit.load(spec.folder / spec.int8["onnx"])
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and head.weight in n.input]
+    if len(convs) != 1 or list(convs[0].input)[1:3] != [head.weight, head.bias]:
+        return None
+    onnx_edit.set_initializer(model, head.weight, weight)
+    onnx_edit.set_initializer(model, head.bias, bias)
+    return model
