@@ -15,9 +15,11 @@
    that without corrections the optimum is the shipped head). The anchor and the
    corrections' share are chosen on held-out corrections (with several regions, up to 5 folds,
    each region held out once; with one, its last fifth) by (F1@0.5 + AJI) / 2 after the
-   model's own post-processing, among the settings that keep the reference F1 and AJI within a point (measured on
-   crops of the base model's validation images, shipped as features and labels in the replay).
-4. Write both channels into a copy of the ONNX graph: an ordinary model folder for
+   model's own post-processing, among the settings that keep the reference F1 and AJI within
+   a point (measured on crops of the base model's validation images, shipped as features and
+   labels in the replay).
+4. Write both channels into a copy of the ONNX graph, and of the int8 one when the base has it
+   (quantization keeps that convolution float): an ordinary model folder for
    ``analyze --task nuclei --model``.
 """
 
