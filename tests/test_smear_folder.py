@@ -69,3 +69,22 @@ def test_white_cells_are_classified_at_their_fields_own_ruler_reading(fields, tm
     assert main(["analyze", str(fields[0]), "--task", "smear", "--mpp", "0.08", "--out",
                  str(tmp_path / "one.zarr")]) == 0
     assert seen == [None]
+
+
+def test_a_classified_table_reads_the_same_field_ruler(fields, tmp_path):
+    """A finished run's table (``class`` holds the subtypes, ``cell_type`` the types; a resumed
+    run classifies it again) gives the classifier the same whole-field reading as the fresh
+    detector table: the white cells are found by their type either way."""
+    from napari_hemato.api import analyze
+    from napari_hemato.core.slide import open_slide
+    from napari_hemato.tasks import get_task
+    from napari_hemato.tasks.smear import classifier_field_mpp
+
+    table = analyze(fields[0], task="smear", out=tmp_path / "run.zarr").table()
+    assert "cell_type" in table and (table["cell_type"] == "WBC").any()
+    detector = table.assign(**{"class": table["cell_type"]}).drop(columns="cell_type")
+    classifier = get_task("smear").load_stages()["wbc"]
+    with open_slide(fields[0]) as slide:
+        classified = classifier_field_mpp(slide, table, classifier)
+        fresh = classifier_field_mpp(slide, detector, classifier)
+    assert classified is not None and classified == fresh

@@ -20,6 +20,19 @@ import pandas as pd
 WBC = "WBC"
 
 
+def equivalent_diameter(area_px):
+    """The diameter (px) of the disc of ``area_px`` (at least 1 px²); a float, or an array for an
+    array of areas."""
+    d = 2.0 * np.sqrt(np.maximum(np.asarray(area_px, float), 1.0) / np.pi)
+    return float(d) if d.ndim == 0 else d
+
+
+def cell_types(table: pd.DataFrame) -> pd.Series:
+    """Each object's cell type (RBC, WBC, Platelets): ``cell_type`` once the white cells are
+    classified (``class`` then holds their subtype), else the detector's ``class``."""
+    return table["cell_type"] if "cell_type" in table else table["class"]
+
+
 def cell_crop(slide, y: float, x: float, area_px: float, context: float) -> tuple[np.ndarray, float]:
     """``(crop, diameter)``: the level-0 square the classifier's window covers, and the
     cell's equivalent diameter (px).
@@ -31,7 +44,7 @@ def cell_crop(slide, y: float, x: float, area_px: float, context: float) -> tupl
     """
     from napari_hemato.core.slide import to_rgb8
 
-    diameter = 2.0 * math.sqrt(max(float(area_px), 1.0) / math.pi)
+    diameter = equivalent_diameter(area_px)
     half = int(math.ceil(diameter * context / 2)) + 1
     cy, cx = int(round(float(y))), int(round(float(x)))
     crop = slide.read_region(0, cy - half, cx - half, cy + half + 1, cx + half + 1, fill=255)
@@ -61,7 +74,7 @@ def window_context(preprocess: dict, area_px: float, mpp: float | None) -> float
         return context
     if not mpp:
         return max(context, RULER_CONTEXT)
-    diameter = 2.0 * math.sqrt(max(float(area_px), 1.0) / math.pi)
+    diameter = equivalent_diameter(area_px)
     return max(context, float(preprocess["window_um"]) / float(mpp) / diameter)
 
 
@@ -111,7 +124,7 @@ def classify_wbcs(table: pd.DataFrame, slide, classifier, *, batch_size: int = 6
         out.insert(out.columns.get_loc("class"), "cell_type", out["class"].astype(object))
     for name in names:
         out[f"prob_{name}"] = np.nan
-    wbc = out.index[out["cell_type"] == WBC]
+    wbc = out.index[cell_types(out) == WBC]
     if len(wbc) == 0:
         return out
     preprocess = dict(classifier.spec.preprocess)

@@ -161,6 +161,7 @@ def classifier_field_mpp(slide, table, classifier) -> float | None:
     On the 64 labelled white cells of 72 held-out BCCD fields the bundled classifier's coarse
     group was right for 63 with this reading (read at the white cells' working resolution,
     as fast as before) and 53 with a reading around each cell."""
+    from napari_hemato.core.cells import cell_types, equivalent_diameter
     from napari_hemato.core.slide import to_rgb8
     from napari_hemato.models.window_scale import WHOLE_FIELD_PX, field_mpp_for_cells
 
@@ -168,12 +169,12 @@ def classifier_field_mpp(slide, table, classifier) -> float | None:
     h, w = slide.shape[:2]
     if scale is None or scale.mode != "red-cell" or h * w > WHOLE_FIELD_PX:
         return None
-    wbc = table[table["class"] == WBC] if "class" in table else table.iloc[:0]
+    wbc = table[cell_types(table) == WBC]  # the rows classify_wbcs classifies
     if wbc.empty:
         return None  # nothing to classify
-    diameters = 2.0 * np.sqrt(np.maximum(wbc["area_px"].to_numpy(float), 1.0) / np.pi)
     return field_mpp_for_cells(scale, to_rgb8(slide.read_region(0, 0, 0, h, w)),
-                               wbc[["y", "x"]].to_numpy(float), diameters, at_cell_scale=True)
+                               wbc[["y", "x"]].to_numpy(float),
+                               equivalent_diameter(wbc["area_px"].to_numpy(float)), at_cell_scale=True)
 
 
 def add_wbc_subtypes(result, slide, classifier) -> None:
