@@ -106,6 +106,11 @@ def fit_head(x: np.ndarray, allowed: np.ndarray, init: Head, *, sample_weight=No
                 theta[n_c * n_d :].astype(np.float32), t)
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + e^-z)``, computed without overflow (as ``(1 + tanh(z/2)) / 2``)."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, np.float64)))
+
+
 @dataclass
 class BinaryHead:
     """``logit = x @ weight + bias`` (one output: a heatmap channel, a detector's score)."""
@@ -145,7 +150,7 @@ def fit_binary_head(x: np.ndarray, y: np.ndarray, init: BinaryHead, *, sample_we
         z = x @ theta[:-1] + theta[-1] - offset
         # log(1 + e^z) - y z, stably; its derivative is sigmoid(z) - y
         nll = np.logaddexp(0.0, z) - y * z
-        dz = (0.5 * (1 + np.tanh(0.5 * z)) - y) * w
+        dz = (sigmoid(z) - y) * w
         diff = theta - theta0
         return float(w @ nll) + 0.5 * l2 * float(diff @ diff), np.r_[dz @ x, dz.sum()] + l2 * diff
 

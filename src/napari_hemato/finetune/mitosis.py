@@ -26,7 +26,7 @@ from napari_hemato.core.errors import HematoError
 from napari_hemato.finetune import onnx_edit
 from napari_hemato.finetune.common import FinetuneResult, Progress, begin, finish, search_settings
 from napari_hemato.finetune.features import HeatmapFeatures
-from napari_hemato.finetune.head import BinaryHead, fit_binary_head
+from napari_hemato.finetune.head import BinaryHead, fit_binary_head, sigmoid
 from napari_hemato.finetune.mitosis_card import card
 from napari_hemato.finetune.point_samples import PointSamples, image_samples
 from napari_hemato.finetune.points_data import read_corrections
@@ -129,7 +129,7 @@ def _fit(s: PointSamples, replay: dict, init: BinaryHead, l2: float, share: floa
             weights.append(np.full(len(x), total / len(x)))
 
     def own(x):
-        return 1.0 / (1.0 + np.exp(-(init.logits(x) - offset)))
+        return sigmoid(init.logits(x) - offset)
 
     have = [len(s.pos_x) > 0, len(s.neg_x) > 0]
     point_share = share * (1 - BACKGROUND_SHARE) / max(sum(have), 1)

@@ -41,7 +41,7 @@ from napari_hemato.core.metrics import (
 from napari_hemato.core.postprocess import distance_target, postprocess_instances
 from napari_hemato.finetune import onnx_edit
 from napari_hemato.finetune.common import FinetuneResult, Progress, begin, finish, search_settings
-from napari_hemato.finetune.head import BinaryHead, fit_binary_head
+from napari_hemato.finetune.head import BinaryHead, fit_binary_head, sigmoid
 from napari_hemato.finetune.nuclei_card import card
 from napari_hemato.finetune.pixels_replay import load_pixels_replay, val_crops
 from napari_hemato.finetune.segmenter_features import ROLES, SegmenterFeatures
@@ -232,7 +232,7 @@ def fit(s: Samples, replay: dict, init: dict[str, BinaryHead], l2: float, share:
     x = np.concatenate([s.x, rx])
     base = np.concatenate([share * s.weight / max(s.weight.sum(), 1e-12),
                            np.full(len(rx), (1 - share) / max(len(rx), 1))])
-    own = {r: 1 / (1 + np.exp(-(init[r].logits(rx) - (offset if r == "foreground" else 0.0)))) for r in ROLES}
+    own = {r: sigmoid(init[r].logits(rx) - (offset if r == "foreground" else 0.0)) for r in ROLES}
     fg_y = np.concatenate([s.fg, own["foreground"]])
     dist_y = np.concatenate([s.dist, own["distance"]])
     # training weighs nucleus pixels 1 + 4 in the distance loss; the replay's nucleus share is

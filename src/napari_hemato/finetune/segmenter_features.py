@@ -16,15 +16,11 @@ import numpy as np
 
 from napari_hemato.core.errors import HematoError
 from napari_hemato.finetune import onnx_edit
-from napari_hemato.finetune.head import BinaryHead
+from napari_hemato.finetune.head import BinaryHead, sigmoid
 
 #: the model-grid side of a tile the features are computed on (plus the halo)
 TILE = 1024
 ROLES = ("foreground", "distance")
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
 @dataclass
@@ -109,5 +105,5 @@ class SegmenterFeatures:
         """``(foreground, distance)`` maps (H, W) of ``features`` (D, H, W) with ``heads``."""
         d = features.shape[0]
         flat = features.reshape(d, -1).T
-        out = [_sigmoid(heads[r].logits(flat)).reshape(features.shape[1:]).astype(np.float32) for r in ROLES]
+        out = [sigmoid(heads[r].logits(flat)).reshape(features.shape[1:]).astype(np.float32) for r in ROLES]
         return out[0], out[1]
