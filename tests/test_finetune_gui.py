@@ -12,6 +12,7 @@ from PIL import Image
 from napari_hemato.core.annotations import AnnotationSet
 from napari_hemato.io.layers import annotation_layer_data
 from napari_hemato.models.cell_classifier import CLASS_NAMES, CellClassifier
+from napari_hemato.tasks import get_task
 
 from .wbc_cells import NEW_LAB, cell, finetunable_wbc_model
 
@@ -179,3 +180,58 @@ def test_a_task_without_a_finetune_says_so(make_napari_viewer, qtbot, tmp_path, 
     review.finetune.start()
     assert review.finetune.worker is None
     assert "nuclei: no fine-tuning from corrections yet" in review.finetune.status.text()
+
+
+def test_a_smear_layer_offers_its_cell_detector_too(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+    """A smear layer's corrections feed two models: the panel offers the choice; "cells" exports
+    the reviewed masks as a label TIFF, runs ``finetune smear`` (stubbed here: the core is
+    tested in test_finetune_smear.py) and sets the new model as the Analyse dock's *model*
+    (the WBC classifier field keeps its value)."""
+    import napari_hemato.api as api
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+    from napari_hemato._widgets.review import ReviewWidget
+    from napari_hemato.finetune.common import FinetuneResult
+
+    calls = []
+
+    def fake_finetune(kind, data, out, *, base=None, progress=None, **options):
+        exported = sorted(p.name for p in data[0].iterdir())
+        calls.append((kind, exported, base))
+        progress("reading the corrections", 0.0)
+        out.mkdir(parents=True)
+        return FinetuneResult(out, {"headline": "reference objective 0.861 → 0.864"}, {"regions": 1}, 0.1)
+
+    monkeypatch.setattr(api, "finetune", fake_finetune)
+    _, ann = smear_field(tmp_path)
+    ann.mpp = 0.08
+    viewer = make_napari_viewer()
+    data, kwargs, _ = annotation_layer_data(ann, name="field smear")
+    layer = viewer.add_labels(data, **kwargs)
+    analyze = AnalyzeWidget(viewer)
+    viewer.window.add_dock_widget(analyze, name="Analyse")
+    analyze.task.value = "smear"
+    analyze.stage_model.value = "my_wbc_classifier"
+    review = ReviewWidget(viewer)
+    viewer.window.add_dock_widget(review, name="Review")
+    viewer.layers.selection.active = layer
+    panel = review.finetune
+    assert not panel.kind_box.isHidden()
+    assert [panel.kind_box.itemData(i) for i in range(panel.kind_box.count())] == ["wbc", "smear"]
+    panel.kind_box.setCurrentIndex(1)
+    panel.start()
+    with qtbot.waitSignal(panel.worker.finished, timeout=60_000):
+        pass
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=60_000)
+    assert panel.result is not None, panel.status.text()
+    (kind, exported, base), = calls
+    assert kind == "smear" and "field_labels.tif" in exported and base is None
+    assert panel.result.folder.name.startswith("smear-")
+    assert analyze.model.value == str(panel.result.folder) and analyze.stage_model.value == "my_wbc_classifier"
+    assert "model folder" in panel.status.text()
+    # a nuclei layer has one fine-tune: no choice shown
+    nuclei = AnnotationSet("instances", ann.table.assign(**{"class": "nucleus"}), ["nucleus"], ann.labels,
+                           mpp=0.5, image_path=ann.image_path, image_shape=ann.image_shape,
+                           metadata={"model": {"task": "nuclei"}})
+    data, kwargs, _ = annotation_layer_data(nuclei, name="nuclei")
+    viewer.layers.selection.active = viewer.add_labels(data, **kwargs)
+    assert panel.kind_box.isHidden() and panel.kind(get_task("nuclei")) == "nuclei"

@@ -20,6 +20,7 @@ from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.errors import HematoError, ModelError
 from napari_hemato.finetune import finetune, onnx_edit
 from napari_hemato.finetune import nuclei as fn
+from napari_hemato.finetune import segmenter_regions as sr
 from napari_hemato.finetune.common import FinetuneCancelled, Progress
 from napari_hemato.finetune.pixels_replay import load_pixels_replay
 from napari_hemato.finetune.segmenter_features import SegmenterFeatures
@@ -110,17 +111,17 @@ def test_every_region_is_held_out_once_or_the_last_fifth():
         lab = np.zeros(shape, np.int32)
         for i in range(n):
             lab[2 + 4 * (i // 20) : 4 + 4 * (i // 20), 2 + 4 * (i % 20) : 4 + 4 * (i % 20)] = i + 1
-        return fn.Region("r", lab, np.zeros((2, *shape), np.float32), None)
+        return sr.Region("r", lab, np.zeros((2, *shape), np.float32), None)
 
     many = [region(12) for _ in range(7)]
-    plan, how = fn.folds(many)
-    assert len(plan) == fn.MAX_FOLDS and how.startswith("5 folds")
+    plan, how = sr.folds(many)
+    assert len(plan) == sr.MAX_FOLDS and how.startswith("5 folds")
     held = [id(r) for _, h in plan for r in h]
     assert sorted(held) == sorted(id(r) for r in many)  # each region held out exactly once
     assert all(not {id(r) for r in f} & {id(r) for r in h} for f, h in plan)
-    [(fit, held)], how = fn.folds([region(12)])
+    [(fit, held)], how = sr.folds([region(12)])
     assert fit[0].labels.shape == (50, 80) and held[0].labels.shape == (50, 20) and "columns" in how
-    [(fit, held)], how = fn.folds([region(3)])
+    [(fit, held)], how = sr.folds([region(3)])
     assert fit == held and how.startswith("none")
 
 

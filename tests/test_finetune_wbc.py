@@ -136,9 +136,9 @@ def test_the_cli_writes_a_model_classify_cells_takes(model, tmp_path, capsys):
                  "--out", str(tmp_path / "calls.csv")]) == 0
     calls = pd.read_csv(tmp_path / "calls.csv")
     assert (calls["class"] == "MO").mean() >= 0.9
-    # no fast path for the smear detector: one clear line, exit 2
+    # class folders of single cells are no smear fields: one clear line, exit 2
     assert main(["finetune", "smear", "--data", str(data), "--out", str(tmp_path / "n")]) == 2
-    assert "no fast (head-only) fine-tune" in capsys.readouterr().err
+    assert "no exported cells" in capsys.readouterr().err
 
 
 def test_the_bundled_model_ships_a_replay_of_its_own_trunk():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_hemato.core.metrics import box_iou
 from napari_hemato.models.registry import BUNDLED
 from napari_hemato.train.data_smear import BCCD_MPP, parse_voc, read_split
-from napari_hemato.train.evaluate_smear import box_iou
 
 MODEL = BUNDLED / "smear"
 #: a validation field (never trained on) with one neutrophil and many red cells
@@ -16,8 +16,9 @@ STEM = "BloodImage_00000"
 
 
 def test_box_matching_is_one_to_one():
+    from napari_hemato.core.metrics import match_boxes
     from napari_hemato.train.data_smear import Box
-    from napari_hemato.train.evaluate_smear import match_boxes, score_image
+    from napari_hemato.train.evaluate_smear import score_image
 
     gt = np.array([[0, 0, 10, 10], [0, 8, 10, 18]])
     pred = np.array([[0, 1, 10, 11], [0, 2, 10, 12], [0, 9, 10, 19]])

@@ -15,7 +15,15 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
-from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QComboBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 from napari_hemato._widgets.serial import SerialHandlers
 from napari_hemato.core.cancel import CancelToken
@@ -59,7 +67,7 @@ class FinetunePanel(QWidget):
         self._get_annotations = get_annotations
         self.worker = None
         self._token: CancelToken | None = None
-        self._task = None
+        self._task = self._kind = None
         self.result = None
         self.button = QPushButton("Fine-tune on my corrections")
         self.button.setToolTip("refit the model on this layer's reviewed objects (minutes, no "
@@ -71,6 +79,9 @@ class FinetunePanel(QWidget):
                                      "or drawn shapes) with the fine-tuned model; corrected layers "
                                      "are kept, the run adds new ones")
         self.rerun_button.setEnabled(False)
+        self.kind_box = QComboBox()  # what to refit, when the task's corrections feed several models
+        self.kind_box.setToolTip("the model this layer's corrections refit")
+        self.kind_box.setVisible(False)
         self.bar = QProgressBar()
         self.bar.setRange(0, 100)
         self.status = QLabel("")
@@ -81,12 +92,28 @@ class FinetunePanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(row)
+        layout.addWidget(self.kind_box)
         layout.addWidget(self.bar)
         layout.addWidget(self.status)
         layout.addWidget(self.rerun_button)
         self.button.clicked.connect(self.start)
         self.cancel_button.clicked.connect(self.cancel)
         self.rerun_button.clicked.connect(self.rerun)
+
+    def set_task(self, task) -> None:
+        """Offer the models ``task``'s corrections can refit (the choice shows when there are
+        several: a smear's white-cell classes or its cells)."""
+        kinds = task.finetune_kinds()
+        if [self.kind_box.itemData(i) for i in range(self.kind_box.count())] != list(kinds):
+            self.kind_box.clear()
+            for kind, label in kinds.items():
+                self.kind_box.addItem(f"refit: {label}", kind)
+        self.kind_box.setVisible(len(kinds) > 1)
+
+    def kind(self, task) -> str | None:
+        """The fine-tune chosen for ``task`` (its default when the choice is not its)."""
+        chosen = self.kind_box.currentData()
+        return chosen if chosen in task.finetune_kinds() else task.finetune_kind
 
     def start(self) -> None:
         from napari.qt.threading import create_worker
@@ -98,7 +125,8 @@ class FinetunePanel(QWidget):
             self.status.setText("choose a layer made by napari-hemato first")
             return
         task = task_for(ann)
-        if not task.finetune_kind:
+        kind = self.kind(task)
+        if not kind:
             self.status.setText(f"{task.name}: no fine-tuning from corrections yet")
             return
         if not ann.image_path:
@@ -108,12 +136,12 @@ class FinetunePanel(QWidget):
 
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         home = sidecar_dir(ann.image_path, create=True) / "finetuned-models"
-        data, out = home / f".corrections-{stamp}", home / f"{task.finetune_kind}-{stamp}"
+        data, out = home / f".corrections-{stamp}", home / f"{kind}-{stamp}"
         self._token = CancelToken()
-        self._task = task
-        base = current_model(self.viewer, task)
+        self._task, self._kind = task, kind
+        base = current_model(self.viewer, task, kind)
         # errors are this panel's to show (status line; a notification when unexpected)
-        self.worker = create_worker(self._job, task, ann, data, out, base, self._token,
+        self.worker = create_worker(self._job, task, kind, ann, data, out, base, self._token,
                                     _ignore_errors=True)
         serial = SerialHandlers()
         self.worker.yielded.connect(serial.wrap(lambda: self._on_progress))
@@ -127,14 +155,14 @@ class FinetunePanel(QWidget):
         self.worker.start()
 
     @staticmethod
-    def _job(task, ann, data: Path, out: Path, base, token: CancelToken):
+    def _job(task, kind: str, ann, data: Path, out: Path, base, token: CancelToken):
         import shutil
 
         from napari_hemato.api import finetune
 
         try:
-            task.export_corrections(ann, data)
-            result = yield from _relay(lambda progress: finetune(task.finetune_kind, [data], out,
+            task.export_corrections(ann, data, kind=kind)
+            result = yield from _relay(lambda progress: finetune(kind, [data], out,
                                                                  base=base, progress=progress), token)
         finally:
             shutil.rmtree(data, ignore_errors=True)
@@ -160,7 +188,7 @@ class FinetunePanel(QWidget):
 
     def _on_done(self, result) -> None:
         self.result = result
-        where = offer_model(self.viewer, result.folder, self._task, self._get_annotations())
+        where = offer_model(self.viewer, result.folder, self._task, self._get_annotations(), self._kind)
         self.rerun_button.setEnabled(where is not None)
         line = f"new model: {result.folder.name} ({_headline(result.metrics)}); "
         self.status.setText(line + (f"set in the Analyse dock's {where}: 'Run the new model' uses it"
@@ -210,16 +238,17 @@ def analyze_widget(viewer):
     return None
 
 
-def current_model(viewer, task) -> str | None:
-    """The model a fine-tune of ``task`` starts from: the Analyse dock's choice, else bundled."""
+def current_model(viewer, task, kind: str | None = None) -> str | None:
+    """The model a fine-tune (``kind``, default the task's) of ``task`` starts from: the Analyse
+    dock's choice, else bundled."""
     widget = analyze_widget(viewer)
     if widget is None or widget.task.value != task.name:
         return None
-    field = widget.stage_model if task.stage_model else widget.model
+    field = widget.stage_model if task.finetune_replaces_stage(kind or task.finetune_kind) else widget.model
     return field.value.strip() or None
 
 
-def offer_model(viewer, folder: Path, task, ann=None) -> str | None:
+def offer_model(viewer, folder: Path, task, ann=None, kind: str | None = None) -> str | None:
     """Put ``folder`` in the Analyse dock's field that the fine-tuned model replaces (and
     the reviewed layer's image in its image field)."""
     from napari_hemato.io.layers import KEY
@@ -234,7 +263,7 @@ def offer_model(viewer, folder: Path, task, ann=None) -> str | None:
             widget.image.value = layer
             break
     widget.task.value = task.name
-    if task.stage_model:
+    if task.finetune_replaces_stage(kind or task.finetune_kind):
         widget.stage_model.value = str(folder)
         return task.stage_model[1]
     widget.model.value = str(folder)

@@ -173,6 +173,7 @@ class ReviewWidget(QWidget):
             w.setEnabled(not is_points and session.labels is not None)
         lazy = bool(session.annotations.metadata.get("lazy"))
         self.edit_here_button.setEnabled(lazy and not is_points)
+        self.finetune.set_task(task_for(session.annotations))
         self.save_window_button.setEnabled("edit" in session.annotations.metadata)
         self.accept_button.setEnabled(is_points)
         self.reject_button.setEnabled(is_points)

@@ -17,7 +17,9 @@ def register(sub) -> None:
                         "images: the 11 classes or NEU/LY/MO/EO/BA/IG); mitosis: points CSV "
                         "exports beside their images (accepted/rejected/added); nuclei: "
                         "corrected masks (label TIFF, OME-Zarr, COCO or GeoJSON exports with "
-                        "their images, each exported region taken as reviewed)")
+                        "their images, each exported region taken as reviewed); smear: corrected "
+                        "cells of smear fields (the same exports, each field taken as reviewed: "
+                        "RBC / WBC / platelets; for white-cell subtypes use wbc)")
     p.add_argument("--data", action="append", required=True, metavar="DATA",
                    help="an exported folder or file (repeat for several)")
     p.add_argument("--out", required=True, metavar="MODEL", help="the model folder to write")
@@ -46,7 +48,8 @@ def cmd_finetune(args) -> int:
     result = finetune(args.kind, args.data, args.out, base=base, max_minutes=args.max_minutes,
                       overwrite=args.overwrite, threads=args.threads, progress=Progress(show))
     c = result.corrections
-    what = (f"{c['cells']} corrected cells" if "cells" in c else f"{c['points']} corrected points" if "points" in c
+    what = (f"{c['cells']} cells in {c['regions']} corrected field(s)" if "cells" in c and "regions" in c
+            else f"{c['cells']} corrected cells" if "cells" in c else f"{c['points']} corrected points" if "points" in c
             else f"{c['nuclei']} nuclei in {c['regions']} corrected region(s)")
     out(f"wrote {result.folder} in {result.minutes:.1f} min from {what}")
     for when in ("before", "after"):
@@ -55,7 +58,8 @@ def cmd_finetune(args) -> int:
     usage = {"wbc": f"napari-hemato analyze FIELD --task smear --classifier {result.folder}, or "
                     f"napari-hemato classify-cells IMAGES --model {result.folder}",
              "mitosis": f"napari-hemato analyze SLIDE --task mitosis --model {result.folder}",
-             "nuclei": f"napari-hemato analyze SLIDE --task nuclei --model {result.folder}"}
+             "nuclei": f"napari-hemato analyze SLIDE --task nuclei --model {result.folder}",
+             "smear": f"napari-hemato analyze FIELD --task smear --model {result.folder}"}
     if result.metrics.get("after", {}).get("note"):
         out(f"  note: {result.metrics['after']['note']}")
     out(f"use it: {usage[args.kind]}")

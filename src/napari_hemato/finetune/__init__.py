@@ -19,17 +19,14 @@ FINETUNERS = {
     "wbc": "napari_hemato.finetune.wbc:finetune_wbc",
     "mitosis": "napari_hemato.finetune.mitosis:finetune_mitosis",
     "nuclei": "napari_hemato.finetune.nuclei:finetune_nuclei",
+    "smear": "napari_hemato.finetune.smear:finetune_smear",
 }
-#: asked for but without a fast path yet (the smear detector: its trainer needs torch)
-NOT_YET = {
-    "smear": "the smear detector has no fast (head-only) fine-tune yet; with the train extra, "
-             "retrain on your exported COCO with `napari-hemato train smear --data ...`; its white-cell "
-             "classes are fine-tuned with `napari-hemato finetune wbc` on exported crops",
-}
+#: asked for but without a fast path yet
+NOT_YET: dict[str, str] = {}
 
 
 def finetune(kind: str, data, out, **options):
-    """Fine-tune the ``kind`` model (``wbc``, ``mitosis``, ``nuclei``) on the corrections in ``data``."""
+    """Fine-tune the ``kind`` model (``wbc``, ``mitosis``, ``nuclei``, ``smear``) on the corrections in ``data``."""
     if kind in NOT_YET:
         raise HematoError(NOT_YET[kind])
     if kind not in FINETUNERS:

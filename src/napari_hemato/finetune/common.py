@@ -153,7 +153,8 @@ def write_model_folder(out: str | Path, base_folder: Path, model, spec_changes: 
         write_spec(tmp, spec)
         (tmp / "MODEL_CARD.md").write_text(card)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float) + "\n")
-        for extra in ("replay.npz",):  # the reference embeddings travel with the model
+        # the reference embeddings travel with the model, with the licence of any data they hold
+        for extra in ("replay.npz", *(p.name for p in base_folder.glob("LICENSE-*"))):
             if (base_folder / extra).is_file():
                 shutil.copy2(base_folder / extra, tmp / extra)
         if out.exists():

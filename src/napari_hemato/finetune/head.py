@@ -80,6 +80,39 @@ def fit_head(x: np.ndarray, allowed: np.ndarray, init: Head, *, sample_weight=No
                          f"{init.weight.shape}")
     if not allowed.any(1).all():
         raise ValueError("every sample needs at least one allowed class")
+    return _fit_softmax(x, lambda p: _restricted(p, allowed), init, sample_weight, l2, max_iter,
+                        nll_of=lambda z: _logsumexp(z) - _logsumexp(z, allowed))
+
+
+def _restricted(p: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    q = np.where(allowed, p, 0.0)
+    return q / q.sum(1, keepdims=True)
+
+
+def fit_soft_head(x: np.ndarray, target: np.ndarray, init: Head, *, sample_weight=None,
+                  l2: float = 1e-2, max_iter: int = 300) -> Head:
+    """:func:`fit_head` with soft targets: the weighted cross-entropy ``-Σ_c target_c log p_c``
+    (rows of ``target`` (N, C) sum to 1; a one-hot row is an exact label, a row of the shipped
+    head's own probabilities replays it) + ``l2/2 ||(W, b) − (W0, b0)||²``.
+
+    Examples
+    --------
+    >>> h0 = Head(np.zeros((2, 1)), np.zeros(2))
+    >>> h = fit_soft_head(np.zeros((4, 1)), np.tile([0.75, 0.25], (4, 1)), h0, l2=0.0)
+    >>> np.round(h.probs(np.zeros((1, 1))), 3).tolist()
+    [[0.75, 0.25]]
+    """
+    x = np.asarray(x, np.float64)
+    target = np.asarray(target, np.float64)
+    if x.ndim != 2 or target.shape != (len(x), init.weight.shape[0]):
+        raise ValueError(f"x {x.shape} and target {target.shape} do not match the head "
+                         f"{init.weight.shape}")
+    return _fit_softmax(x, lambda p: target, init, sample_weight, l2, max_iter,
+                        nll_of=lambda z: _logsumexp(z) - (target * z).sum(1))
+
+
+def _fit_softmax(x, q_of, init: Head, sample_weight, l2: float, max_iter: int, *, nll_of) -> Head:
+    """Minimise ``w · nll_of(z) + l2/2 ||θ − θ0||²`` whose gradient in the logits is ``p − q_of(p)``."""
     w = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, np.float64)
     w = w / w.sum()
     n_c, n_d = init.weight.shape
@@ -90,12 +123,9 @@ def fit_head(x: np.ndarray, allowed: np.ndarray, init: Head, *, sample_weight=No
         weight, bias = theta[: n_c * n_d].reshape(n_c, n_d), theta[n_c * n_d :]
         z = (x @ weight.T + bias) / t
         p = _softmax(z)
-        q = np.where(allowed, p, 0.0)
-        q /= q.sum(1, keepdims=True)
-        nll = _logsumexp(z) - _logsumexp(z, allowed)
-        dz = (p - q) * w[:, None] / t
+        dz = (p - q_of(p)) * w[:, None] / t
         diff = theta - theta0
-        loss = float(w @ nll) + 0.5 * l2 * float(diff @ diff)
+        loss = float(w @ nll_of(z)) + 0.5 * l2 * float(diff @ diff)
         grad = np.concatenate([(dz.T @ x).ravel(), dz.sum(0)]) + l2 * diff
         return loss, grad
 

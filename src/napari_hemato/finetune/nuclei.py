@@ -26,11 +26,9 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from napari_hemato.core.errors import HematoError
 from napari_hemato.core.metrics import (
@@ -41,74 +39,34 @@ from napari_hemato.core.metrics import (
 from napari_hemato.core.postprocess import distance_target, postprocess_instances
 from napari_hemato.finetune import onnx_edit
 from napari_hemato.finetune.common import FinetuneResult, Progress, begin, finish, search_settings
-from napari_hemato.finetune.head import BinaryHead, fit_binary_head, sigmoid
+from napari_hemato.finetune.head import BinaryHead
 from napari_hemato.finetune.nuclei_card import card
 from napari_hemato.finetune.pixels_replay import load_pixels_replay, val_crops
-from napari_hemato.finetune.segmenter_features import ROLES, SegmenterFeatures
+from napari_hemato.finetune.segmenter_features import SegmenterFeatures
+from napari_hemato.finetune.segmenter_regions import (
+    Region,
+    SampleCache,
+    centre,
+    export_paths,
+    folds,
+)
+from napari_hemato.finetune.segmenter_regions import fit_maps as fit
 
 log = logging.getLogger(__name__)
 
 #: (anchor l2, corrections' share of the loss) tried, most conservative first
 SETTINGS = [(l2, share) for l2 in (10.0, 3.0, 1.0, 0.3, 0.1, 3e-2, 1e-2) for share in (0.2, 0.5, 0.8)]
 MAX_REFERENCE_DROP = 0.01
-#: pixels sampled per region and stratum (foreground, background band, far background)
-PER_STRATUM = 6000
-BAND_PX = 3  # the background band: this many model-grid px around a nucleus
-MIN_HELD_OUT_NUCLEI = 10  # fewer nuclei than this in all: nothing held out
-MAX_FOLDS = 5  # several regions: each is held out once, in up to this many folds
-#: held-out regions larger than this (model-grid px) are scored on their centre
-MAX_HELD_OUT_PX = 2048 * 2048
 #: the corrections' model-grid pixels read at most (their features are held in memory)
 MAX_PIXELS = 36_000_000
-DIST_FG_WEIGHT = 4.0  # training's distance loss weighs nucleus pixels 1 + 4
-
-
-@dataclass
-class Region:
-    """One corrected region on the model grid."""
-
-    key: str
-    labels: np.ndarray  # (H, W) int32
-    features: np.ndarray  # (D, H, W) float32
-    dist: np.ndarray | None  # (H, W) float32, the distance target (None: only scored)
-
-    def crop(self, sl: tuple[slice, slice], key: str) -> Region:
-        return Region(key, self.labels[sl], self.features[(slice(None), *sl)],
-                      None if self.dist is None else self.dist[sl])
-
-    @property
-    def nuclei(self) -> int:
-        return int(len(np.unique(self.labels)) - (self.labels == 0).any())
-
-
-@dataclass
-class Samples:
-    """Sampled pixels of corrections: features, targets and weights (summing to 1 per region)."""
-
-    x: np.ndarray  # (n, D)
-    fg: np.ndarray  # (n,) 0/1
-    dist: np.ndarray  # (n,)
-    weight: np.ndarray  # (n,)
-
-    @classmethod
-    def merge(cls, parts: list[Samples], d: int) -> Samples:
-        if not parts:
-            return cls(np.zeros((0, d)), np.zeros(0), np.zeros(0), np.zeros(0))
-        return cls(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("x", "fg", "dist", "weight")))
 
 
 def read_regions(data: list[Path], feats: SegmenterFeatures, progress: Progress) -> list[Region]:
     """Every instance export in ``data`` (files or folders) on the model grid, with its features."""
-    from napari_hemato.core.export.regions import list_instance_exports, load_instance_export
+    from napari_hemato.core.export.regions import load_instance_export
     from napari_hemato.core.resample import to_model_grid
 
-    paths: list[Path] = []
-    for d in data:
-        found = list_instance_exports(d) if d.is_dir() else [d]
-        if not found:
-            raise HematoError(f"{d}: no exported masks (*_labels.tif, *.ome.zarr, *_coco.json, "
-                              "*.geojson) to fine-tune on")
-        paths += found
+    paths = export_paths(data, "masks")
     regions, total = [], 0
     for k, path in enumerate(paths):
         progress(f"reading the corrections {k + 1}/{len(paths)}", 0.05 + 0.4 * k / len(paths))
@@ -130,56 +88,6 @@ def read_regions(data: list[Path], feats: SegmenterFeatures, progress: Progress)
         regions.append(Region(region.key, labels, features, distance_target(labels)))
         log.info("%s: %d nuclei, %d×%d px on the model grid", region.key, regions[-1].nuclei, *labels.shape)
     return regions
-
-
-def sample(region: Region, rng: np.random.Generator) -> Samples:
-    """Up to :data:`PER_STRATUM` pixels of each stratum, weighted back to its share of the region."""
-    fg = region.labels > 0
-    band = ndi.binary_dilation(fg, iterations=BAND_PX) & ~fg
-    parts = []
-    for stratum in (fg, band, ~fg & ~band):
-        idx = np.flatnonzero(stratum)
-        if not len(idx):
-            continue
-        pick = idx if len(idx) <= PER_STRATUM else rng.choice(idx, PER_STRATUM, replace=False)
-        yy, xx = np.unravel_index(pick, fg.shape)
-        parts.append(Samples(region.features[:, yy, xx].T.astype(np.float64), fg[yy, xx].astype(np.float64),
-                             region.dist[yy, xx].astype(np.float64),
-                             np.full(len(pick), len(idx) / fg.size / len(pick))))
-    return Samples.merge(parts, region.features.shape[0])
-
-
-def folds(regions: list[Region], seed: int = 0) -> tuple[list[tuple[list[Region], list[Region]]], str]:
-    """``([(fit regions, held-out regions), ...], how)``: with several regions, up to
-    :data:`MAX_FOLDS` folds, each region held out once; with one, its last fifth along the
-    longer side; with few nuclei, nothing held out (the fit is checked on itself)."""
-    n = sum(r.nuclei for r in regions)
-    if n < MIN_HELD_OUT_NUCLEI:
-        return [(regions, regions)], f"none ({n} nuclei: checked on the fit itself)"
-    if len(regions) >= 2:
-        k = min(MAX_FOLDS, len(regions))
-        order = np.random.default_rng(seed).permutation(len(regions))
-        out = []
-        for g in range(k):
-            held = set(order[g::k].tolist())
-            out.append(([r for i, r in enumerate(regions) if i not in held], [regions[i] for i in sorted(held)]))
-        return out, f"{k} folds over {len(regions)} regions (each held out once)"
-    r = regions[0]
-    axis = int(r.labels.shape[1] > r.labels.shape[0])
-    cut = int(round(0.8 * r.labels.shape[axis]))
-    first, last = slice(0, cut), slice(cut, None)
-    sls = ((first, slice(None)), (last, slice(None))) if axis == 0 else ((slice(None), first), (slice(None), last))
-    return ([([r.crop(sls[0], f"{r.key}[fit]")], [r.crop(sls[1], f"{r.key}[held out]")])],
-            f"the last fifth of the one region ({'rows' if axis == 0 else 'columns'})")
-
-
-def _centre(region: Region) -> Region:
-    h, w = region.labels.shape
-    if h * w <= MAX_HELD_OUT_PX:
-        return region
-    side = int(np.sqrt(MAX_HELD_OUT_PX))
-    y0, x0 = max((h - side) // 2, 0), max((w - side) // 2, 0)
-    return region.crop((slice(y0, y0 + side), slice(x0, x0 + side)), f"{region.key}[centre]")
 
 
 def object_scores(pairs: list[tuple[dict[str, BinaryHead], list[Region]]], spec, *,
@@ -225,23 +133,6 @@ def keeps_reference(row: dict, before: dict) -> bool:
     return all(row[k] >= before[k] - MAX_REFERENCE_DROP for k in ("reference_f1", "reference_aji"))
 
 
-def fit(s: Samples, replay: dict, init: dict[str, BinaryHead], l2: float, share: float,
-        offset: float) -> dict[str, BinaryHead]:
-    """Both channels refit on the corrections (``share`` of the loss) and the replay."""
-    rx = replay["train_x"]
-    x = np.concatenate([s.x, rx])
-    base = np.concatenate([share * s.weight / max(s.weight.sum(), 1e-12),
-                           np.full(len(rx), (1 - share) / max(len(rx), 1))])
-    own = {r: sigmoid(init[r].logits(rx) - (offset if r == "foreground" else 0.0)) for r in ROLES}
-    fg_y = np.concatenate([s.fg, own["foreground"]])
-    dist_y = np.concatenate([s.dist, own["distance"]])
-    # training weighs nucleus pixels 1 + 4 in the distance loss; the replay's nucleus share is
-    # the shipped head's own foreground probability
-    dist_w = base * (1 + DIST_FG_WEIGHT * np.concatenate([s.fg, own["foreground"]]))
-    return {"foreground": fit_binary_head(x, fg_y, init["foreground"], sample_weight=base, l2=l2, offset=offset),
-            "distance": fit_binary_head(x, dist_y, init["distance"], sample_weight=dist_w, l2=l2)}
-
-
 def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path | None = None,
                     max_minutes: float = 2.0, progress: Progress | None = None, overwrite: bool = False,
                     threads: int | None = None) -> FinetuneResult:
@@ -269,14 +160,8 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
     offset = float(np.log(threshold / (1 - threshold)))
     init = feats.init
     plan, how = folds(regions)
-    plan = [(fit_regions, [_centre(r) for r in held]) for fit_regions, held in plan]
-    cache: dict[int, Samples] = {}
-
-    def samples(rs: list[Region]) -> Samples:
-        for r in rs:
-            if id(r) not in cache:
-                cache[id(r)] = sample(r, np.random.default_rng(len(cache)))
-        return Samples.merge([cache[id(r)] for r in rs], feats.dim)
+    plan = [(fit_regions, [centre(r) for r in held]) for fit_regions, held in plan]
+    samples = SampleCache(feats.dim)
 
     everything = samples(regions)
     fold_sets = [samples(fit_regions) for fit_regions, _ in plan]
@@ -314,17 +199,8 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
     if note:
         after["note"] = note
 
-    model = onnx_edit.load(spec.onnx_path)
-    head = feats.heads["foreground"]
-    w = onnx_edit.initializer(model, head.weight).copy()
-    b = onnx_edit.initializer(model, head.bias).copy()
-    for role in ROLES:
-        c = feats.heads[role].channel
-        w[c, :, 0, 0] = final[role].weight
-        b[c] = final[role].bias
-    onnx_edit.set_initializer(model, head.weight, w)
-    onnx_edit.set_initializer(model, head.bias, b)
-    int8_model = _int8_with(spec, head, w, b)
+    model, w, b = feats.refit_layer(final)
+    int8_model = _int8_with(spec, feats.heads["foreground"], w, b)
     corrections = {"sources": [r.key for r in regions], "regions": len(regions),
                    "nuclei": int(sum(r.nuclei for r in regions)),
                    "pixels": int(sum(r.labels.size for r in regions)),

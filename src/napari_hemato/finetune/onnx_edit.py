@@ -190,12 +190,20 @@ class HeatmapHead:
     upsample: int  # integer linear (half-pixel) upsampling from the features to the heatmap
 
 
-def _channel_slice(model: onnx.ModelProto, node) -> int:
-    """The channel a Slice node takes: one channel (axis 1, step 1), else an error."""
+def _channel_range(model: onnx.ModelProto, node) -> tuple[int, int]:
+    """The channels ``[start, end)`` a Slice node takes on axis 1 (step 1), else an error."""
     starts, ends = (int(np.ravel(_constant(model, node.input[k]))[0]) for k in (1, 2))
     axes = int(np.ravel(_constant(model, node.input[3]))[0]) if len(node.input) > 3 else 0
     steps = int(np.ravel(_constant(model, node.input[4]))[0]) if len(node.input) > 4 else 1
-    if axes != 1 or steps != 1 or ends != starts + 1:
+    if axes != 1 or steps != 1 or not 0 <= starts < ends:
+        raise ModelError("the map is not a range of channels sliced from the last layer")
+    return starts, ends
+
+
+def _channel_slice(model: onnx.ModelProto, node) -> int:
+    """The channel a Slice node takes: one channel (axis 1, step 1), else an error."""
+    starts, ends = _channel_range(model, node)
+    if ends != starts + 1:
         raise ModelError("the heatmap is not one channel sliced from the last layer")
     return starts
 
@@ -244,3 +252,55 @@ def find_heatmap_head(model: onnx.ModelProto, heatmap_output: str = "heatmap") -
         raise ModelError(f"heatmap channel {channel} is not an output of the last layer")
     initializer(model, node.input[2])  # the bias is a weight, not computed
     return HeatmapHead(node.input[0], node.input[1], node.input[2], channel, upsample)
+
+
+@dataclass
+class ClassMapsHead:
+    """Where a segmenter's per-pixel class probabilities come from: a softmax over channels
+    ``[start, end)`` of a 1×1 Conv."""
+
+    features: str  # the Conv's input tensor (N, D, H, W)
+    weight: str  # initializer (K, D, 1, 1)
+    bias: str  # initializer (K,)
+    start: int
+    end: int
+
+
+def _softmax_input(model: onnx.ModelProto, node) -> str | None:
+    """The logits a channel softmax reads: a Softmax node's input, or ``x`` of the
+    :func:`elementwise_softmax` pattern ``Div(Exp(Sub(x, ReduceMax(x))), ReduceSum(...))``."""
+    if node is None:
+        return None
+    if node.op_type == "Softmax":
+        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
+        return node.input[0] if axis == 1 else None
+    if node.op_type != "Div":
+        return None
+    exp = producer(model, node.input[0])
+    sub = producer(model, exp.input[0]) if exp is not None and exp.op_type == "Exp" else None
+    if sub is None or sub.op_type != "Sub":
+        return None
+    peak = producer(model, sub.input[1])
+    return sub.input[0] if peak is not None and peak.op_type == "ReduceMax" else None
+
+
+def find_class_maps_head(model: onnx.ModelProto, probs_output: str = "class_probs") -> ClassMapsHead:
+    """The 1×1 Conv whose channels a segmenter's ``probs_output`` is the softmax of
+    (Conv → Slice on channels → Softmax over axis 1, or its elementwise form)."""
+    logits = _softmax_input(model, _skip_identity(model, producer(model, probs_output)))
+    if logits is None:
+        raise ModelError(f"output {probs_output!r} is not a softmax over channels: no class head to refit")
+    node = producer(model, logits)
+    start = end = None
+    if node is not None and node.op_type == "Slice":
+        start, end = _channel_range(model, node)
+        node = producer(model, node.input[0])
+    if node is None or node.op_type != "Conv" or len(node.input) < 3:
+        raise ModelError("no Conv with a bias before the class softmax: no class head to refit")
+    weight = initializer(model, node.input[1])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if weight.shape[2:] != (1, 1) or attrs.get("group", 1) != 1 or any(v != 1 for v in attrs.get("strides", [1])):
+        raise ModelError("the class maps' last layer is not a 1×1 convolution")
+    start, end = (0, weight.shape[0]) if start is None else (start, min(end, weight.shape[0]))
+    initializer(model, node.input[2])
+    return ClassMapsHead(node.input[0], node.input[1], node.input[2], start, end)

@@ -16,7 +16,7 @@ import numpy as np
 
 from napari_hemato.core.errors import HematoError
 from napari_hemato.finetune import onnx_edit
-from napari_hemato.finetune.head import BinaryHead, sigmoid
+from napari_hemato.finetune.head import BinaryHead, Head, sigmoid
 
 #: the model-grid side of a tile the features are computed on (plus the halo)
 TILE = 1024
@@ -30,6 +30,10 @@ class SegmenterFeatures:
     predictor: object  # OnnxPredictor, float network
     heads: dict[str, onnx_edit.HeatmapHead]
     init: dict[str, BinaryHead]  # the shipped weights of each channel
+    #: a model with ``class_probs``: where they come from (channels of the same convolution)
+    #: and their shipped weights
+    class_head: onnx_edit.ClassMapsHead | None = None
+    init_classes: Head | None = None
 
     @classmethod
     def load(cls, folder: str | Path, *, threads: int | None = None) -> SegmenterFeatures:
@@ -54,7 +58,34 @@ class SegmenterFeatures:
         w = onnx_edit.initializer(model, fg.weight)[:, :, 0, 0].astype(np.float64)
         b = onnx_edit.initializer(model, fg.bias).astype(np.float64)
         init = {r: BinaryHead(w[h.channel].copy(), float(b[h.channel])) for r, h in heads.items()}
-        return cls(predictor, heads, init)
+        class_head = init_classes = None
+        if "class_probs" in spec.outputs:
+            class_head = onnx_edit.find_class_maps_head(model, spec.outputs["class_probs"])
+            if (class_head.weight, class_head.features) != (fg.weight, fg.features):
+                raise HematoError(f"{spec.folder}: the class maps do not come from the foreground's "
+                                  "1×1 convolution: no head refit for this model")
+            sl = slice(class_head.start, class_head.end)
+            init_classes = Head(w[sl].copy(), b[sl].copy())
+        return cls(predictor, heads, init, class_head, init_classes)
+
+    def refit_layer(self, maps: dict[str, BinaryHead], classes: Head | None = None):
+        """``(model, weight, bias)``: a copy of the ONNX graph with ``maps`` (and ``classes``)
+        written into the last 1×1 convolution, and that layer's new initializers."""
+        model = onnx_edit.load(self.spec.onnx_path)
+        head = self.heads["foreground"]
+        w = onnx_edit.initializer(model, head.weight).copy()
+        b = onnx_edit.initializer(model, head.bias).copy()
+        for role in ROLES:
+            c = self.heads[role].channel
+            w[c, :, 0, 0] = maps[role].weight
+            b[c] = maps[role].bias
+        if classes is not None:
+            sl = slice(self.class_head.start, self.class_head.end)
+            w[sl, :, 0, 0] = classes.weight
+            b[sl] = classes.bias
+        onnx_edit.set_initializer(model, head.weight, w)
+        onnx_edit.set_initializer(model, head.bias, b)
+        return model, w, b
 
     @property
     def spec(self):
@@ -78,12 +109,19 @@ class SegmenterFeatures:
         out = self.predictor.predict(padded[None], roles=["features"])["features"]
         return out[0, :, :h, :w]
 
-    def run(self, image: np.ndarray, cancel=None) -> np.ndarray:
+    def run(self, image: np.ndarray, cancel=None, *, pad_edges: bool = False) -> np.ndarray:
         """Features ``(D, H, W)`` float32 of an RGB uint8 image on the model grid, in tiles of
         :data:`TILE` px with the receptive field as halo (the same values as one run).
 
-        ``cancel()`` is called between tiles (it may raise to stop)."""
+        ``pad_edges``: the image is a whole field; every side is padded with the model's
+        ``pad_value`` by the halo first, as the engine reads an image's edges (without it, only
+        the bottom and right are padded, to the size divisor). ``cancel()`` is called between
+        tiles (it may raise to stop)."""
         image = np.asarray(image, np.uint8)
+        if pad_edges:
+            m = self._margin()
+            padded = np.pad(image, ((m, m), (m, m), (0, 0)), constant_values=self.spec.pad_value)
+            return self.run(padded, cancel)[:, m : m + image.shape[0], m : m + image.shape[1]]
         h, w = image.shape[:2]
         if h <= TILE and w <= TILE:
             return self._run_padded(image)
@@ -107,3 +145,10 @@ class SegmenterFeatures:
         flat = features.reshape(d, -1).T
         out = [sigmoid(heads[r].logits(flat)).reshape(features.shape[1:]).astype(np.float32) for r in ROLES]
         return out[0], out[1]
+
+    @staticmethod
+    def class_maps(features: np.ndarray, head: Head) -> np.ndarray:
+        """Class probabilities ``(C, H, W)`` of ``features`` (D, H, W) with ``head``."""
+        d = features.shape[0]
+        probs = head.probs(features.reshape(d, -1).T)
+        return probs.T.reshape(-1, *features.shape[1:]).astype(np.float32)

@@ -42,6 +42,9 @@ class Task:
     bundled: str | None = None
     #: the model a user's corrections of this task fine-tune (``napari-hemato finetune KIND``)
     finetune_kind: str | None = None
+    #: several models the corrections can fine-tune: ``{kind: what it refits}``, the first the
+    #: default (the Review dock offers the choice); empty: ``finetune_kind`` alone
+    finetune_choices: dict[str, str] = {}
     #: a second-stage model the user may choose: ``(api keyword, label)``, e.g. the smear's
     #: ``("classifier", "WBC classifier")``; its fine-tune (``finetune_kind``) replaces it
     stage_model: tuple[str, str] | None = None
@@ -132,9 +135,39 @@ class Task:
         raise NotImplementedError(f"task {self.name!r} has no class activation maps")
 
     # -- fine-tuning --------------------------------------------------------------
-    def export_corrections(self, annotations, folder: Path) -> Path:
-        """Write ``annotations`` as what ``finetune(self.finetune_kind, ...)`` reads."""
+    def finetune_kinds(self) -> dict[str, str]:
+        """``{kind: what it refits}`` of the fine-tunes this task's corrections feed."""
+        if self.finetune_choices:
+            return dict(self.finetune_choices)
+        return {self.finetune_kind: self.finetune_kind} if self.finetune_kind else {}
+
+    def finetune_replaces_stage(self, kind: str) -> bool:
+        """Whether the ``kind`` fine-tune replaces the second-stage model (:attr:`stage_model`)
+        rather than the task's own model."""
+        return bool(self.stage_model) and kind == self.finetune_kind
+
+    def export_corrections(self, annotations, folder: Path, kind: str | None = None) -> Path:
+        """Write ``annotations`` as what ``finetune(kind or self.finetune_kind, ...)`` reads."""
         raise NotImplementedError(f"task {self.name!r} has no fine-tuning from corrections yet")
+
+    @staticmethod
+    def export_reviewed_masks(annotations, folder: Path) -> Path:
+        """``<image>_labels.tif`` + CSV (the label TIFF export: the image path, origin and pixel
+        size ride in its metadata) in ``folder``: what ``finetune nuclei|smear`` reads. The
+        layer's region is taken as reviewed; on a whole slide that is an "Edit here" window (the
+        whole-slide layer's masks stay in its run's store). Returns the TIFF."""
+        from napari_hemato.core.errors import HematoError
+        from napari_hemato.core.export import export_tiff
+        from napari_hemato.core.export.formats import safe_name
+
+        if annotations.labels is None:
+            raise HematoError("a whole-slide layer's masks stay in its run's store: open 'Edit here' "
+                              "on a region, correct it, and fine-tune from that window (the region "
+                              "you reviewed)")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        name = safe_name(Path(annotations.image_path).stem if annotations.image_path else "corrections")
+        return export_tiff(annotations, folder / f"{name}_labels.tif", overwrite=True)
 
     def __repr__(self) -> str:
         return f"<Task {self.name!r}>"

@@ -125,7 +125,7 @@ class MitosisTask(Task):
     tissue_default = "auto"  # sections on glass; the count is per mm² of tissue
     finetune_kind = "mitosis"  # kept, added and rejected figures refit the heatmap's last layer
 
-    def export_corrections(self, annotations, folder):
+    def export_corrections(self, annotations, folder, kind=None):
         """``<image>_points.csv`` (the points CSV export) + ``<image>_points.json`` (the image
         path, pixel size and region analysed) in ``folder``: what ``finetune mitosis`` reads.
         Returns the CSV."""

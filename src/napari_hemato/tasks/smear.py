@@ -205,16 +205,23 @@ class SmearTask(Task):
     name = "smear"
     title = "Blood smear cells (RBC / WBC / platelets) and the WBC differential"
     finetune_kind = "wbc"  # corrections of white-cell classes refit the WBC classifier
+    finetune_choices = {"wbc": "white-cell classes (WBC classifier)",
+                        "smear": "cells: outlines and types (cell detector)"}
     stage_model = ("classifier", "WBC classifier")
     tissue_default = "none"  # a smear field is all specimen: the whole field counts
 
-    def export_corrections(self, annotations, folder):
-        """The crops export (``manifest.csv``): ``finetune wbc`` keeps the reviewed white cells.
+    def export_corrections(self, annotations, folder, kind=None):
+        """``wbc`` (default): the crops export (``manifest.csv``), whose reviewed white cells
+        ``finetune wbc`` keeps; ``smear``: the field's reviewed cells as a label TIFF
+        (:meth:`Task.export_reviewed_masks`), what ``finetune smear`` reads.
 
         Crops span :data:`CORRECTION_CONTEXT` cell diameters: enough red cells around each
         white cell for a red-cell-scale classifier's ruler to read the pixel size at
         fine-tuning (a self-scale one cuts its window from the centre either way)."""
         from napari_hemato.core.export.crops import export_crops
+
+        if kind == "smear":
+            return self.export_reviewed_masks(annotations, folder)
 
         return export_crops(annotations, folder, context=CORRECTION_CONTEXT, overwrite=True)
 

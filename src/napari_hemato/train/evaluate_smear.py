@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_hemato.core.metrics import box_iou, match_boxes
+from napari_hemato.core.metrics import box_scores
 from napari_hemato.core.metrics import prf as metrics_prf
 from napari_hemato.train import data_smear as ds
 
@@ -44,19 +44,9 @@ def prf(tp: int, fp: int, fn: int) -> dict:
 
 def score_image(gt_boxes: list[ds.Box], pred_boxes: np.ndarray, pred_classes: np.ndarray) -> dict:
     """Per-class ``tp, fp, fn`` (+ RBC in annotated regions) of one image."""
-    out = {}
-    all_gt = np.array([b.yxyx for b in gt_boxes], np.float64).reshape(-1, 4)
-    for name in ds.CLASS_NAMES:
-        g = np.array([b.yxyx for b in gt_boxes if b.cls == name], np.float64).reshape(-1, 4)
-        sel = pred_classes == name
-        p = pred_boxes[sel]
-        tp, fp, fn, matched = match_boxes(g, p, iou_threshold=IOU_THRESHOLD)
-        out[name] = {"tp": tp, "fp": fp, "fn": fn, "n_pred": int(sel.sum()), "n_gt": len(g)}
-        if name == "RBC":
-            near = (box_iou(p, all_gt).max(axis=1) >= 0.1) if len(all_gt) and len(p) else \
-                np.zeros(len(p), bool)
-            out["RBC_annotated_regions"] = {"tp": tp, "fp": int((~matched & near).sum()), "fn": fn}
-    return out
+    gt = np.array([b.yxyx for b in gt_boxes], np.float64).reshape(-1, 4)
+    return box_scores(gt, [b.cls for b in gt_boxes], pred_boxes, pred_classes, ds.CLASS_NAMES,
+                      iou_threshold=IOU_THRESHOLD, partly_annotated="RBC")
 
 
 def table_boxes(table) -> tuple[np.ndarray, np.ndarray]:
