@@ -108,3 +108,25 @@ def test_fine_tuned_folder_with_class_outputs(tmp_path):
         assert spec.name in zf.read("MODEL_CARD.md").decode()
     _reproduce(pkg, rdf)
     _check_with_bioimageio(pkg)
+
+
+def test_the_colour_matched_smear_model_packages_a_matched_test_input(tmp_path):
+    """The smear detector matches each image's colour before its network
+    (``preprocess.colour_match``, not a bioimage.io preprocessing): the package says so, keeps
+    the parameters in its config, and its test input is already matched, so the package's own
+    preprocessing + network reproduce the outputs (and ``bioimageio test`` passes)."""
+    from napari_hemato.core.colour_match import match_colour
+
+    pkg = tmp_path / "smear.zip"
+    assert main(["models", "export-bioimageio", "smear", "--out", str(pkg)]) == 0
+    rdf = _rdf(pkg)
+    params = rdf["config"]["napari_hemato"]["preprocess"]["colour_match"]
+    assert "colour-matched" in rdf["inputs"][0]["description"]
+    with zipfile.ZipFile(pkg) as zf:
+        import io
+
+        x = np.load(io.BytesIO(zf.read(rdf["inputs"][0]["test_tensor"]["source"])), allow_pickle=False)
+    image = x[0].transpose(1, 2, 0).astype(np.uint8)
+    np.testing.assert_array_equal(match_colour(image, params), image)  # matched once already
+    _reproduce(pkg, rdf)
+    _check_with_bioimageio(pkg)

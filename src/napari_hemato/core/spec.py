@@ -225,7 +225,13 @@ class ModelSpec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def normalize(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 NHWC RGB -> float32 NCHW as the network expects."""
+        """uint8 NHWC RGB -> float32 NCHW as the network expects (each image colour-matched
+        first when ``preprocess["colour_match"]`` says so: :mod:`napari_hemato.core.colour_match`)."""
+        match = self.preprocess.get("colour_match")
+        if match:
+            from napari_hemato.core.colour_match import match_colour
+
+            batch = np.stack([match_colour(image, match) for image in np.asarray(batch)])
         x = batch.astype(np.float32) * np.float32(self.normalization.get("scale", 1 / 255))
         if "mean" in self.normalization:
             x -= np.asarray(self.normalization["mean"], np.float32)

@@ -249,7 +249,10 @@ def build_rdf(spec: ModelSpec, *, test_input: np.ndarray, outputs: list[tuple[st
                  "2d"],
         "inputs": [{
             "id": _tensor_id(input_id),
-            "description": "RGB image, 0..255",
+            # (at most 128 characters)
+            "description": "RGB image, 0..255" + (
+                ", colour-matched first (config.napari_hemato.preprocess.colour_match)"
+                if spec.preprocess.get("colour_match") else ""),
             "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["R", "G", "B"]},
                      *_space_axes(spec, sizes)],
             "test_tensor": {"source": "test_input.npy", "sha256": hashes["test_input.npy"]},
@@ -347,7 +350,18 @@ def export_bioimageio(model, out: str | os.PathLike, *, overwrite: bool = False,
     session = ort.InferenceSession(network, providers=predictor.session.get_providers())
     fixed_input = all(isinstance(v, int) for v in session.get_inputs()[0].shape[2:])
     image = _test_image(spec, _test_shape(spec, session))
-    feed = {spec.input_name: spec.normalize(image)}
+    network_spec = spec
+    if spec.preprocess.get("colour_match"):
+        # not a bioimage.io preprocessing: the package takes images already colour-matched
+        # (its input's description says so; config.napari_hemato keeps the parameters), and its
+        # test input is one
+        from dataclasses import replace
+
+        from napari_hemato.core.colour_match import match_colour
+
+        image = np.stack([match_colour(im, spec.preprocess["colour_match"]) for im in image])
+        network_spec = replace(spec, preprocess={k: v for k, v in spec.preprocess.items() if k != "colour_match"})
+    feed = {spec.input_name: network_spec.normalize(image)}
     names = [o.name for o in session.get_outputs()]
     values = [np.asarray(v, np.float32) for v in session.run(names, feed)]
     outputs = list(zip(names, values, strict=True))

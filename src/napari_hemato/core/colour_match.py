@@ -1,0 +1,119 @@
+"""Colour match: an image's glass and stain brought to those of a model's training images.
+
+Labs differ in the colour of the glass (light source, white balance, camera) and in how
+densely and in what hue the stain takes, more than a model trained on one lab's images has
+seen. :func:`match_colour` removes the two first-order differences from each image before
+the network, in optical density (OD = −log(I / 256)), where a stain's amount is a scale:
+
+1. the **glass**: the mean colour of the image's brightest :data:`GLASS_FRACTION` of pixels
+   (pure-white padding excluded) is taken as its background; every pixel's OD is measured
+   against it, so the glass has OD 0;
+2. the **stain**: each channel's median OD over the stained pixels (summed OD above
+   ``min_cell_od``: cells) is scaled to the training images' (the factor clipped to
+   ``scale_limits``; with fewer than :data:`MIN_CELL_FRACTION` stained pixels, no scaling);
+3. the training images' glass colour is put back.
+
+On the training images themselves this is nearly the identity (their glass and stain vary
+little around the medians measured on them). Hue differences that are not a per-channel
+scale remain (stain augmentation in training covers part of them). A model's spec selects it
+with ``preprocess["colour_match"] = {"glass": [r, g, b], "cell_od": [r, g, b],
+"min_cell_od": ..., "scale_limits": [lo, hi]}`` (:meth:`napari_hemato.core.spec.ModelSpec.normalize`
+applies it per image, so the engine, the fine-tunes and the benchmarks all see the same
+input); :func:`measure_colour` gives those numbers from training images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GLASS_FRACTION = 0.10  # the brightest pixels taken as glass
+MIN_CELL_FRACTION = 0.02  # fewer stained pixels than this: the stain is not rescaled
+DEFAULT_MIN_CELL_OD = 0.3
+DEFAULT_SCALE_LIMITS = (0.33, 3.0)
+
+
+def _od(x: np.ndarray) -> np.ndarray:
+    return -np.log((np.asarray(x, np.float32) + 1.0) / 256.0)
+
+
+def _stats(image: np.ndarray, min_cell_od: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(glass colour (3,), median cell OD (3,) or None, OD against the glass (H, W, 3))``."""
+    rgb = np.asarray(image)[..., :3]
+    flat = rgb.reshape(-1, 3)
+    real = ~(flat == 255).all(1)  # the engine's white padding is no glass of this image
+    if real.sum() < 16:
+        glass = np.full(3, 255.0, np.float32)
+    else:
+        pixels = flat[real]
+        total = pixels.astype(np.int32).sum(1)
+        glass = pixels[total >= np.quantile(total, 1 - GLASS_FRACTION)].mean(0).astype(np.float32)
+    od = _od(rgb) - _od(glass)[None, None, :]
+    stained = (od.sum(-1) > min_cell_od) & real.reshape(rgb.shape[:2])
+    cells = np.median(od[stained], axis=0) if stained.sum() >= MIN_CELL_FRACTION * max(real.sum(), 1) else None
+    return glass, cells, od
+
+
+def measure_colour(images, *, min_cell_od: float = DEFAULT_MIN_CELL_OD) -> dict:
+    """The ``colour_match`` parameters of a set of training images: the median glass colour and
+    the median of each image's median cell OD."""
+    glasses, cells = [], []
+    for image in images:
+        glass, cell, _ = _stats(image, min_cell_od)
+        glasses.append(glass)
+        if cell is not None:
+            cells.append(cell)
+    if not cells:
+        raise ValueError("no stained pixels in the images: no colour to match")
+    glasses, cells = np.asarray(glasses), np.asarray(cells)
+    # the training images' own spread: the 5th-95th percentile of each channel around the median
+    stain_spread = np.quantile(cells / np.median(cells, 0), [0.05, 0.95], axis=0)
+    glass_spread = np.abs(_od(glasses) - _od(np.median(glasses, 0))).max(1)
+    return {"glass": np.median(glasses, 0).astype(float).round(1).tolist(),
+            "cell_od": np.median(cells, 0).astype(float).round(4).tolist(),
+            "min_cell_od": min_cell_od, "scale_limits": list(DEFAULT_SCALE_LIMITS),
+            "stain_tolerance": round(float(max(stain_spread[1].max(), 1 / stain_spread[0].min())), 3),
+            "glass_tolerance_od": round(float(np.quantile(glass_spread, 0.95)), 3)}
+
+
+def match_colour(image: np.ndarray, params: dict) -> np.ndarray:
+    """``image`` (H, W, 3) uint8 with the glass and stain of the images ``params`` were measured on.
+
+    Within the training images' own spread nothing changes: a channel's stain is rescaled only
+    by what its ratio to the training median exceeds ``stain_tolerance`` by, the glass replaced
+    only when a channel's OD differs by more than ``glass_tolerance_od``; an image inside both
+    comes back as it is.
+
+    Examples
+    --------
+    >>> field = np.full((40, 40, 3), (230, 220, 240), np.uint8)  # violet-tinted glass
+    >>> field[10:30, 10:30] = (150, 60, 170)  # densely stained cells
+    >>> params = {"glass": [207, 208, 203], "cell_od": [0.15, 0.3, 0.2], "stain_tolerance": 1.2,
+    ...           "glass_tolerance_od": 0.03}
+    >>> out = match_colour(field, params)
+    >>> out[0, 0].tolist(), out[20, 20].tolist()  # the training glass, lighter cells
+    ([207, 208, 203], [173, 136, 159])
+    >>> like = np.full((40, 40, 3), (207, 208, 203), np.uint8)  # the training glass ...
+    >>> like[10:30, 10:30] = (178, 154, 166)  # ... and stain
+    >>> bool((match_colour(like, params) == like).all())  # untouched
+    True
+    """
+    rgb = np.asarray(image)
+    min_cell_od = float(params.get("min_cell_od", DEFAULT_MIN_CELL_OD))
+    lo, hi = params.get("scale_limits", DEFAULT_SCALE_LIMITS)
+    tol = float(params.get("stain_tolerance", 1.0))
+    glass, cells, od = _stats(rgb, min_cell_od)
+    scale = np.ones(3, np.float32)
+    if cells is not None:
+        ratio = np.asarray(params["cell_od"], np.float32) / np.maximum(cells, 1e-3)
+        scale = np.where(ratio > tol, ratio / tol, np.where(ratio < 1 / tol, ratio * tol, 1.0))
+        scale = np.clip(scale, lo, hi).astype(np.float32)
+    target = np.asarray(params["glass"], np.float32)
+    if np.abs(_od(glass) - _od(target)).max() <= float(params.get("glass_tolerance_od", 0.0)):
+        target = glass  # the image's own glass is within the training images' spread
+    if (scale == 1).all() and (target == glass).all():
+        return rgb[..., :3]
+    out = np.exp(-(od * scale + _od(target))) * 256.0 - 1.0
+    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
+    pad = (rgb[..., :3] == 255).all(-1)  # the padding stays the padding the model was trained with
+    out[pad] = 255
+    return out

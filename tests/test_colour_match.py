@@ -1,0 +1,84 @@
+"""Colour match before the smear detector (``preprocess["colour_match"]``): images like the
+training images pass untouched; another lab's glass and stain density are pulled back."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from napari_hemato.core.colour_match import _stats, match_colour, measure_colour
+from napari_hemato.core.spec import load_spec
+from napari_hemato.models.registry import bundled_models
+
+PARAMS = {"glass": [207.0, 208.0, 203.0], "cell_od": [0.15, 0.3, 0.2], "min_cell_od": 0.3,
+          "scale_limits": [0.33, 3.0], "stain_tolerance": 1.2, "glass_tolerance_od": 0.03}
+
+
+def field(glass, cell_od, seed=0) -> np.ndarray:
+    """A field of disc-shaped cells of optical density ``cell_od`` on ``glass``, with noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:120, :160]
+    cells = np.zeros((120, 160), bool)
+    for cy, cx in rng.uniform((10, 10), (110, 150), (12, 2)):
+        cells |= (yy - cy) ** 2 + (xx - cx) ** 2 < 12**2
+    od = np.where(cells[..., None], np.asarray(cell_od), 0.0)
+    img = np.asarray(glass, np.float64) * np.exp(-od) + rng.normal(0, 1.0, (120, 160, 3))
+    return np.clip(np.round(img), 0, 254).astype(np.uint8)
+
+
+def test_a_field_like_the_training_images_passes_untouched():
+    img = field((207, 208, 203), (0.16, 0.28, 0.19))  # within the tolerances of PARAMS
+    assert (match_colour(img, PARAMS) == img).all()
+
+
+def test_another_labs_glass_and_stain_are_pulled_back_within_the_tolerance():
+    img = field((235, 225, 200), (0.40, 0.20, 0.45))  # cream glass, denser and redder stain
+    out = match_colour(img, PARAMS)
+    glass, cells, _ = _stats(out, PARAMS["min_cell_od"])
+    np.testing.assert_allclose(glass, PARAMS["glass"], atol=3)
+    ratio = np.asarray(PARAMS["cell_od"]) / cells
+    assert (ratio <= PARAMS["stain_tolerance"] * 1.05).all() and (ratio >= 1 / PARAMS["stain_tolerance"] / 1.05).all()
+
+
+def test_the_engines_white_padding_stays_white_and_is_no_glass():
+    img = field((235, 225, 200), (0.40, 0.20, 0.45))
+    padded = np.pad(img, ((40, 40), (40, 40), (0, 0)), constant_values=255)
+    out = match_colour(padded, PARAMS)
+    assert (out[:40] == 255).all() and (out[:, :40] == 255).all()
+    # the glass measured without the padding: the image inside matches as it would alone
+    assert np.abs(out[40:-40, 40:-40].astype(int) - match_colour(img, PARAMS).astype(int)).max() <= 1
+
+
+def test_measure_colour_gives_the_medians_and_the_spread_as_tolerances():
+    images = [field((207 + k, 208, 203 - k), (0.15 * (1 + 0.05 * k), 0.3, 0.2), seed=k + 3) for k in range(-3, 4)]
+    p = measure_colour(images)
+    np.testing.assert_allclose(p["glass"], (207, 208, 203), atol=1.5)
+    np.testing.assert_allclose(p["cell_od"], (0.15, 0.3, 0.2), rtol=0.05)
+    assert 1.0 < p["stain_tolerance"] < 1.3 and 0 < p["glass_tolerance_od"] < 0.05
+    assert all(match_colour(im, p).shape == im.shape for im in images)
+
+
+def test_the_spec_normalizes_the_colour_matched_image():
+    spec = load_spec(bundled_models()["smear"])
+    assert spec.preprocess["colour_match"]["stain_tolerance"] > 1
+    img = field((235, 225, 200), (0.40, 0.20, 0.45))[None]
+    matched = match_colour(img[0], spec.preprocess["colour_match"])[None]
+    np.testing.assert_array_equal(spec.normalize(img), replace(spec, preprocess={}).normalize(matched))
+
+
+def test_bccd_fields_pass_untouched_and_pbc_cells_do_not(shared_data):
+    """The bundled smear detector's colour match (tolerances: its 180 training fields' own
+    spread) leaves most held-out BCCD fields as they are and changes every PBC image (another
+    lab: CellaVision's cream glass)."""
+    from napari_hemato.train import data_smear as ds
+
+    params = load_spec(bundled_models()["smear"]).preprocess["colour_match"]
+    bccd = shared_data / "bccd"
+    val = ds.split_stems(bccd)[2]
+    untouched = [bool((match_colour(im := ds.read_rgb(bccd / "JPEGImages" / f"{s}.jpg"), params) == im).all())
+                 for s in val]
+    assert np.mean(untouched) > 0.85
+    pbc = sorted(Path(shared_data / "pbc").glob("*/*.jpg"))[::400]
+    assert pbc and not any(bool((match_colour(im := ds.read_rgb(f), params) == im).all()) for f in pbc)
