@@ -264,7 +264,7 @@ def test_models_lists_which_network_the_cpu_runs(capsys):
     for task, folder in bundled_models().items():
         assert ("int8 networks" in lines[task]) == (load_spec(folder).int8 is not None)
     # which ones a user can fine-tune without torch (they ship their replay)
-    assert {t for t, line in lines.items() if f"finetune {t}" in line} == {"wbc", "mitosis", "nuclei"}
+    assert {t for t, line in lines.items() if f"finetune {t}" in line} == {"wbc", "mitosis", "nuclei", "smear"}
 
 
 def test_classify_cells_writes_the_documented_csv(tmp_path, shared_data, capsys):

@@ -108,7 +108,9 @@ def test_the_table_shows_the_rule_class_with_the_networks_probabilities():
 
 def test_the_sample_fields_small_platelets_are_found(tmp_path):
     """The bundled cbc field (another lab than BCCD): three platelets of 1–3 µm² the network
-    calls red cells (looked at: purple granules on glass) are platelets with the rule."""
+    alone calls red cells (looked at: purple granules on glass) are platelets with the stain
+    rule, and, since 0.2.0, with the colour match alone (the field's darker glass replaced by
+    BCCD's, the network finds them itself)."""
     import json
     import shutil
 
@@ -117,11 +119,17 @@ def test_the_sample_fields_small_platelets_are_found(tmp_path):
     from napari_hemato.samples import sample_path
 
     field = sample_path("smear_field")
-    plain = tmp_path / "no-rule"
-    shutil.copytree(resolve_model("smear", None), plain)
-    spec = json.loads((plain / "model.json").read_text())
-    del spec["postprocess"]["stain_rule"]
-    (plain / "model.json").write_text(json.dumps(spec))
+
+    def without(*keys):
+        folder = tmp_path / "-".join(keys)
+        shutil.copytree(resolve_model("smear", None), folder)
+        spec = json.loads((folder / "model.json").read_text())
+        for key in keys:
+            spec["postprocess"].pop(key, None)
+            spec["preprocess"].pop(key, None)
+        (folder / "model.json").write_text(json.dumps(spec))
+        return folder
+
     small = np.array([[194, 1083], [302, 132], [326, 459]])
 
     def platelets(model, tile=None):
@@ -130,11 +138,14 @@ def test_the_sample_fields_small_platelets_are_found(tmp_path):
         return t.loc[t["class"] == "Platelets", ["y", "x"]].to_numpy()
 
     def found(points):
-        return [bool(len(points)) and np.hypot(*(points - p).T).min() < 5 for p in small]
+        return [bool(len(points)) and bool(np.hypot(*(points - p).T).min() < 5) for p in small]
 
-    with_rule, without = platelets(None), platelets(plain)
-    assert found(with_rule) == [True] * 3 and found(without) == [False] * 3
-    assert len(with_rule) == len(without) + 3
+    with_rule = platelets(None)
+    network_alone = platelets(without("stain_rule", "colour_match"))
+    assert found(with_rule) == [True] * 3 and found(network_alone) == [False] * 3
+    assert len(with_rule) == len(network_alone) + 3
+    assert found(platelets(without("colour_match"))) == [True] * 3  # the rule finds them
+    assert found(platelets(without("stain_rule"))) == [True] * 3  # the colour match too
     # two tiles (each its own red-cell reference, the glass read in the halo): the same platelets
     tiled = platelets(None, tile=400)
     assert len(tiled) == len(with_rule) and found(tiled) == [True] * 3
