@@ -5,6 +5,8 @@ The reviewed layer's corrections are exported as the task's fine-tuning data
 a worker (progress, cancel: nothing is written), and the new model folder (next to the
 image, ``<image>.hemato/finetuned-models/``) is set in the Analyse dock, so the next run of the
 current view, a region or the image uses it. Corrected layers are kept: a run adds layers.
+When a task's corrections feed several models (a smear's white-cell classes or its cells:
+:attr:`Task.finetune_choices`), the panel offers the choice.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The nucleus segmenter's ``foreground`` and ``distance`` maps are ``sigmoid(w_c · f + b_c)``
 of one 1×1 convolution over full-resolution features ``f`` (channels 0 and 1): two
 per-pixel logistic outputs over the same features, refit by
-:mod:`napari_hemato.finetune.nuclei`. :meth:`SegmenterFeatures.run` computes ``f`` for a
+:mod:`napari_hemato.finetune.nuclei`. The smear detector adds ``class_probs``, a softmax over
+three more channels of the same convolution (:attr:`SegmenterFeatures.class_head`), refit by
+:mod:`napari_hemato.finetune.smear`. :meth:`SegmenterFeatures.run` computes ``f`` for a
 whole region in tiles (each with the receptive field as halo), so any export fits in memory.
 """
 
