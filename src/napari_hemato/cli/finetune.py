@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from napari_hemato.cli._util import out, positive_float
+from napari_hemato.finetune import FINETUNERS
 
 
 def register(sub) -> None:
@@ -12,7 +13,7 @@ def register(sub) -> None:
         "finetune", help="fine-tune a model on your corrections (base install, no torch, minutes)",
         description="Refit the model's last layer on your corrected objects plus the reference "
                     "features shipped with it; writes an ordinary model folder for --model.")
-    p.add_argument("kind", choices=["wbc", "mitosis", "nuclei", "smear"],
+    p.add_argument("kind", choices=list(FINETUNERS),
                    help="wbc: white-cell classes (crops export, or class folders of single-cell "
                         "images: the 11 classes or NEU/LY/MO/EO/BA/IG); mitosis: points CSV "
                         "exports beside their images (accepted/rejected/added); nuclei: "

@@ -21,14 +21,10 @@ FINETUNERS = {
     "nuclei": "napari_hemato.finetune.nuclei:finetune_nuclei",
     "smear": "napari_hemato.finetune.smear:finetune_smear",
 }
-#: asked for but without a fast path yet
-NOT_YET: dict[str, str] = {}
 
 
 def finetune(kind: str, data, out, **options):
     """Fine-tune the ``kind`` model (``wbc``, ``mitosis``, ``nuclei``, ``smear``) on the corrections in ``data``."""
-    if kind in NOT_YET:
-        raise HematoError(NOT_YET[kind])
     if kind not in FINETUNERS:
         raise HematoError(f"nothing to fine-tune called {kind!r}; choose from {', '.join(FINETUNERS)}")
     module, name = FINETUNERS[kind].split(":")

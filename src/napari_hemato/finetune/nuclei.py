@@ -45,10 +45,9 @@ from napari_hemato.finetune.pixels_replay import load_pixels_replay, val_crops
 from napari_hemato.finetune.segmenter_features import SegmenterFeatures
 from napari_hemato.finetune.segmenter_regions import (
     Region,
-    SampleCache,
-    centre,
     export_paths,
-    folds,
+    fold_samples,
+    read_exports,
 )
 from napari_hemato.finetune.segmenter_regions import fit_maps as fit
 
@@ -57,34 +56,15 @@ log = logging.getLogger(__name__)
 #: (anchor l2, corrections' share of the loss) tried, most conservative first
 SETTINGS = [(l2, share) for l2 in (10.0, 3.0, 1.0, 0.3, 0.1, 3e-2, 1e-2) for share in (0.2, 0.5, 0.8)]
 MAX_REFERENCE_DROP = 0.01
-#: the corrections' model-grid pixels read at most (their features are held in memory)
-MAX_PIXELS = 36_000_000
 
 
 def read_regions(data: list[Path], feats: SegmenterFeatures, progress: Progress) -> list[Region]:
     """Every instance export in ``data`` (files or folders) on the model grid, with its features."""
-    from napari_hemato.core.export.regions import load_instance_export
-    from napari_hemato.core.resample import to_model_grid
-
-    paths = export_paths(data, "masks")
-    regions, total = [], 0
-    for k, path in enumerate(paths):
-        progress(f"reading the corrections {k + 1}/{len(paths)}", 0.05 + 0.4 * k / len(paths))
-        try:
-            region = load_instance_export(path)
-        except (ValueError, FileNotFoundError) as err:
-            raise HematoError(str(err)) from None
-        if not region.mpp:
-            raise HematoError(f"{path}: the export has no pixel size; re-export it from an image "
-                              "whose µm/px is known (or typed in the Analyse widget)")
-        image, labels = to_model_grid(region.image, region.labels.astype(np.int32), region.mpp,
-                                      feats.spec.mpp)
-        total += labels.size
-        if total > MAX_PIXELS:
-            raise HematoError(f"the corrections cover more than {MAX_PIXELS / 1e6:.0f} MP at the model's "
-                              f"{feats.spec.mpp:g} µm/px; export the regions you reviewed, not the whole slide")
-        step, fraction = f"reading features {k + 1}/{len(paths)}", 0.05 + 0.4 * k / len(paths)
-        features = feats.run(image, cancel=lambda step=step, fraction=fraction: progress(step, fraction))
+    regions = []
+    for region, _, labels, features in read_exports(
+            export_paths(data, "masks"), feats, progress, span=0.4,
+            no_mpp_hint="re-export it from an image whose µm/px is known (or typed in the Analyse widget)",
+            budget_hint="export the regions you reviewed, not the whole slide"):
         regions.append(Region(region.key, labels, features, distance_target(labels)))
         log.info("%s: %d nuclei, %d×%d px on the model grid", region.key, regions[-1].nuclei, *labels.shape)
     return regions
@@ -159,12 +139,7 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
     threshold = float(spec.postprocess.get("threshold", 0.5))
     offset = float(np.log(threshold / (1 - threshold)))
     init = feats.init
-    plan, how = folds(regions)
-    plan = [(fit_regions, [centre(r) for r in held]) for fit_regions, held in plan]
-    samples = SampleCache(feats.dim)
-
-    everything = samples(regions)
-    fold_sets = [samples(fit_regions) for fit_regions, _ in plan]
+    plan, how, everything, fold_sets = fold_samples(regions, feats.dim)
 
     progress("scoring the shipped model", 0.47)
     before = {**reference_scores(init, reference, spec),

@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 
 from napari_hemato.core.errors import HematoError
 from napari_hemato.finetune.head import BinaryHead, fit_binary_head, sigmoid
-from napari_hemato.finetune.segmenter_features import ROLES
+from napari_hemato.finetune.segmenter_features import ROLES, SegmenterFeatures
 
 #: pixels sampled per region and stratum (foreground, background band, far background)
 PER_STRATUM = 6000
@@ -27,6 +27,8 @@ MAX_FOLDS = 5  # several regions: each is held out once, in up to this many fold
 #: held-out regions larger than this (model-grid px) are scored on their centre
 MAX_HELD_OUT_PX = 2048 * 2048
 DIST_FG_WEIGHT = 4.0  # training's distance loss weighs object pixels 1 + 4
+#: the corrections' model-grid pixels read at most (their features are held in memory)
+MAX_PIXELS = 36_000_000
 
 
 @dataclass
@@ -84,6 +86,39 @@ def export_paths(data: list[Path], what: str) -> list[Path]:
                               "*.geojson) to fine-tune on")
         paths += found
     return paths
+
+
+def read_exports(paths: list[Path], feats: SegmenterFeatures, progress, *, span: float,
+                 no_mpp_hint: str, budget_hint: str, pad_edges: bool = False):
+    """Yield ``(exported region, image, labels, features)`` of each export in ``paths``: the
+    image (H, W, 3) and labels (H, W) int32 resampled to the model's µm/px, the model's features
+    of the image (:meth:`SegmenterFeatures.run`, ``pad_edges`` as it says).
+
+    Progress runs from 0.05 over ``span``; an export without a pixel size is an error ending
+    with ``no_mpp_hint``, corrections above :data:`MAX_PIXELS` model-grid pixels one ending
+    with ``budget_hint``."""
+    from napari_hemato.core.export.regions import load_instance_export
+    from napari_hemato.core.resample import to_model_grid
+
+    total = 0
+    for k, path in enumerate(paths):
+        fraction = 0.05 + span * k / len(paths)
+        progress(f"reading the corrections {k + 1}/{len(paths)}", fraction)
+        try:
+            region = load_instance_export(path)
+        except (ValueError, FileNotFoundError) as err:
+            raise HematoError(str(err)) from None
+        if not region.mpp:
+            raise HematoError(f"{path}: the export has no pixel size; {no_mpp_hint}")
+        image, labels = to_model_grid(region.image, region.labels.astype(np.int32), region.mpp, feats.spec.mpp)
+        total += labels.size
+        if total > MAX_PIXELS:
+            raise HematoError(f"the corrections cover more than {MAX_PIXELS / 1e6:.0f} MP at the model's "
+                              f"{feats.spec.mpp:g} µm/px; {budget_hint}")
+        step = f"reading features {k + 1}/{len(paths)}"
+        features = feats.run(image, lambda step=step, fraction=fraction: progress(step, fraction),
+                             pad_edges=pad_edges)
+        yield region, image, labels, features
 
 
 class SampleCache:
@@ -159,6 +194,16 @@ def centre(region: Region) -> Region:
     side = int(np.sqrt(MAX_HELD_OUT_PX))
     y0, x0 = max((h - side) // 2, 0), max((w - side) // 2, 0)
     return region.crop((slice(y0, y0 + side), slice(x0, x0 + side)), f"{region.key}[centre]")
+
+
+def fold_samples(regions: list[Region], dim: int, per_stratum: int = PER_STRATUM):
+    """``(plan, how, everything, fold_sets)``: :func:`folds` with each held-out region cut to its
+    :func:`centre`, the pixels sampled from all regions, and from each fold's fit regions (each
+    region drawn once)."""
+    plan, how = folds(regions)
+    plan = [(fit_regions, [centre(r) for r in held]) for fit_regions, held in plan]
+    samples = SampleCache(dim, per_stratum)
+    return plan, how, samples(regions), [samples(fit_regions) for fit_regions, _ in plan]
 
 
 def loss_weights(s: Samples, replay: dict, share: float) -> np.ndarray:

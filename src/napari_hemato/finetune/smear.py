@@ -47,12 +47,11 @@ from napari_hemato.finetune.head import BinaryHead, Head, fit_soft_head, sigmoid
 from napari_hemato.finetune.segmenter_features import SegmenterFeatures
 from napari_hemato.finetune.segmenter_regions import (
     Region,
-    SampleCache,
     Samples,
-    centre,
     export_paths,
     fit_maps,
-    folds,
+    fold_samples,
+    read_exports,
 )
 from napari_hemato.finetune.smear_card import card
 from napari_hemato.finetune.smear_replay import load_smear_replay
@@ -66,8 +65,6 @@ SETTINGS = [(l2, share) for l2 in (10.0, 3.0, 1.0, 0.3, 0.1, 3e-2, 1e-2) for sha
 MAX_REFERENCE_DROP = 0.01
 #: pixels sampled per field and stratum (each class's cells, the band around them, the rest)
 PER_STRATUM = 1000
-#: the corrections' model-grid pixels read at most (their features are held in memory)
-MAX_PIXELS = 36_000_000
 #: a white-cell subtype (the WBC classifier's classes) given as an object's class: its cell type
 SUBTYPE_TYPE = {"PLT": "Platelets"}
 PARTLY_ANNOTATED = "RBC"  # BCCD leaves many red cells unannotated (see train.evaluate_smear)
@@ -101,26 +98,15 @@ def object_classes(region, class_names) -> tuple[dict[int, int], list[str]]:
 
 def read_fields(paths: list[Path], feats: SegmenterFeatures, progress: Progress) -> list[Region]:
     """Every instance export in ``paths`` on the model grid, with features, classes and the image."""
-    from napari_hemato.core.export.regions import load_instance_export
-
     names = feats.spec.class_names
-    regions, total, left_out = [], 0, set()
-    for k, path in enumerate(paths):
-        progress(f"reading the corrections {k + 1}/{len(paths)}", 0.05 + 0.3 * k / len(paths))
-        try:
-            region = load_instance_export(path)
-        except (ValueError, FileNotFoundError) as err:
-            raise HematoError(str(err)) from None
-        if not region.mpp:
-            raise HematoError(f"{path}: the export has no pixel size; re-export it from a field whose "
-                              "µm/px is known (measured on its red cells or typed in the Analyse widget)")
+    regions, left_out = [], set()
+    for region, image, labels, features in read_exports(
+            paths, feats, progress, span=0.3, pad_edges=True,
+            no_mpp_hint="re-export it from a field whose µm/px is known (measured on its red cells or "
+                        "typed in the Analyse widget)",
+            budget_hint="export the fields you reviewed, not a whole slide"):
         classes, unknown = object_classes(region, names)
         left_out.update(unknown)
-        image, labels = to_model_grid(region.image, region.labels.astype(np.int32), region.mpp, feats.spec.mpp)
-        total += labels.size
-        if total > MAX_PIXELS:
-            raise HematoError(f"the corrections cover more than {MAX_PIXELS / 1e6:.0f} MP at the model's "
-                              f"{feats.spec.mpp:g} µm/px; export the fields you reviewed, not a whole slide")
         lut = np.full(int(labels.max()) + 1, -1, np.int8)
         for i, c in classes.items():
             if i < len(lut):
@@ -128,8 +114,6 @@ def read_fields(paths: list[Path], feats: SegmenterFeatures, progress: Progress)
         pixel_class = np.where(labels > 0, lut[labels], -1).astype(np.int8)
         ignore = (labels > 0) & (pixel_class < 0)
         labels = np.where(ignore, 0, labels).astype(np.int32)
-        step, fraction = f"reading features {k + 1}/{len(paths)}", 0.05 + 0.3 * k / len(paths)
-        features = feats.run(image, lambda step=step, fraction=fraction: progress(step, fraction), pad_edges=True)
         regions.append(Region(region.key, labels, features, distance_target(labels), pixel_class, image,
                               ignore if ignore.any() else None))
         log.info("%s: %d cells, %d×%d px on the model grid", region.key, regions[-1].nuclei, *labels.shape)
@@ -299,12 +283,7 @@ def finetune_smear(data: list[str | Path], out: str | Path, *, base: str | Path 
     threshold = float(spec.postprocess.get("threshold", 0.5))
     offset = float(np.log(threshold / (1 - threshold)))
     init = Heads(feats.init, feats.init_classes)
-    plan, how = folds(regions)
-    plan = [(fit_regions, [centre(r) for r in held]) for fit_regions, held in plan]
-    samples = SampleCache(feats.dim, PER_STRATUM)
-
-    everything = samples(regions)
-    fold_sets = [samples(fit_regions) for fit_regions, _ in plan]
+    plan, how, everything, fold_sets = fold_samples(regions, feats.dim, PER_STRATUM)
 
     def held_pairs(heads_per_fold: list[Heads]):
         return [(h, held) for h, (_, held) in zip(heads_per_fold, plan, strict=True)]
