@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from napari_hemato.core.cancel import CancelToken
+from napari_hemato.core.colour_match import for_image
 from napari_hemato.core.engine import Progress, RunResult, drain, iter_run
 from napari_hemato.core.errors import StoreError
 from napari_hemato.core.slide import Slide, open_slide
@@ -101,6 +102,8 @@ def iter_analyze(
     try:
         if phases and opened.mpp is None and estimate_mpp:
             yield Phase("measuring the pixel size")
+        # a model that matches colours measures this image's once (every tile and probe alike)
+        predictor = for_image(predictor, opened, roi=roi)
         pooled = (pooled_mpp or {}).get(tuple(opened.shape[:2]))
         # only when there is one: a task written before the keyword keeps working
         slide = task.prepare_slide(opened, predictor, roi=roi, estimate_mpp=estimate_mpp,

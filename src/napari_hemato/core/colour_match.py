@@ -22,9 +22,19 @@ applies it per image, so the engine, the fine-tunes and the benchmarks all see t
 input); :func:`measure_colour` gives those numbers from training images. The statistics come
 from histograms and the change is one 256-entry table per channel: about 3 ms for a smear
 field's padded tile on one core.
+
+**Once per image.** Measured on each tile, the match would differ from tile to tile of one
+scan (a thick edge and the monolayer beside it), and between the red-cell ruler's probes of one
+field (each resampled differently). :func:`for_image` measures the image (or its region) once,
+from a sample of its pixels (:func:`colour_sample`), and returns the predictor with those
+numbers fixed in its spec (``image_glass``, ``image_cell_od``): every tile and probe of that
+image then gets the same tables, and the run's config records what was measured.
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import replace
 
 import numpy as np
 
@@ -32,6 +42,10 @@ GLASS_FRACTION = 0.10  # the brightest pixels taken as glass
 MIN_CELL_FRACTION = 0.02  # fewer stained pixels than this: the stain is not rescaled
 DEFAULT_MIN_CELL_OD = 0.3
 DEFAULT_SCALE_LIMITS = (0.33, 3.0)
+#: most pixels :func:`colour_sample` reads (a 640 x 480 field is read whole)
+SAMPLE_PIXELS = 4_000_000
+#: side of the patches a larger image is sampled in
+SAMPLE_PATCH = 512
 
 
 def _od(x: np.ndarray) -> np.ndarray:
@@ -124,7 +138,12 @@ def match_colour(image: np.ndarray, params: dict) -> np.ndarray:
     min_cell_od = float(params.get("min_cell_od", DEFAULT_MIN_CELL_OD))
     lo, hi = params.get("scale_limits", DEFAULT_SCALE_LIMITS)
     tol = float(params.get("stain_tolerance", 1.0))
-    glass, cells = _stats(rgb, min_cell_od)
+    if "image_glass" in params:  # measured once on the whole image (:func:`for_image`)
+        glass = np.asarray(params["image_glass"], np.float32)
+        cells = params.get("image_cell_od")
+        cells = None if cells is None else np.asarray(cells, np.float32)
+    else:
+        glass, cells = _stats(rgb, min_cell_od)
     scale = np.ones(3, np.float32)
     if cells is not None:
         ratio = np.asarray(params["cell_od"], np.float32) / np.maximum(cells, 1e-3)
@@ -141,4 +160,61 @@ def match_colour(image: np.ndarray, params: dict) -> np.ndarray:
     tables = np.clip(np.round(tables), 0, 255).astype(np.uint8)
     out = np.stack([tables[c][rgb[..., c]] for c in range(3)], axis=-1)
     out[(rgb == 255).all(-1)] = 255  # the padding stays the padding the model was trained with
+    return out
+
+
+def measure_image(image: np.ndarray, params: dict) -> dict:
+    """The glass colour and median cell OD of ``image`` (RGB uint8, any leading shape), as the
+    ``image_glass`` / ``image_cell_od`` entries :func:`match_colour` then uses instead of
+    measuring each image it is given (``image_cell_od`` None: too few stained pixels)."""
+    glass, cells = _stats(image, float(params.get("min_cell_od", DEFAULT_MIN_CELL_OD)))
+    return {"image_glass": [round(float(v), 3) for v in glass],
+            "image_cell_od": None if cells is None else [round(float(v), 5) for v in cells]}
+
+
+def colour_sample(slide, *, roi=None, mpp: float | None = None,
+                  max_pixels: int = SAMPLE_PIXELS) -> np.ndarray:
+    """Pixels of ``slide`` (level-0 box ``roi``, default all of it) to measure its colour on,
+    as RGB uint8 ``(n, h, w, 3)``.
+
+    Read from the coarsest level not coarser than ``mpp`` (the model's pixel size; level 0
+    when None or unknown): the whole region when it has at most ``max_pixels`` pixels there,
+    else a grid of :data:`SAMPLE_PATCH`-pixel patches evenly spread over it, ``max_pixels``
+    in all. A smear field is read whole.
+    """
+    from napari_hemato.core.slide import to_rgb8
+
+    level = slide.best_level(mpp) if mpp else 0
+    down = slide.downsamples[level]
+    h0, w0 = slide.shape
+    y0, x0, y1, x1 = roi if roi is not None else (0, 0, h0, w0)
+    ly0, lx0 = int(y0 / down), int(x0 / down)
+    ly1, lx1 = max(ly0 + 1, int(np.ceil(y1 / down))), max(lx0 + 1, int(np.ceil(x1 / down)))
+    h, w = ly1 - ly0, lx1 - lx0
+    if h * w <= max_pixels:
+        return to_rgb8(slide.read_region(level, ly0, lx0, ly1, lx1))[None]
+    side = min(SAMPLE_PATCH, h, w)
+    k = max(1, int(max_pixels // side**2))
+    rows = max(1, min(int(np.sqrt(k * h / w) + 0.5), k, (h + side - 1) // side))
+    cols = max(1, min(k // rows, (w + side - 1) // side))
+    ys = np.linspace(ly0, ly1 - side, rows).astype(int)
+    xs = np.linspace(lx0, lx1 - side, cols).astype(int)
+    return np.stack([to_rgb8(slide.read_region(level, y, x, y + side, x + side))
+                     for y in ys for x in xs])
+
+
+def for_image(predictor, slide, *, roi=None):
+    """``predictor`` with its colour match fixed to ``slide``'s colour (region ``roi``),
+    measured once on :func:`colour_sample` (module docstring); ``predictor`` itself when
+    its model matches no colours. The copy shares the network (a shallow copy with another
+    spec)."""
+    params = predictor.spec.preprocess.get("colour_match")
+    if not params:
+        return predictor
+    base = {k: v for k, v in params.items() if k not in ("image_glass", "image_cell_od")}
+    sample = colour_sample(slide, roi=roi, mpp=predictor.spec.mpp)
+    fixed = replace(predictor.spec, preprocess={**predictor.spec.preprocess,
+                                                "colour_match": {**base, **measure_image(sample, base)}})
+    out = copy.copy(predictor)
+    out.spec = fixed
     return out

@@ -122,6 +122,7 @@ def pooled_field_mpp(paths, predictor) -> dict[tuple[int, int], float]:
     and reading it once instead of per field is most of the per-field cost
     (``analyze FOLDER``). Sizes not pooled are measured field by field as before.
     """
+    from napari_hemato.core.colour_match import for_image
     from napari_hemato.core.slide import open_slide
     from napari_hemato.core.smear_scale import estimate_smear_mpp
     from napari_hemato.models.window_scale import pool_readings, pool_sample
@@ -141,7 +142,7 @@ def pooled_field_mpp(paths, predictor) -> dict[tuple[int, int], float]:
         readings = []
         for k in pool_sample(len(group), POOL_FIELDS):
             with open_slide(group[k]) as slide:
-                readings.append(estimate_smear_mpp(predictor, slide).mpp)
+                readings.append(estimate_smear_mpp(for_image(predictor, slide), slide).mpp)
         reading = pool_readings(readings, len(readings), min_ok=POOL_MIN_OK)
         if reading.mpp is not None:
             pooled[size] = reading.mpp
