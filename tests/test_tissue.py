@@ -8,7 +8,7 @@ import pytest
 from napari_hemato.core.cancel import CancelToken
 from napari_hemato.core.engine import iter_run, open_result, run
 from napari_hemato.core.errors import HematoError, StoreError
-from napari_hemato.core.slide import open_slide
+from napari_hemato.core.slide import open_slide, slide_from_array
 from napari_hemato.core.tissue import TissueMask, detect_tissue, tiles_off_tissue
 from napari_hemato.core.tissue_io import TissueError, resolve_tissue
 from napari_hemato.models.fake import DarkBlobPredictor
@@ -269,8 +269,12 @@ def test_geojson_mask(tmp_path, corner):
 def test_task_defaults():
     from napari_hemato.tasks import get_task
 
-    assert get_task("nuclei").tissue_default == get_task("mitosis").tissue_default == "auto"
-    assert get_task("smear").tissue_default == "none"
+    assert all(get_task(n).tissue_default == "auto" for n in ("nuclei", "mitosis", "smear"))
+    # "auto" is each task's own: H&E tissue for sections, the reading zone for a smear scan
+    # (nothing left out of a camera field)
+    field = slide_from_array(np.full((480, 640, 3), 230, np.uint8), mpp=0.1)
+    assert get_task("smear").find_tissue(field) is None
+    assert get_task("nuclei").find_tissue(field).empty
 
 
 def test_a_small_tile_all_of_tissue_is_tissue(tmp_path):

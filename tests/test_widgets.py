@@ -383,3 +383,30 @@ def test_tissue_mask_shown_edited_and_used(make_napari_viewer, qtbot, tmp_path, 
     widget.tissue.value = "whole image"
     run_analysis(qtbot, widget, task="nuclei", model=two_class_model)
     assert widget.results[0].store.config["tissue_info"] is None
+
+
+def test_show_tissue_on_a_smear_shows_its_reading_zone(make_napari_viewer, tmp_path):
+    """On a smear scan Show tissue gives the reading zone (the monolayer band of the scan
+    below) to paint; on a camera field it says the field is read whole and adds nothing."""
+    from napari_hemato._widgets.analyze import AnalyzeWidget
+
+    from .test_reading_zone import smear_scan
+    from .test_tissue import write_pyramid
+
+    img, b = smear_scan(mpp=0.25)
+    viewer = make_napari_viewer()
+    [image] = viewer.open(write_pyramid(tmp_path / "smear.tif", img, mpp=0.25), plugin="napari-hemato")
+    widget = AnalyzeWidget(viewer)
+    widget.task.value = "smear"
+    zone = widget.add_tissue_layer()
+    assert zone is not None and widget.tissue.value == "mask layer"
+    rows = np.asarray(zone.data).any(axis=1)
+    assert rows.any()
+    ys = np.flatnonzero(rows) * img.shape[0] / rows.size  # level-0 rows with zone
+    assert ys.min() > 2 * b - 100 and ys.max() < 3 * b + 100
+    field = viewer.add_image(img[2 * b : 2 * b + 480, :640], name="field")
+    widget.image.value = field
+    widget.task.value = "smear"  # (choosing an image suggests a task)
+    n = len(viewer.layers)
+    assert widget.add_tissue_layer() is None and len(viewer.layers) == n
+    assert "whole image" in widget.status.value

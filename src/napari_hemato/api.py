@@ -111,7 +111,7 @@ def iter_analyze(
         stored = _stored_tissue(out) if resume else False
         if phases and isinstance(choice, str) and choice == "auto" and stored is False:
             yield Phase("finding the tissue")
-        mask = resolve_tissue(slide, choice, roi=roi, stored=stored)
+        mask = resolve_tissue(slide, choice, roi=roi, stored=stored, detect=task.find_tissue)
         if phases:
             yield Phase("planning the tiles")
         result = yield from iter_run(slide, predictor, out=out, roi=roi, tile=tile,
@@ -197,9 +197,10 @@ def analyze(
         The network to run when the model has an int8 version: ``auto`` (default, or
         ``NAPARI_HEMATO_PRECISION``) takes it on the CPU and the float one on a GPU.
     tissue : "auto", "none", path, TissueMask or array, optional
-        Which tiles to read (default: the task's ``tissue_default``: ``"auto"`` for H&E
-        tasks, ``"none"`` for smears). ``"auto"`` detects the tissue on a low-resolution
-        level and skips tiles off it (resuming: the mask the run started with); a path is
+        Which tiles to read (default: the task's ``tissue_default``, ``"auto"``). ``"auto"``
+        detects the tissue (H&E) or the reading zone (a smear scan; a camera field is read
+        whole) at low resolution and skips tiles off it (resuming: the mask the run started
+        with; :meth:`Task.find_tissue`); a path is
         a PNG / TIFF binary mask of the whole slide (any resolution) or a GeoJSON of
         polygons in level-0 pixels; an array is a mask of the whole slide; a
         :class:`TissueMask` is used as it is. A slide without tissue ends at once with

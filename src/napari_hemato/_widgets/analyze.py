@@ -76,8 +76,9 @@ class AnalyzeWidget(Container):
                                     options={"nullable": True})
         self.tissue = ComboBox(choices=list(TISSUE), value="task default", label="tissue",
                                tooltip="which tiles are read: the task's default (H&E: detect the "
-                                       "tissue; smear: every tile), detect, every tile, or a mask "
-                                       "layer (Show tissue makes one you can paint)")
+                                       "tissue; smear: the reading zone of a scan, a camera field "
+                                       "whole), detect, every tile, or a mask layer (Show tissue "
+                                       "makes one you can paint)")
         self.tissue_layer = create_widget(annotation=napari.layers.Labels, label="mask layer",
                                           options={"nullable": True})
         self.show_tissue = PushButton(text="Show tissue")
@@ -126,7 +127,6 @@ class AnalyzeWidget(Container):
     def add_tissue_layer(self):
         """Detect the tissue of the image and show it as a Labels layer to paint or erase;
         the next run uses it ("mask layer"). Returns the layer (None without an image)."""
-        from napari_hemato.core.tissue import detect_tissue
         from napari_hemato.io.viewer import tissue_layer_data
 
         layer = self.image.value
@@ -134,9 +134,13 @@ class AnalyzeWidget(Container):
             show_error("napari-hemato: open an image first")
             return None
         try:
-            mask = detect_tissue(slide_for_layer(layer, mpp=self.mpp.value or None))
+            task = get_task(self.task.value)
+            mask = task.find_tissue(slide_for_layer(layer, mpp=self.mpp.value or None))
         except HematoError as err:
             show_error(f"napari-hemato: {err}")
+            return None
+        if mask is None:  # a smear's camera field: there is nothing to leave out
+            self.status.value = "a single field: the whole image is read"
             return None
         data, kwargs, _ = tissue_layer_data(mask, layer, name=f"{layer.name} tissue")
         added = self._viewer.add_labels(data, **kwargs)

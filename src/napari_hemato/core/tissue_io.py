@@ -3,7 +3,9 @@
 :func:`resolve_tissue` turns what a caller passes as ``tissue=`` into a
 :class:`~napari_hemato.core.tissue.TissueMask` or None:
 
-- ``"auto"``: detected on the slide (:func:`~napari_hemato.core.tissue.detect_tissue`);
+- ``"auto"``: detected on the slide by ``detect`` (default H&E tissue,
+  :func:`~napari_hemato.core.tissue.detect_tissue`; a smear's reading zone,
+  :func:`~napari_hemato.core.reading_zone.detect_reading_zone`, comes from its task);
   resuming a run, the mask (or no mask) that run used;
 - ``"none"`` / None: no mask, every tile is read;
 - a path: a PNG / TIFF binary mask of the whole slide at any resolution (non-zero =
@@ -40,20 +42,22 @@ class TissueError(HematoError, ValueError):
     """A tissue mask (file or array) cannot be used for a slide."""
 
 
-def resolve_tissue(slide, tissue, *, roi=None,
-                   stored: TissueMask | None | bool = False) -> TissueMask | None:
+def resolve_tissue(slide, tissue, *, roi=None, stored: TissueMask | None | bool = False,
+                   detect=None) -> TissueMask | None:
     """The mask a run over ``slide`` (in level-0 ``roi``) uses for ``tissue`` (see the
     module docstring).
 
     ``stored`` is the mask of the run being resumed (None: it had none; False: no run
-    to resume): ``"auto"`` then takes it as it is instead of detecting again.
+    to resume): ``"auto"`` then takes it as it is instead of detecting again. ``detect``:
+    ``detect(slide, roi=roi) -> TissueMask | None`` for ``"auto"`` (default
+    :func:`~napari_hemato.core.tissue.detect_tissue`).
     """
     if tissue is None or (isinstance(tissue, str) and tissue == "none"):
         return None
     if isinstance(tissue, str) and tissue == "auto":
         if stored is not False:
             return stored
-        return detect_tissue(slide, roi=roi)
+        return (detect or detect_tissue)(slide, roi=roi)
     if isinstance(tissue, TissueMask):
         return tissue
     if isinstance(tissue, np.ndarray):

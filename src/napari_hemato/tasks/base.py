@@ -94,6 +94,14 @@ class Task:
         :meth:`pool_pixel_sizes` measured for images like this one."""
         return slide
 
+    def find_tissue(self, slide, *, roi=None):
+        """What ``tissue="auto"`` reads of ``slide``: a
+        :class:`~napari_hemato.core.tissue.TissueMask`, or None for all of it. Default: the
+        H&E tissue (:func:`~napari_hemato.core.tissue.detect_tissue`)."""
+        from napari_hemato.core.tissue import detect_tissue
+
+        return detect_tissue(slide, roi=roi)
+
     def pool_pixel_sizes(self, paths, predictor) -> dict[tuple[int, int], float]:
         """Pixel sizes measured once for many images that state none, by image size
         (``analyze FOLDER``). Default: none (each image follows :meth:`prepare_slide`)."""

@@ -32,7 +32,8 @@ WBC = "WBC"
 
 
 def differential(table: pd.DataFrame, *, target: int = 100) -> dict:
-    """WBC differential from a smear table (``class`` holds the WBC subtype).
+    """WBC differential from a smear table (``class`` holds the WBC subtype; on a scan only
+    the cells ``in_reading_zone``, the others counted as ``outside_reading_zone``).
 
     Examples
     --------
@@ -40,6 +41,10 @@ def differential(table: pd.DataFrame, *, target: int = 100) -> dict:
     >>> differential(t)["percent"]["SNE"]
     66.7
     """
+    outside = 0
+    if "in_reading_zone" in table:  # a scan: only the cells in its reading zone count
+        inside = table["in_reading_zone"].astype(bool)
+        outside, table = int((~inside).sum()), table[inside]
     classes = table["class"]
     codes, names = pd.factorize(table["cell_type"] if "cell_type" in table else classes)
     types = dict(zip(map(str, names), np.bincount(codes[codes >= 0], minlength=len(names)),
@@ -59,6 +64,7 @@ def differential(table: pd.DataFrame, *, target: int = 100) -> dict:
         "percent": {c: round(100.0 * n / total, 1) if total else 0.0 for c, n in counts.items()},
         "rbc": int(types.get("RBC", 0)),
         "platelets": int(types.get("Platelets", 0)),
+        "outside_reading_zone": outside,
     }
 
 
@@ -198,6 +204,20 @@ def add_wbc_subtypes(result, slide, classifier) -> None:
     )
 
 
+def mark_reading_zone(result) -> None:
+    """Add ``in_reading_zone`` (the centre inside the run's reading zone) to a scan's table.
+
+    Tiles touching the zone are read whole, so cells of the thick area or the feathered edge
+    next to it are found too; they stay in the table (to look at) but the differential
+    counts only the cells in the zone."""
+    table = result.table()
+    zone = result.tissue
+    rows = np.clip((table["y"].to_numpy() // zone.scale[0]).astype(int), 0, zone.shape[0] - 1)
+    cols = np.clip((table["x"].to_numpy() // zone.scale[1]).astype(int), 0, zone.shape[1] - 1)
+    table["in_reading_zone"] = zone.mask[rows, cols]
+    result.store.write_table([table], list(table.columns))
+
+
 #: crop side / white-cell size of the corrections exported for ``finetune wbc``
 CORRECTION_CONTEXT = 4.0
 
@@ -209,7 +229,8 @@ class SmearTask(Task):
     finetune_choices = {"wbc": "white-cell classes (WBC classifier)",
                         "smear": "cells: outlines and types (cell detector)"}
     stage_model = ("classifier", "WBC classifier")
-    tissue_default = "none"  # a smear field is all specimen: the whole field counts
+    # a camera field is read whole; a larger scan only in its reading zone (the monolayer)
+    tissue_default = "auto"
 
     def export_corrections(self, annotations, folder, kind=None):
         """``wbc`` (default): the crops export (``manifest.csv``), whose reviewed white cells
@@ -256,7 +277,14 @@ class SmearTask(Task):
     def pool_pixel_sizes(self, paths, predictor) -> dict[tuple[int, int], float]:
         return pooled_field_mpp(paths, predictor)
 
+    def find_tissue(self, slide, *, roi=None):
+        from napari_hemato.core.reading_zone import detect_reading_zone
+
+        return detect_reading_zone(slide, roi=roi)
+
     def finish(self, result, slide, stages) -> None:
+        if result.tissue is not None:
+            mark_reading_zone(result)
         if "wbc" in stages:
             add_wbc_subtypes(result, slide, stages["wbc"])
 
@@ -270,6 +298,8 @@ class SmearTask(Task):
         lines = [f"WBC differential: {d['wbc_total']} cells (a manual differential counts "
                  f"{d['target']})"]
         lines += [f"  {k:<6} {n:>5}  {d['percent'][k]:5.1f} %" for k, n in d["counts"].items() if n]
+        if d.get("outside_reading_zone"):
+            lines.append(f"  ({d['outside_reading_zone']} cells outside the reading zone, not counted)")
         lines.append(f"RBC {d['rbc']}, platelets {d['platelets']}")
         return lines
 
