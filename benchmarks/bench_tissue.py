@@ -1,7 +1,13 @@
-"""Tissue detection on the real SVS and on a blank 40960² pyramid; prints JSON.
+"""Tissue detection on the real SVS and on a blank 40960² pyramid; a smear scan's reading
+zone on a simulated scan and a blank one; prints JSON.
 
-Usage: PYTHONPATH=src python benchmarks/bench_tissue.py [--skip-e2e] [--skip-blank]
+Usage: PYTHONPATH=src python benchmarks/bench_tissue.py [--skip-e2e] [--skip-blank] [--skip-smear]
 Results go to benchmarks/results/tissue.json.
+
+The smear scan (no real whole smear scan is at hand) is built of simulated red cells as in
+``tests/test_reading_zone.py``: four bands down the smear, glass, the feathered edge (cells
+22 µm apart), the monolayer (8.8 µm) and the thick area (4.5 µm, piled), each 1 x 2 mm at
+0.25 µm/px (128 MP, pyramidal); the truth is the monolayer band.
 
 Reference mask of the SVS (../shared/data/slides/cmu_small_region.svs): made by careful
 manual thresholding, not by the detector: level 0 averaged to 2 µm/px, a pixel is tissue
@@ -124,15 +130,94 @@ def blank_slide(path: Path, side: int = 40960) -> Path:
     return path
 
 
+def smear_scan(path: Path, band_um=(1000, 2000), mpp: float = 0.25) -> tuple[Path, int]:
+    """The simulated smear scan (module docstring) as a pyramidal TIFF; returns its path and
+    the band height in pixels."""
+    import sys
+
+    import tifffile
+
+    sys.path.insert(0, str(ROOT))
+    from tests.test_reading_zone import red_cells, to_rgb
+
+    h, w = (round(v / mpp) for v in band_um)
+    bands = [np.full((h, w, 3), 0, np.uint8)]
+    bands[0][:] = to_rgb(np.zeros((8, 8), np.float32))[0, 0]
+    for k, spacing in enumerate((22.0, 8.8, 4.5)):
+        bands.append(to_rgb(red_cells((h, w), spacing, mpp, seed=k), seed=k))
+    img = np.concatenate(bands, axis=0)
+    del bands
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        levels = [img]
+        while min(levels[-1].shape[:2]) > 2048:
+            a = levels[-1]
+            levels.append(a[: a.shape[0] // 4 * 4, : a.shape[1] // 4 * 4].reshape(
+                a.shape[0] // 4, 4, a.shape[1] // 4, 4, 3).mean((1, 3)).astype(np.uint8))
+        for k, lv in enumerate(levels):
+            tw.write(lv, tile=(512, 512), photometric="rgb", compression="zlib",
+                     subfiletype=0 if k == 0 else 1, subifds=len(levels) - 1 if k == 0 else None,
+                     resolution=(1e4 / mpp / 4**k, 1e4 / mpp / 4**k), resolutionunit="CENTIMETER")
+    return path, h
+
+
+def smear_numbers(tmp: Path) -> dict:
+    """The reading zone of the simulated scan against its monolayer band, and of a blank
+    40960² scan; the tiles a smear run would skip."""
+    from napari_hemato.core.geometry import WorkGrid
+    from napari_hemato.core.reading_zone import detect_reading_zone
+    from napari_hemato.core.slide import open_slide
+    from napari_hemato.core.spec import load_spec
+    from napari_hemato.core.tiling import auto_tile, plan_tiles
+    from napari_hemato.core.tissue import tiles_off_tissue
+    from napari_hemato.models.registry import bundled_models
+
+    t = time.perf_counter()
+    path, b = smear_scan(tmp / "smear.tif")
+    out = {"write_seconds": round(time.perf_counter() - t, 1)}
+    spec = load_spec(bundled_models()["smear"])
+    with open_slide(path) as slide:
+        t = time.perf_counter()
+        zone = detect_reading_zone(slide)
+        out["detect_seconds"] = round(time.perf_counter() - t, 2)
+        rows = (np.arange(zone.shape[0]) + 0.5) * zone.scale[0]
+        truth = np.repeat(((rows >= 2 * b) & (rows < 3 * b))[:, None], zone.shape[1], axis=1)
+        inter, union = (zone.mask & truth).sum(), (zone.mask | truth).sum()
+        grid = WorkGrid.for_model(slide, spec.mpp)
+        tile = auto_tile(grid.shape, tile=spec.tile, halo=spec.halo, size_divisor=spec.size_divisor)
+        plan = plan_tiles(grid.shape, tile=tile, halo=spec.halo, size_divisor=spec.size_divisor)
+        off = tiles_off_tissue(plan, grid, zone)
+        out.update({"megapixels": round(slide.shape[0] * slide.shape[1] / 1e6, 1),
+                    "zone_iou_with_monolayer_band": round(float(inter / union), 3),
+                    "zone_mm2": round(zone.area_mm2, 3), "monolayer_band_mm2": 2.0,
+                    "model_tiles": len(plan), "tiles_off_zone": len(off)})
+    path = blank_slide(tmp / "blank_smear.tif")
+    with open_slide(path) as slide:
+        t = time.perf_counter()
+        zone = detect_reading_zone(slide)
+        out["blank_40960"] = {"detect_seconds": round(time.perf_counter() - t, 2),
+                              "zone_empty": bool(zone.empty)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--skip-e2e", action="store_true")
     p.add_argument("--skip-blank", action="store_true")
+    p.add_argument("--skip-smear", action="store_true")
+    p.add_argument("--only-smear", action="store_true", help="the smear part alone, merged "
+                   "into the saved results")
     args = p.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tissue-"))
+    if args.only_smear:
+        saved = RESULTS / "tissue.json"
+        out = json.loads(saved.read_text()) if saved.exists() else {}
+        out["smear_scan"] = smear_numbers(tmp)
+        saved.write_text(json.dumps(out, indent=2) + "\n")
+        print(json.dumps(out["smear_scan"], indent=2))
+        return
     out = {"svs": svs_mask_numbers()}
     if not args.skip_e2e:
         e2e("none", tmp / "warm.zarr", roi=(0, 0, 512, 512))  # load the model once, untimed
@@ -157,6 +242,8 @@ def main() -> None:
                     "--out", str(tmp / "blank.zarr"), "--threads", "2", "--json"])
         out["blank_40960"] = {"write_seconds": round(write_s, 1), "exit": code,
                               "analyze_seconds": round(time.perf_counter() - t, 2)}
+    if not args.skip_smear:
+        out["smear_scan"] = smear_numbers(tmp)
     (RESULTS / "tissue.json").write_text(json.dumps(out, indent=2) + "\n")
     import sys
 

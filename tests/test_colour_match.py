@@ -158,3 +158,15 @@ def test_the_run_records_the_colour_it_matched(tmp_path):
     cm = result.store.config["spec"]["preprocess"]["colour_match"]
     assert cm["image_glass"] == pytest.approx([235, 225, 200], abs=2)
     assert cm["image_cell_od"] is not None
+
+
+def test_the_fixed_predictor_shares_the_loaded_network():
+    """Fixing the colour is per image: it must not load the network again."""
+    from napari_hemato.api import load_predictor
+    from napari_hemato.core.colour_match import for_image
+    from napari_hemato.core.slide import slide_from_array
+
+    predictor = load_predictor("smear")
+    fixed = for_image(predictor, slide_from_array(field((235, 225, 200), (0.40, 0.20, 0.45))))
+    assert fixed is not predictor and fixed.session is predictor.session
+    assert "image_glass" not in predictor.spec.preprocess["colour_match"]  # the original unchanged
