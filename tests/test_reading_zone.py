@@ -79,6 +79,16 @@ def test_a_blank_scan_has_no_reading_zone():
     assert zone is not None and zone.empty
 
 
+def test_a_smear_run_on_a_blank_scan_ends_at_once_saying_so(tmp_path):
+    from napari_hemato.api import analyze
+
+    rng = np.random.default_rng(0)
+    img = np.clip(GLASS + rng.normal(0, 1.5, (2500, 2000, 3)), 0, 255).astype(np.uint8)
+    result = analyze(slide_from_array(img, mpp=0.25), task="smear", out=tmp_path / "r.zarr",
+                     classifier=False)
+    assert any("no tissue found" in w for w in result.warnings) and len(result.table()) == 0
+
+
 def test_a_camera_field_is_read_whole_without_looking():
     field = to_rgb(red_cells((480, 640), 30.0, 0.1, seed=3))  # sparse: would not be "readable"
     assert field.shape[0] * field.shape[1] <= FIELD_PIXELS
