@@ -61,7 +61,7 @@ def smear_scan(mpp=0.25, band=(1000, 1600)):
 def test_the_monolayer_is_read_and_the_edges_are_not():
     img, b = smear_scan()
     slide = slide_from_array(img, mpp=0.25)
-    zone = detect_reading_zone(slide)
+    zone = detect_reading_zone(slide, field_pixels=0)
     assert zone is not None and zone.mpp == pytest.approx(48, rel=0.05)
     rows = (np.arange(zone.shape[0]) + 0.5) * zone.scale[0]
     band = (rows // b).astype(int)  # 0 glass, 1 feathered edge, 2 monolayer, 3 thick
@@ -75,7 +75,7 @@ def test_the_monolayer_is_read_and_the_edges_are_not():
 def test_a_blank_scan_has_no_reading_zone():
     rng = np.random.default_rng(0)
     img = np.clip(GLASS + rng.normal(0, 1.5, (2500, 2000, 3)), 0, 255).astype(np.uint8)
-    zone = detect_reading_zone(slide_from_array(img, mpp=0.25))
+    zone = detect_reading_zone(slide_from_array(img, mpp=0.25), field_pixels=0)
     assert zone is not None and zone.empty
 
 
@@ -84,8 +84,10 @@ def test_a_smear_run_on_a_blank_scan_ends_at_once_saying_so(tmp_path):
 
     rng = np.random.default_rng(0)
     img = np.clip(GLASS + rng.normal(0, 1.5, (2500, 2000, 3)), 0, 255).astype(np.uint8)
-    result = analyze(slide_from_array(img, mpp=0.25), task="smear", out=tmp_path / "r.zarr",
-                     classifier=False)
+    from .test_tissue import write_pyramid
+
+    result = analyze(write_pyramid(tmp_path / "blank.tif", img, mpp=0.25), task="smear",
+                     out=tmp_path / "r.zarr", classifier=False)
     assert any("no tissue found" in w for w in result.warnings) and len(result.table()) == 0
 
 
@@ -93,12 +95,13 @@ def test_a_camera_field_is_read_whole_without_looking():
     field = to_rgb(red_cells((480, 640), 30.0, 0.1, seed=3))  # sparse: would not be "readable"
     assert field.shape[0] * field.shape[1] <= FIELD_PIXELS
     assert detect_reading_zone(slide_from_array(field, mpp=0.1)) is None
+    assert detect_reading_zone(slide_from_array(field, mpp=0.1), field_pixels=0).empty
 
 
 def test_a_region_is_judged_only_inside_it():
     img, b = smear_scan()
     slide = slide_from_array(img, mpp=0.25)
-    zone = detect_reading_zone(slide, roi=(2 * b, 0, 3 * b, 800))
+    zone = detect_reading_zone(slide, roi=(2 * b, 0, 3 * b, 800), field_pixels=0)
     top = np.arange(zone.shape[0]) * zone.scale[0]  # each window's level-0 extent
     left = np.arange(zone.shape[1]) * zone.scale[1]
     rows = (top + zone.scale[0] > 2 * b) & (top < 3 * b)
@@ -113,9 +116,11 @@ def test_the_smear_task_skips_tiles_outside_the_reading_zone(tmp_path):
     from napari_hemato.api import analyze
     from napari_hemato.tasks.smear import differential
 
-    img, b = smear_scan(mpp=0.25, band=(1100, 1000))  # 4.4 MP: more than a camera field
-    result = analyze(slide_from_array(img, mpp=0.25), task="smear", out=tmp_path / "r.zarr",
-                     classifier=False, tile=512)
+    from .test_tissue import write_pyramid
+
+    img, b = smear_scan(mpp=0.25, band=(1100, 1000))
+    scan = write_pyramid(tmp_path / "scan.tif", img, mpp=0.25)  # a scanner's pyramid: judged
+    result = analyze(scan, task="smear", out=tmp_path / "r.zarr", classifier=False, tile=512)
     info = result.store.config["tissue_info"]
     assert info is not None and info["tiles_off_tissue"] > 0
     assert 0.05 < info["area_mm2"] < 0.09  # the monolayer band: 0.275 x 0.25 mm = 0.069
@@ -123,13 +128,15 @@ def test_the_smear_task_skips_tiles_outside_the_reading_zone(tmp_path):
     # a tile (and its halo) of it, none in the glass or at the far ends of the other bands ...
     table = result.table()
     y = table["y"].to_numpy()
-    reach = (result.plan.tile + result.plan.halo) * result.grid.factor
+    # (a window straddling two bands may be readable: half monolayer)
+    reach = (result.plan.tile + result.plan.halo) * result.grid.factor + result.tissue.scale[0]
     assert len(y) > 100 and (y > 2 * b - reach).all() and (y < 3 * b + reach).all()
     # ... and the ones outside the zone are marked and left out of the counts
     inside = table["in_reading_zone"].to_numpy()
     band = (y > 2 * b) & (y < 3 * b)
     # (the zone's edge is a window wide: cells in a window straddling two bands may be out)
-    assert inside[band].mean() > 0.8 and not inside[(y < 2 * b - 100) | (y > 3 * b + 100)].any()
+    margin = result.tissue.scale[0]
+    assert inside[band].mean() > 0.8 and not inside[(y < 2 * b - margin) | (y > 3 * b + margin)].any()
     d = differential(table)
     assert d["outside_reading_zone"] == int((~inside).sum()) > 0
     assert d["rbc"] == int((table["class"][inside] == "RBC").sum()) > 0

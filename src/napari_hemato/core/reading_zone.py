@@ -20,9 +20,9 @@ are not read, the summary reports its area and counts per mm² of it:
 The limits come from fields people chose to read in two labs' images (the BCCD smear fields
 and the PBC CellaVision crops), read the same way: their coverage spans 0.35-0.66 and their
 overlap at most 0.16 (see ``tests/test_reading_zone.py``); the range is wider than that on
-both sides so that a readable field is never cut. An image of at most :data:`FIELD_PIXELS`
-pixels with one pyramid level is a camera field, chosen by a person: it is read whole without
-looking.
+both sides so that a readable field is never cut. An image with one pyramid level and at
+most :data:`FIELD_PIXELS` pixels (a camera's frame) is a field chosen by a person: it is read
+whole without looking; a scanner's pyramid or a larger image is judged.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ WINDOW_UM = 48.0  #: side of the windows coverage is measured in (a few dozen re
 COVERAGE_RANGE = (0.2, 0.8)  #: readable coverage (read fields: 0.35-0.66)
 MAX_OVERLAP = 0.3  #: readable overlapped fraction (read fields: at most 0.16)
 OVERLAP_LAYERS = 1.6  #: summed OD above this many layers of red cell: cells stacked
-FIELD_PIXELS = 4_000_000  #: a single-level image this small is one field, read whole
+FIELD_PIXELS = 25_000_000  #: a single-level image this small is one camera field, read whole
 ASSUMED_SMEAR_MPP = 0.1  #: level-0 µm/px assumed for a scan stating none (100× oil)
 _BLOCK = 1024  #: zone pixels judged at a time (a side)
 
@@ -85,15 +85,16 @@ def layer_density(slide, *, roi: Box | None = None) -> tuple[np.ndarray, float]:
     return glass, (float(cells.sum()) if cells is not None else math.inf)
 
 
-def detect_reading_zone(slide, *, roi: Box | None = None):
+def detect_reading_zone(slide, *, roi: Box | None = None, field_pixels: int = FIELD_PIXELS):
     """The reading zone of a smear ``slide`` (see the module docstring) as a
     :class:`~napari_hemato.core.tissue.TissueMask` of :data:`WINDOW_UM`-µm windows, or None
-    for a camera field (read whole). With ``roi`` (level-0 y0, x0, y1, x1) only that region
-    is judged; the mask is empty elsewhere."""
+    for a camera field (one pyramid level, at most ``field_pixels`` pixels: read whole). With
+    ``roi`` (level-0 y0, x0, y1, x1) only that region is judged; the mask is empty
+    elsewhere."""
     from napari_hemato.core.tissue import ASSUMED_MPP0, TissueMask, read_thumbnail
 
     h0, w0 = slide.shape
-    if len(slide.levels) == 1 and h0 * w0 <= FIELD_PIXELS:
+    if len(slide.levels) == 1 and h0 * w0 <= field_pixels:
         return None
     mpp0 = slide.mpp or ASSUMED_SMEAR_MPP
     glass, layer = layer_density(slide, roi=roi)
