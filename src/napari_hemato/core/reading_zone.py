@@ -33,7 +33,9 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_hemato.core.colour_match import DEFAULT_MIN_CELL_OD, _od, _stats, colour_sample
 from napari_hemato.core.tiling import Box
+from napari_hemato.core.tissue import ASSUMED_MPP0, TissueMask, _fill_small_holes, read_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +49,28 @@ ASSUMED_SMEAR_MPP = 0.1  #: level-0 Âµm/px assumed for a scan stating none (100Ã
 _BLOCK = 1024  #: zone pixels judged at a time (a side)
 
 
-def window_fractions(od: np.ndarray, layer_od: float, rows: np.ndarray, cols: np.ndarray,
+def _thumbnail_mpp(slide) -> float:
+    """What :func:`~napari_hemato.core.tissue.read_thumbnail` is asked for to read ``slide``
+    at :data:`ZONE_MPP` (it assumes its own level-0 pixel size for a slide stating none)."""
+    return ZONE_MPP / (slide.mpp or ASSUMED_SMEAR_MPP) * (slide.mpp or ASSUMED_MPP0)
+
+
+def covered_stacked(rgb: np.ndarray, glass_od: np.ndarray, layer_od: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel of ``rgb`` (float 0-255): covered by red cells (summed OD against the glass
+    above half a layer's) and stacked (above :data:`OVERLAP_LAYERS` layers)."""
+    od = np.clip(_od(rgb) - glass_od, 0, None).sum(-1)
+    return od > 0.5 * layer_od, od > OVERLAP_LAYERS * layer_od
+
+
+def window_fractions(covered: np.ndarray, stacked: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                      shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(coverage, overlap)`` per window of summed OD ``od`` (h, w), pixel ``(i, j)`` falling
-    in window ``(rows[i], cols[j])`` of a ``shape`` grid (windows without pixels: 0)."""
+    """``(coverage, overlap)`` per window, pixel ``(i, j)`` of ``covered`` / ``stacked`` (h, w)
+    falling in window ``(rows[i], cols[j])`` of a ``shape`` grid (windows without pixels: 0)."""
     idx = (rows[:, None] * shape[1] + cols[None, :]).ravel()
-    n = np.bincount(idx, minlength=shape[0] * shape[1]).astype(np.float64)
-    cov = np.bincount(idx, (od > 0.5 * layer_od).ravel().astype(np.float64), shape[0] * shape[1])
-    over = np.bincount(idx, (od > OVERLAP_LAYERS * layer_od).ravel().astype(np.float64),
-                       shape[0] * shape[1])
-    n = np.maximum(n, 1)
+    n = np.maximum(np.bincount(idx, minlength=shape[0] * shape[1]).astype(np.float64), 1)
+    cov = np.bincount(idx, covered.ravel().astype(np.float64), shape[0] * shape[1])
+    over = np.bincount(idx, stacked.ravel().astype(np.float64), shape[0] * shape[1])
     return (cov / n).reshape(shape), (over / n).reshape(shape)
 
 
@@ -65,23 +79,14 @@ def readable(coverage: np.ndarray, overlap: np.ndarray) -> np.ndarray:
     lo, hi = COVERAGE_RANGE
     zone = (coverage >= lo) & (coverage <= hi) & (overlap <= MAX_OVERLAP)
     zone = ndi.binary_opening(zone, structure=np.ones((2, 2)))  # isolated windows go
-    holes, n = ndi.label(~zone)
-    if n:  # gaps of up to 4 windows inside the zone are filled (a white cell, a bubble)
-        sizes = np.bincount(holes.ravel())
-        edge = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
-        fill = sizes <= 4
-        fill[0] = False
-        fill[edge] = False
-        zone |= fill[holes]
-    return zone
+    # gaps of up to 4 windows inside the zone are filled (a white cell, a bubble)
+    return _fill_small_holes(zone, 5)
 
 
 def layer_density(slide, *, roi: Box | None = None) -> tuple[np.ndarray, float]:
     """The scan's glass colour (3,) and the summed optical density of one layer of its red
     cells, measured on full-resolution patches (module docstring, step 1)."""
-    from napari_hemato.core.colour_match import _stats, colour_sample
-
-    glass, cells = _stats(colour_sample(slide, roi=roi), 0.3)
+    glass, cells = _stats(colour_sample(slide, roi=roi), DEFAULT_MIN_CELL_OD)
     return glass, (float(cells.sum()) if cells is not None else math.inf)
 
 
@@ -91,18 +96,16 @@ def detect_reading_zone(slide, *, roi: Box | None = None, field_pixels: int = FI
     for a camera field (one pyramid level, at most ``field_pixels`` pixels: read whole). With
     ``roi`` (level-0 y0, x0, y1, x1) only that region is judged; the mask is empty
     elsewhere."""
-    from napari_hemato.core.tissue import ASSUMED_MPP0, TissueMask, read_thumbnail
-
     h0, w0 = slide.shape
     if len(slide.levels) == 1 and h0 * w0 <= field_pixels:
         return None
     mpp0 = slide.mpp or ASSUMED_SMEAR_MPP
     glass, layer = layer_density(slide, roi=roi)
-    glass_od = -np.log((glass + 1.0) / 256.0)
+    glass_od = _od(glass)
     # windows of WINDOW_UM; the scan read at ZONE_MPP in blocks of whole windows
     shape = (max(1, round(h0 * mpp0 / WINDOW_UM)), max(1, round(w0 * mpp0 / WINDOW_UM)))
     scale = (h0 / shape[0], w0 / shape[1])  # level-0 px per window
-    thumb_mpp = ZONE_MPP / mpp0 * (slide.mpp or ASSUMED_MPP0)  # read_thumbnail's own units
+    thumb_mpp = _thumbnail_mpp(slide)
     y0, x0, y1, x1 = roi if roi is not None else (0, 0, h0, w0)
     r0, c0 = int(y0 // scale[0]), int(x0 // scale[1])
     r1, c1 = min(shape[0], math.ceil(y1 / scale[0])), min(shape[1], math.ceil(x1 / scale[1]))
@@ -114,11 +117,11 @@ def detect_reading_zone(slide, *, roi: Box | None = None, field_pixels: int = FI
             re, ce = min(r + per_block, r1), min(c + per_block, c1)
             box = (r * scale[0], c * scale[1], re * scale[0], ce * scale[1])
             rgb, (sy, sx), (tr, tc), _ = read_thumbnail(slide, thumb_mpp, box=box)
-            od = np.clip(-np.log((rgb + 1.0) / 256.0) - glass_od, 0, None).sum(-1)
+            covered, stacked = covered_stacked(rgb, glass_od, layer)
             # each zone pixel to the window its centre falls in
-            rows = np.clip(((tr + np.arange(od.shape[0]) + 0.5) * sy // scale[0]).astype(int), r, re - 1)
-            cols = np.clip(((tc + np.arange(od.shape[1]) + 0.5) * sx // scale[1]).astype(int), c, ce - 1)
-            cov, over = window_fractions(od, layer, rows - r, cols - c, (re - r, ce - c))
+            rows = np.clip(((tr + np.arange(rgb.shape[0]) + 0.5) * sy // scale[0]).astype(int), r, re - 1)
+            cols = np.clip(((tc + np.arange(rgb.shape[1]) + 0.5) * sx // scale[1]).astype(int), c, ce - 1)
+            cov, over = window_fractions(covered, stacked, rows - r, cols - c, (re - r, ce - c))
             coverage[r:re, c:ce], overlap[r:re, c:ce] = cov, over
     zone = readable(coverage, overlap) if math.isfinite(layer) else np.zeros(shape, bool)
     mask = TissueMask(zone, scale, slide.mpp, "auto")
@@ -131,10 +134,6 @@ def field_fractions(slide) -> tuple[float, float]:
     """``(coverage, overlap)`` of a whole image taken as one window, judged as
     :func:`detect_reading_zone` judges a scan's windows (how the limits were calibrated on
     fields people chose to read)."""
-    from napari_hemato.core.tissue import ASSUMED_MPP0, read_thumbnail
-
-    mpp0 = slide.mpp or ASSUMED_SMEAR_MPP
     glass, layer = layer_density(slide)
-    rgb = read_thumbnail(slide, ZONE_MPP / mpp0 * (slide.mpp or ASSUMED_MPP0))[0]
-    od = np.clip(-np.log((rgb + 1.0) / 256.0) + np.log((glass + 1.0) / 256.0), 0, None).sum(-1)
-    return float((od > 0.5 * layer).mean()), float((od > OVERLAP_LAYERS * layer).mean())
+    covered, stacked = covered_stacked(read_thumbnail(slide, _thumbnail_mpp(slide))[0], _od(glass), layer)
+    return float(covered.mean()), float(stacked.mean())
