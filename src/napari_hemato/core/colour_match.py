@@ -219,7 +219,8 @@ def for_image(predictor, slide, *, roi=None):
     sample = colour_sample(slide, roi=roi, mpp=predictor.spec.mpp)
     fixed = replace(predictor.spec, preprocess={**predictor.spec.preprocess,
                                                 "colour_match": {**base, **measure_image(sample, base)}})
-    # not copy.copy: a predictor's pickling state (``__getstate__``) rebuilds its session
+    # not copy.copy: it goes through a predictor's pickling state, whose __setstate__ runs the
+    # constructor again (weights checked, session looked up); this copy only swaps the spec
     out = object.__new__(type(predictor))
     out.__dict__.update(vars(predictor))
     out.spec = fixed
