@@ -141,6 +141,11 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, np.float64)))
 
 
+def logit(p: float) -> float:
+    """``log(p / (1 - p))``: a detection threshold as the ``offset`` of :func:`fit_binary_head`."""
+    return float(np.log(p / (1 - p)))
+
+
 @dataclass
 class BinaryHead:
     """``logit = x @ weight + bias`` (one output: a heatmap channel, a detector's score)."""

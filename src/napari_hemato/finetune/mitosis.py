@@ -26,7 +26,7 @@ from napari_hemato.core.errors import HematoError
 from napari_hemato.finetune import onnx_edit
 from napari_hemato.finetune.common import FinetuneResult, Progress, begin, finish, search_settings
 from napari_hemato.finetune.features import HeatmapFeatures
-from napari_hemato.finetune.head import BinaryHead, fit_binary_head, sigmoid
+from napari_hemato.finetune.head import BinaryHead, fit_binary_head, logit, sigmoid
 from napari_hemato.finetune.mitosis_card import card
 from napari_hemato.finetune.point_samples import PointSamples, image_samples
 from napari_hemato.finetune.points_data import read_corrections
@@ -168,7 +168,7 @@ def finetune_mitosis(data: list[str | Path], out: str | Path, *, base: str | Pat
     items = read_corrections([Path(d) for d in data], spec.class_names)
     replay = load_points_replay(base_folder, feats)
     threshold = float(spec.postprocess.get("threshold", 0.5))
-    offset = float(np.log(threshold / (1 - threshold)))
+    offset = logit(threshold)
     init = BinaryHead(feats.weight.copy(), feats.bias)
 
     per_image = []

@@ -39,7 +39,7 @@ from napari_hemato.core.metrics import (
 from napari_hemato.core.postprocess import distance_target, postprocess_instances
 from napari_hemato.finetune import onnx_edit
 from napari_hemato.finetune.common import FinetuneResult, Progress, begin, finish, search_settings
-from napari_hemato.finetune.head import BinaryHead
+from napari_hemato.finetune.head import BinaryHead, logit
 from napari_hemato.finetune.nuclei_card import card
 from napari_hemato.finetune.pixels_replay import load_pixels_replay, val_crops
 from napari_hemato.finetune.segmenter_features import SegmenterFeatures
@@ -137,7 +137,7 @@ def finetune_nuclei(data: list[str | Path], out: str | Path, *, base: str | Path
     if not any(r.nuclei for r in regions):
         raise HematoError("the corrections hold no nucleus: nothing to fine-tune on")
     threshold = float(spec.postprocess.get("threshold", 0.5))
-    offset = float(np.log(threshold / (1 - threshold)))
+    offset = logit(threshold)
     init = feats.init
     plan, how, everything, fold_sets = fold_samples(regions, feats.dim)
 

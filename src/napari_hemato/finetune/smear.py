@@ -43,7 +43,7 @@ from napari_hemato.core.postprocess import distance_target
 from napari_hemato.core.resample import to_model_grid
 from napari_hemato.core.tiling import plan_tiles
 from napari_hemato.finetune.common import FinetuneResult, Progress, begin, finish, search_settings
-from napari_hemato.finetune.head import BinaryHead, Head, fit_soft_head, sigmoid
+from napari_hemato.finetune.head import BinaryHead, Head, fit_soft_head, logit, sigmoid
 from napari_hemato.finetune.segmenter_features import SegmenterFeatures
 from napari_hemato.finetune.segmenter_regions import (
     Region,
@@ -281,7 +281,7 @@ def finetune_smear(data: list[str | Path], out: str | Path, *, base: str | Path 
     if not any(r.nuclei for r in regions):
         raise HematoError("the corrections hold no cell of a class this model detects: nothing to fine-tune on")
     threshold = float(spec.postprocess.get("threshold", 0.5))
-    offset = float(np.log(threshold / (1 - threshold)))
+    offset = logit(threshold)
     init = Heads(feats.init, feats.init_classes)
     plan, how, everything, fold_sets = fold_samples(regions, feats.dim, PER_STRATUM)
 
